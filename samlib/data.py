@@ -1,0 +1,316 @@
+"""CIFAR-10 on disk: loading, validation, restricted unpickling, splits, synthetic data.
+
+Images are uint8 (N, 32, 32, 3) numpy arrays (HWC), labels int64 in 0..9 in the standard
+class order.  The python batches (data_batch_1..5, test_batch, batches.meta) hold
+channel-planar rows (N, 3072) = 1024 red, 1024 green, 1024 blue values per image.
+"""
+import codecs
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from samlib.errors import ConfigError, DataError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # reference code and paper
+STD_AS_RUN = (0.2023, 0.1994, 0.2010)  # the widely copied std the reference code ran with
+STD_TRUE = (0.2470, 0.2435, 0.2616)    # true per-channel std of the training set
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# Official MD5 sums, as in torchvision.datasets.CIFAR10.train_list/test_list/meta.
+OFFICIAL_MD5 = dict(zip((*TRAIN_FILES, "test_batch", "batches.meta"), (
+    "c99cafc152244af753f735de768cd75f", "d4bba439e000b95fd0a9bffe97cbabec",
+    "54ebc095f3ab1f0389bbae665268c751", "634d18415352ddfa80567beed471001a",
+    "482c414d41f54cd18b22e5b47cb7c3cb", "40351d587109b95175f43aff81a1287e",
+    "5ff9c542aee3614f3951f8cda6e48888")))
+
+
+def channel_stats(images, chunk=4096):
+    """Per-channel mean and (population) std of uint8 HWC images, in [0, 1] units (float64)."""
+    images = np.asarray(images)
+    s, ss, n = np.zeros(3), np.zeros(3), 0
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].reshape(-1, 3).astype(np.float64)
+        s, ss, n = s + x.sum(0), ss + (x * x).sum(0), n + len(x)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean ** 2, 0.0))
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class CIFAR10:
+    """CIFAR-10-shaped data: uint8 (N, 32, 32, 3) images, int64 labels, class names."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple = CLASSES
+
+    def __repr__(self):
+        return (f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, "
+                f"classes={len(self.classes)})")
+
+
+# ---- restricted unpickling -------------------------------------------------------------
+
+# The only globals these files need, resolved from live objects (no deprecated imports).
+# Python 3 writes bytes as _codecs.encode(str, 'latin1'), b'' as __builtin__.bytes(), under
+# protocol < 3 (write_cifar10 below); numpy arrays use _frombuffer under protocol 5.
+_ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes}
+for _core in ("numpy.core", "numpy._core"):  # numpy 1.x / 2.x spellings
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = np.ndarray.__reduce__(np.zeros(1))[0]
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = np.float64(0).__reduce__()[0]
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
+del _core
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, source):
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
+                        "files contain only dicts, lists, strings, ints and numpy arrays; "
+                        "this file may be malicious")
+
+
+def safe_pickle_load(path_or_fileobj):
+    """pickle.load(f, encoding="bytes") admitting only numpy arrays/dtypes/scalars as globals."""
+    own = not hasattr(path_or_fileobj, "read")
+    f = open(path_or_fileobj, "rb") if own else path_or_fileobj
+    source = str(path_or_fileobj) if own else getattr(f, "name", "<stream>")
+    try:
+        return _RestrictedUnpickler(f, source).load()
+    except DataError:
+        raise
+    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, ...
+        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: {e})") from e
+    finally:
+        if own:
+            f.close()
+
+
+def _as_dict(obj, source, expected):
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: expected a pickled dict with {expected}, "
+                        f"got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+# ---- CIFAR-10 python batches ---------------------------------------------------------
+
+def _guidance(root):
+    return (f"put the CIFAR-10 python batches in {Path(root) / FOLDER} (extract {URL} into "
+            f"{root}), or pass download=True (CLI: --download) to fetch them, or build the "
+            f"offline copy with `python ../shared/data/make_cifar10.py {root}`")
+
+
+def _read_batch(path):
+    d = _as_dict(safe_pickle_load(path), path, "b'data' and b'labels'")
+    missing = [k for k in ("data", "labels") if k not in d]
+    if missing:
+        raise DataError(f"{path}: no {missing} entry (keys: {sorted(map(str, d))}); "
+                        "is this a CIFAR-10 python batch?")
+    x = d["data"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows")
+    y = np.asarray(d["labels"])
+    if y.ndim != 1 or len(y) != len(x) or (len(y) and y.dtype.kind not in "iu"):
+        raise DataError(f"{path}: labels must be {len(x)} integers, "
+                        f"got {y.dtype} of shape {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, found {y.min()}..{y.max()}")
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
+
+
+def _folder(root) -> Path:
+    return Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
+
+
+def has_official_md5(root) -> bool:
+    """True when every file under root/cifar-10-batches-py carries its official MD5 sum."""
+    folder = _folder(root)
+    return all((folder / f).is_file() and hashlib.md5((folder / f).read_bytes()).hexdigest() == md5
+               for f, md5 in OFFICIAL_MD5.items())
+
+
+def load_cifar10(root, download=False):
+    """Read root/cifar-10-batches-py (root may also be that folder itself) into a CIFAR10.
+    Files without the official MD5 sums (the JPEG offline copy, synthetic data from
+    write_cifar10) are loaded anyway, with one notice line."""
+    folder = _folder(root)
+    root = folder.parent
+    if not folder.is_dir():
+        if not download:
+            raise DataError(f"CIFAR-10 not found at {folder}: " + _guidance(root))
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); "
+                            + _guidance(root)) from e
+    missing = [f for f in (*TRAIN_FILES, "test_batch", "batches.meta")
+               if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{folder} is missing {', '.join(missing)}; " + _guidance(root))
+    if not has_official_md5(folder):
+        print(f"note: {FOLDER} does not carry the official MD5 sums (e.g. the JPEG copy); "
+              "loading anyway")
+    train = [_read_batch(folder / f) for f in TRAIN_FILES]
+    test_x, test_y = _read_batch(folder / "test_batch")
+    meta = _as_dict(safe_pickle_load(folder / "batches.meta"), folder / "batches.meta",
+                    "b'label_names'")
+    names = meta.get("label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != 10:
+        raise DataError(f"{folder / 'batches.meta'}: expected 10 label_names, got {names!r}")
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    train_x = np.concatenate([x for x, _ in train])
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise DataError(f"{folder}: the training and test batches must each hold images")
+    return CIFAR10(train_x, np.concatenate([y for _, y in train]), test_x, test_y, classes)
+
+
+def write_cifar10(root, dataset, batches=5):
+    """Write `dataset` as root/cifar-10-batches-py (python-batch layout, protocol 2).
+    The training set is split evenly over data_batch_1..`batches` (load_cifar10 reads 5).
+    Returns the folder written; load_cifar10 accepts it or `root`."""
+    n = len(dataset.train_labels)
+    if batches < 1:
+        raise ConfigError(f"batches={batches}: need at least one training batch")
+    folder = Path(root) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name, label, x, y):
+        planar = np.asarray(x, np.uint8).transpose(0, 3, 1, 2).reshape(-1, 3072)  # a C copy
+        obj = {b"batch_label": label.encode(), b"labels": [int(v) for v in y], b"data": planar}
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+
+    for b, idx in enumerate(np.array_split(np.arange(n), batches)):
+        dump(f"data_batch_{b + 1}", f"training batch {b + 1} of {batches}",
+             dataset.train_images[idx], dataset.train_labels[idx])
+    dump("test_batch", "testing batch 1 of 1", dataset.test_images, dataset.test_labels)
+    meta = {b"num_cases_per_batch": -(-n // batches), b"num_vis": 3072,
+            b"label_names": [c.encode() for c in dataset.classes]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder
+
+
+# ---- Kaggle unlabeled test file --------------------------------------------------------
+
+def load_unlabeled(path):
+    """Read the Kaggle file (cifar_test_nolabel.pkl): dict with b'data' and b'ids'.
+    2025 competition: data uint8 (N, 32, 32, 3); 2024 (cifar_test_nolabels.pkl): flat
+    (N, 3072) channel-planar rows.  Returns (uint8 (N, 32, 32, 3) images, ids array)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"unlabeled test file {path} not found; download cifar_test_nolabel.pkl "
+                        "from the Kaggle competition page and pass its path")
+    d = _as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
+    if "data" not in d:
+        raise DataError(f"{path}: no b'data' entry (keys: {sorted(map(str, d))}); "
+                        "expected the Kaggle cifar_test_nolabel.pkl")
+    try:
+        x = np.asarray(d["data"])
+    except Exception as e:
+        raise DataError(f"{path}: data cannot be read as an array ({e})") from e
+    if x.dtype != np.uint8:
+        if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
+            raise DataError(f"{path}: data is {x.dtype}; expected uint8 pixel values 0..255")
+        x = x.astype(np.uint8)
+    if x.ndim == 2 and x.shape[1] == 3072:
+        x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) == 0:
+        raise DataError(f"{path}: data has shape {x.shape}; expected N >= 1 images of 32x32x3 "
+                        "as (N, 32, 32, 3) uint8 or flat (N, 3072) channel-planar rows")
+    n = len(x)
+    if "ids" not in d:
+        print(f"note: {path} has no b'ids'; using ids 0..{n - 1}")
+        return np.ascontiguousarray(x), np.arange(n)
+    ids = np.asarray(d["ids"])
+    if ids.dtype.kind == "S":
+        ids = ids.astype(str)
+    if ids.ndim != 1 or len(ids) != n:
+        raise DataError(f"{path}: {ids.shape} ids for {n} images; need one id per image")
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1]
+        raise DataError(f"{path}: ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}")
+    return np.ascontiguousarray(x), ids
+
+
+# ---- splits, subsets, synthetic data ------------------------------------------------
+
+def _stratified_pick(labels, k, rng):
+    """Sorted indices of k items, each class contributing k * class_fraction (largest
+    remainders round up so the total is exactly k)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = k * counts / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    quota[np.argsort(quota - exact, kind="stable")[:k - quota.sum()]] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), q, replace=False)
+              for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def split_train_val(labels, val_size=5000, seed=0):
+    """Seeded stratified split -> (train_idx, val_idx), sorted int64, disjoint, covering all.
+    (The reference code picks checkpoints on the test set; a held-out split avoids that.)"""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not isinstance(val_size, (int, np.integer)):
+        raise ConfigError(f"val_size must be an integer count of images, got {val_size!r}")
+    if val_size == 0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
+    if not 0 < val_size < n:
+        raise ConfigError(f"val_size={val_size} must lie in 0..{n - 1} (there are {n} labels)")
+    val = _stratified_pick(labels, int(val_size), np.random.default_rng(seed))
+    return np.setdiff1d(np.arange(n, dtype=np.int64), val), val
+
+
+def subset(dataset, n_train=None, n_test=None, seed=0):
+    """Seeded stratified subset (None keeps a split whole) for small profiles."""
+    rng = np.random.default_rng(seed)
+
+    def pick(x, y, k):
+        if k is None or k >= len(y):
+            return x, y
+        if k < 1:
+            raise ConfigError(f"subset size {k} must be at least 1")
+        idx = _stratified_pick(y, int(k), rng)
+        return x[idx], y[idx]
+
+    tx, ty = pick(dataset.train_images, dataset.train_labels, n_train)
+    vx, vy = pick(dataset.test_images, dataset.test_labels, n_test)
+    return CIFAR10(tx, ty, vx, vy, dataset.classes)
+
+
+def synthetic_cifar10(n_train=512, n_test=256, seed=0):
+    """Tiny learnable CIFAR-shaped data: per class a mean colour and a stripe pattern
+    (class-specific orientation/frequency) plus Gaussian noise; balanced labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    protos = []
+    for c in range(10):
+        colour = rng.uniform(0.25, 0.75, 3)
+        angle, freq = np.pi * c / 10, 1 + c % 3
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        protos.append(colour + 0.2 * wave[..., None] * np.array([1, -1, 1]))
+    protos = np.stack(protos).astype(np.float32)
+
+    def make(n):
+        y = rng.permutation(np.arange(n) % 10).astype(np.int64)
+        x = protos[y] + 0.08 * rng.standard_normal((n, 32, 32, 3), dtype=np.float32)
+        return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8), y
+
+    return CIFAR10(*make(n_train), *make(n_test), CLASSES)

@@ -1,0 +1,55 @@
+"""Data-parallel training under torchrun (NCCL on GPUs, gloo on CPU).
+
+`torchrun --nproc_per_node=N -m samlib train ...` starts N processes; each one builds
+the same model and draws the same random numbers, augments the same global batch and
+trains on its 1/N slice, while DistributedDataParallel averages the gradients.  So one
+step sees the same images as a single-process step; only BatchNorm statistics are per
+slice.  Rank 0 writes every file.  Without torchrun's environment all of this is a no-op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_available() and td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_available() and td.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (if any); return this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        td.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        td.barrier()
