@@ -189,6 +189,28 @@ class Trainer:
         self.gen_host.set_state(ckpt["rng"]["host"])
         self.epoch, self.metrics, self.best = ckpt["epoch"], ckpt["metrics"], ckpt["best"]
 
+    # -- one optimiser step on an already augmented batch
+    def train_step(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA. Returns (loss, logits), detached."""
+        cfg, dev = self.cfg, self.device
+        if dev.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.net(x)
+        loss = F.cross_entropy(logits.float(), y)   # = lam*CE(y_a) + (1-lam)*CE(y_b)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip:                            # paper: clip the gradient norm at 1.0
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
+        self.scaler.update()
+        self.scheduler.step()                        # the LR schedules are per step
+        if self.ema:
+            self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
+        return loss.detach(), logits.detach()
+
     # -- one epoch
     def train_epoch(self, progress: bool) -> dict:
         cfg, dev = self.cfg, self.device
@@ -213,28 +235,12 @@ class Trainer:
                 x, y = cutmix(x, y, alpha, self.gen_aug)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-            if dev.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = self.net(x)
-            loss = F.cross_entropy(logits.float(), y)   # = lam*CE(y_a) + (1-lam)*CE(y_b)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.grad_clip:                            # paper: clip the gradient norm at 1.0
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
-            self.scaler.update()
-            self.scheduler.step()                        # the LR schedules are per step
-            if self.ema:
-                self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
-            loss = loss.detach()
+            loss, logits = self.train_step(x, y)
             nonfinite += (~torch.isfinite(loss)).long()
             loss_sum += torch.nan_to_num(loss) * len(y)
             # The paper's "train acc": lambda-weighted accuracy on mixed batches = target mass
             # on the predicted class (67% in Table 1 is this number, not a clean accuracy).
-            mixed_correct += y.gather(1, logits.detach().argmax(1, keepdim=True)).sum()
+            mixed_correct += y.gather(1, logits.argmax(1, keepdim=True)).sum()
         totals = dist.all_reduce_sum(torch.stack([loss_sum, mixed_correct, nonfinite.float()]))
         n = self.steps_per_epoch * cfg.batch_size
         return {"train_loss": totals[0].item() / n, "train_acc_mixed": totals[1].item() / n,

@@ -1,4 +1,5 @@
 """samlib.optim against hand computations (Lookahead, both LR schedules, EMA)."""
+import copy
 import math
 import warnings
 
@@ -66,7 +67,9 @@ def test_lookahead_state_dict_round_trip():
 
     opt = build_optimizer(net, lr=0.1, lookahead_k=5, lookahead_alpha=0.5)
     train(net, opt, 7)                               # mid-cycle: counter 7, slow != fast
-    saved = opt.state_dict()
+    # deepcopy = what a checkpoint file does; torch's state_dict holds references to the
+    # momentum buffers, which the two optimizers would otherwise share.
+    saved = copy.deepcopy(opt.state_dict())
     assert saved["step_count"] == 7 and saved["k"] == 5 and saved["alpha"] == 0.5
     assert len(saved["slow"]) == 2
     twin = nn.Linear(3, 2)

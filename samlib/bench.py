@@ -1,0 +1,267 @@
+"""Speed benchmark: the paper's input pipeline against samlib's, side by side.
+
+The paper's code (SAMResNet.py) feeds training through a torch Dataset in the manner of
+torchvision's CIFAR10: each image becomes a PIL image and is cropped, flipped, converted,
+cut out and normalised on its own, in DataLoader worker processes (num_workers=2), then
+copied to the GPU.  samlib does what airbench does: the training set lives on the device
+as uint8 and each step augments a whole batch there with tensor ops (samlib.augment) -
+no PIL, no workers, no host-to-device copy per step.
+
+Three comparisons, each naive vs samlib in the same process, on the same data and device:
+  augment     a training-ready batch (augmented x, MixUp-ed soft y) per step, nothing else;
+              the naive side keeps the reference's Normalize (its real cost).
+  train_step  the same Trainer.train_step (forward, backward, clip, Lookahead-SGD, LR
+              schedule, EMA) fed by either pipeline: only the feed differs.  The naive feed
+              skips Normalize here, because samlib's model normalises internally.
+  tta         predict_logits (all PAPER_TTA views in one forward per batch) vs
+              predict_logits_sequential (one pass over the data per view).
+Each figure is the median images/s over timed windows.  Warm-up steps come first (worker
+start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
+synchronised before every clock read.  Each side's windows run back to back, not
+interleaved, so idle DataLoader workers cannot prefetch free batches while samlib is timed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from . import data as D
+from .augment import augment_batch, mixup, one_hot, sample_lambda
+from .config import resolve
+from .infer import PAPER_TTA, predict_logits, predict_logits_sequential
+from .train import Trainer, provenance, to_device
+
+# Sizes per mode: training images on the device, test images for TTA, steps per timed
+# window (naive augment, samlib augment, train step), timed windows per side.
+PLANS = {
+    "quick": dict(n_train=1024, n_tta=1000, aug_naive=4, aug_samlib=8, steps=2, repeats=2),
+    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, aug_samlib=60, steps=6, repeats=3),
+    "cuda": dict(n_train=45000, n_tta=10000, aug_naive=40, aug_samlib=300, steps=60, repeats=5),
+}
+EPOCH_IMAGES = 45_000   # the paper's training images per epoch (50,000 less validation)
+
+
+# ---------------------------------------------------------------- the paper's pipeline
+
+class Cutout:
+    """The reference's per-image Cutout(n_holes=1, length=16) on a (C, H, W) tensor after
+    ToTensor: centre uniform over the pixels, rows/columns [c - 8, c + 8) clipped, zeroed.
+    (`random`, which DataLoader seeds per worker, stands in for the code's np.random.)"""
+
+    def __init__(self, length: int = 16):
+        self.length = length
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx, half = random.randrange(h), random.randrange(w), self.length // 2
+        mask = torch.ones(h, w, dtype=img.dtype)
+        mask[max(cy - half, 0):min(cy + half, h), max(cx - half, 0):min(cx + half, w)] = 0
+        return img * mask
+
+
+def paper_transform(normalize: bool = True) -> T.Compose:
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), Cutout(16)]
+    return T.Compose(steps + ([T.Normalize(D.CIFAR_MEAN, D.STD_AS_RUN)] if normalize else []))
+
+
+class PILDataset(Dataset):
+    """uint8 (N, 32, 32, 3) arrays -> PIL image per item -> transform (torchvision's CIFAR10)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128) -> DataLoader:
+    return DataLoader(PILDataset(images, labels, paper_transform(normalize)), batch_size=batch_size,
+                      shuffle=True, drop_last=True, num_workers=min(2, os.cpu_count() or 1),
+                      persistent_workers=True, pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- the two feeds
+
+def naive_feed(loader: DataLoader, trainer: Trainer):
+    """Endless (x, soft y) batches: DataLoader batch -> device, one_hot, samlib MixUp."""
+    dev, alpha = trainer.device, trainer.cfg.mix_alpha
+    while True:
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), one_hot(y.to(dev, non_blocking=True))
+            yield mixup(x, y, alpha, trainer.gen_aug, lam=sample_lambda(alpha, trainer.gen_host))
+
+
+def samlib_feed(trainer: Trainer):
+    """Endless (x, soft y) batches exactly as Trainer.train_epoch makes them."""
+    cfg, dev, alpha = trainer.cfg, trainer.device, trainer.cfg.mix_alpha
+    while True:
+        order = torch.randperm(len(trainer.train_y), generator=trainer.gen_aug, device=dev)
+        for idx in order[: trainer.steps_per_epoch * cfg.batch_size].view(-1, cfg.batch_size):
+            x = augment_batch(trainer.train_x[idx], cfg.crop_padding, cfg.flip, cfg.cutout, trainer.gen_aug)
+            y = one_hot(trainer.train_y[idx], 10)
+            yield mixup(x, y, alpha, trainer.gen_aug, lam=sample_lambda(alpha, trainer.gen_host))
+
+
+# ---------------------------------------------------------------- timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step, images_per_step: int, steps: int, repeats: int, device,
+                      warmup: int = 2) -> list[float]:
+    """Run `step` `warmup` times untimed, then `repeats` windows of `steps` calls: images/s each."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        rates.append(steps * images_per_step / (time.perf_counter() - t0))
+    return rates
+
+
+def side_by_side(name: str, naive: list, samlib: list, **extra) -> dict:
+    n, s = statistics.median(naive), statistics.median(samlib)
+    print(f"{name:<18}{n:>14,.0f}{s:>14,.0f}{s / n:>9.1f}x", flush=True)
+    return {"naive_images_per_s": n, "samlib_images_per_s": s, "ratio": s / n,
+            "naive_windows": [round(r, 1) for r in naive],
+            "samlib_windows": [round(r, 1) for r in samlib], **extra}
+
+
+def time_augment(trainer: Trainer, images, labels, plan: dict) -> dict:
+    """Feed alone: the paper's PIL pipeline (with Normalize) vs batched on-device augmentation."""
+    dev, bs = trainer.device, trainer.cfg.batch_size
+    naive = naive_feed(naive_loader(images, labels, dev, normalize=True, batch_size=bs), trainer)
+    n = images_per_second(lambda: next(naive), bs, plan["aug_naive"], plan["repeats"], dev, warmup=4)
+    feed = samlib_feed(trainer)
+    s = images_per_second(lambda: next(feed), bs, plan["aug_samlib"], plan["repeats"], dev)
+    return side_by_side("augment", n, s, naive_normalize=True)
+
+
+def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
+    """Trainer.train_step fed by each pipeline; also seconds per 45,000-image epoch."""
+    dev, bs = trainer.device, trainer.cfg.batch_size
+    naive = naive_feed(naive_loader(images, labels, dev, normalize=False, batch_size=bs), trainer)
+    n = images_per_second(lambda: trainer.train_step(*next(naive)), bs, plan["steps"], plan["repeats"],
+                          dev, warmup=4)
+    feed = samlib_feed(trainer)
+    s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"], plan["repeats"], dev)
+    out = side_by_side("train_step", n, s, naive_normalize=False)
+    out["seconds_per_epoch_45k"] = {"naive": EPOCH_IMAGES / out["naive_images_per_s"],
+                                    "samlib": EPOCH_IMAGES / out["samlib_images_per_s"]}
+    return out
+
+
+def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
+    """samlib feed + train_step with the model under torch.compile (compile time reported apart)."""
+    dev, bs, feed = trainer.device, trainer.cfg.batch_size, samlib_feed(trainer)
+    try:
+        trainer.net = torch.compile(trainer.model)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            trainer.train_step(*next(feed))
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
+        s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"],
+                              plan["repeats"], dev, warmup=2)
+    except Exception as e:  # a missing compiler/triton must not cost the other figures
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        trainer.net = trainer.model
+    rate = statistics.median(s)
+    print(f"{'train_step+compile':<18}{'':>14}{rate:>14,.0f}   (compile {compile_s:.0f} s)", flush=True)
+    return {"samlib_images_per_s": rate, "samlib_windows": [round(r, 1) for r in s],
+            "compile_seconds": compile_s, "seconds_per_epoch_45k": EPOCH_IMAGES / rate}
+
+
+def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -> dict:
+    """All PAPER_TTA views in one forward per batch vs one view after another."""
+    n = len(images)
+    seq = images_per_second(lambda: predict_logits_sequential(model, images, PAPER_TTA, batch_size),
+                            n, 1, plan["repeats"], device, warmup=1)
+    bat = images_per_second(lambda: predict_logits(model, images, PAPER_TTA, batch_size),
+                            n, 1, plan["repeats"], device, warmup=1)
+    return side_by_side("tta", seq, bat, views=len(PAPER_TTA), images=n, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def _dataset(data_dir, n_train: int, n_test: int):
+    """(train images, train labels, test images, data source); real data when it is there."""
+    if data_dir == "auto":
+        data_dir = "data" if (Path("data") / D.FOLDER).is_dir() else None
+    if data_dir is None:
+        ds = D.synthetic_cifar10(n_train, n_test, seed=0)
+        source = "synthetic (samlib.data.synthetic_cifar10)"
+    else:
+        ds, source = D.load_cifar10(data_dir), f"CIFAR-10 from {data_dir}"
+    return ds.train_images[:n_train], ds.train_labels[:n_train], ds.test_images[:n_test], source
+
+
+def run_benchmark(out, width: int | None = None, device=None, quick: bool = False,
+                  data_dir="auto", compile: bool | None = None) -> dict:
+    """Time the three comparisons, print a table as they go, write `out` (json), return it.
+
+    width: first-stage channels (stages w, 2w, 4w); default 64 (paper) on CUDA, 16 on CPU.
+    data_dir: folder holding cifar-10-batches-py; "auto" = ./data if present; None = synthetic.
+    compile: also time the samlib step under torch.compile (default: on CUDA, not quick).
+    """
+    t_start = time.time()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    width = width or (64 if cuda else 16)
+    plan = PLANS["quick" if quick else "cuda" if cuda else "cpu"]
+    profile = "paper" if cuda else "quick"
+    # epochs=200: enough scheduler steps for any benchmark length (speed is unaffected).
+    cfg = resolve("final", profile, widths=(width, 2 * width, 4 * width), epochs=200)
+    x_train, y_train, x_test, source = _dataset(data_dir, plan["n_train"], plan["n_tta"])
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    test = (x_test[:100], np.zeros(min(100, len(x_test)), dtype=np.int64))
+    trainer = Trainer(cfg, {"train": (x_train, y_train), "val": test, "test": test}, device)
+    env = {**provenance(device, source), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "width": width, "widths": list(cfg.widths), "profile": profile, "batch_size": cfg.batch_size,
+           "amp": str(trainer.amp_dtype), "naive_num_workers": min(2, os.cpu_count() or 1),
+           "train_images": len(y_train), "quick": quick}
+    print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
+    print(f"{'images/s':<18}{'naive':>14}{'samlib':>14}{'ratio':>10}", flush=True)
+    result = {"augment": time_augment(trainer, x_train, y_train, plan),
+              "train_step": time_train_step(trainer, x_train, y_train, plan)}
+    if compile if compile is not None else (cuda and not quick):
+        result["train_step_compiled"] = time_compiled_step(trainer, plan)
+    test_x, _ = to_device(x_test, np.zeros(len(x_test), dtype=np.int64), device)
+    result["tta"] = time_tta(trainer.model, test_x, cfg.eval_batch_size, plan, device)
+    report = {"augment_ratio": result["augment"]["ratio"],
+              "train_step_ratio": result["train_step"]["ratio"],
+              "tta_ratio": result["tta"]["ratio"], **result,
+              "environment": env, "seconds": round(time.time() - t_start, 1),
+              "notes": {"ratio": "samlib images/s / naive images/s (median of timed windows)",
+                        "augment": "naive = per-image PIL RandomCrop/Flip/ToTensor/Cutout/Normalize "
+                                   "in a DataLoader; samlib = augment_batch on device-resident "
+                                   "uint8; both then one_hot + MixUp on the device",
+                        "train_step": "same Trainer.train_step; naive feed without Normalize "
+                                      "(the model normalises inside)",
+                        "tta": "naive = predict_logits_sequential, samlib = predict_logits; "
+                               "images/s counts images, not image-views"}}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({report['seconds']:.0f} s)")
+    return report

@@ -1,0 +1,405 @@
+"""Inference (paper, "Inference" and Figure 1): TTA views, batched prediction, ensembling,
+temperature scaling, calibration metrics and the table of inference strategies.
+
+Views act on pixel-space float images (B, 3, H, W) in [0, 1]; the model normalises inside.
+
+Reference code (SAMResNet.py, ``tta_predict``/``create_submission``), read for this module:
+every view's logits are divided by 1.2 and the *logits* are averaged with weights (1.5 for the
+original, 1 otherwise); the regular/EMA ensemble is again a weighted sum of those logits, and
+softmax comes last.  So T=1.2 cannot change any prediction there.  ``tta_probs`` instead
+averages per-view softmaxes (the usual TTA and what the reference facts describe);
+``tta_logits`` is the code's combination, used for the "(as run)" row.
+"""
+import math
+from functools import partial
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from samlib.data import CIFAR_MEAN, STD_AS_RUN
+from samlib.errors import DataError
+
+
+class View(NamedTuple):
+    """One test-time view: ``fn`` maps (B, 3, H, W) pixel images to the same shape."""
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    weight: float = 1.0
+
+
+# ---------------------------------------------------------------- views
+
+def identity(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def hflip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right."""
+    return images.flip(-1)
+
+
+def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Move the content dx px right and dy px down (negative: left/up), filling with the edge
+    pixels: the same as replicate-padding by (dx, dy) and cropping back to H x W."""
+    h, w = images.shape[-2:]
+    rows = (torch.arange(h, device=images.device) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w, device=images.device) - dx).clamp(0, w - 1)
+    return images.index_select(-2, rows).index_select(-1, cols)
+
+
+def brightness(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Scale pixel values by ``factor`` and clamp to [0, 1]."""
+    return (images * factor).clamp(0.0, 1.0)
+
+
+# Paper: "original, horizontal flip, shifts of 1-2 px, brightness +-5% (4-6 views)".  The
+# shift direction is not given; we take the diagonal (right and down) by 1 and by 2 px.
+PAPER_TTA = [
+    View("original", identity, 1.0),
+    View("hflip", hflip, 1.0),
+    View("shift_1", partial(shift, dx=1, dy=1), 1.0),
+    View("shift_2", partial(shift, dx=2, dy=2), 1.0),
+    View("bright_1.05", partial(brightness, factor=1.05), 1.0),
+    View("bright_0.95", partial(brightness, factor=0.95), 1.0),
+]
+
+
+def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def as_run_hpad(images: torch.Tensor) -> torch.Tensor:
+    """The reference's "horizontal shift" ``pad(img[..., 1:], (1, 0, 0, 0), 'replicate')``:
+    drop column 0, replicate the new first column on the left.  Only column 0 changes (it
+    becomes a copy of column 1); every other pixel stays put - nearly the identity."""
+    w = images.shape[-1]
+    cols = torch.arange(w, device=images.device).clamp(min=1)
+    return images.index_select(-1, cols)
+
+
+def as_run_vshift(images: torch.Tensor) -> torch.Tensor:
+    """The reference's vertical shift ``pad(img[:, :, 1:], (0, 0, 0, 1), 'replicate')``: drop
+    row 0, replicate the last row at the bottom = content moves up 1 px."""
+    return shift(images, dx=0, dy=-1)
+
+
+def normalised_brightness(images: torch.Tensor, factor: float, mean, std, clamp: bool) -> torch.Tensor:
+    """Brightness as the reference applied it: on the *normalised* tensor z = (x - mean)/std,
+    z * factor, optionally clamped to [0, 1] there, then mapped back to pixel space so that a
+    model normalising with (mean, std) sees exactly the reference model's input.  The clamp
+    sends every below-mean value to z = 0, i.e. pixel value ``mean``."""
+    m, s = _channel_view(mean, images), _channel_view(std, images)
+    z = (images - m) / s * factor
+    if clamp:
+        z = z.clamp(0.0, 1.0)
+    return z * s + m
+
+
+def as_run_tta(mean=CIFAR_MEAN, std=STD_AS_RUN) -> list:
+    """The six views of the reference ``tta_predict``, for a model normalising with
+    (mean, std).  x1.05 is clamped in normalised space, x0.95 is not (as in the code)."""
+    return [
+        View("original", identity, 1.5),
+        View("hflip", hflip, 1.0),
+        View("as_run_vshift", as_run_vshift, 1.0),
+        View("as_run_hpad", as_run_hpad, 1.0),
+        View("as_run_bright_1.05",
+             partial(normalised_brightness, factor=1.05, mean=mean, std=std, clamp=True), 1.0),
+        View("as_run_bright_0.95",
+             partial(normalised_brightness, factor=0.95, mean=mean, std=std, clamp=False), 1.0),
+    ]
+
+
+AS_RUN_TTA = as_run_tta(CIFAR_MEAN, STD_AS_RUN)
+
+
+# ---------------------------------------------------------------- prediction
+
+def _check_images(images) -> None:
+    if isinstance(images, np.ndarray):
+        ok = images.ndim == 4 and images.shape[-1] == 3
+        expected = "a numpy array (N, H, W, 3)"
+    elif torch.is_tensor(images):
+        ok = images.ndim == 4 and images.shape[1] == 3
+        expected = "a tensor (N, 3, H, W)"
+    else:
+        raise DataError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
+    if not ok:
+        raise DataError(f"images must be {expected}, got shape {tuple(images.shape)}")
+    if len(images) == 0:
+        raise DataError("no images to predict")
+
+
+def _pixel_batch(images, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Float (B, 3, H, W) pixel batch on ``device``; uint8 is divided by 255 (as ToTensor)."""
+    if isinstance(images, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device).permute(0, 3, 1, 2)
+    else:
+        x = images[start:stop].to(device)
+    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+    return x.contiguous()
+
+
+def _model_device(model: torch.nn.Module, device) -> torch.device:
+    if device is None:
+        return next(model.parameters()).device
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
+def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(x).float()
+
+
+def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
+                   batch_size: int = 1000, device=None) -> torch.Tensor:
+    """Logits (V, N, classes), float32 on the CPU, for every view of every image.
+
+    ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
+    Batched TTA: each batch of ``batch_size`` images goes through the model once with all V
+    views concatenated (V * batch_size inputs per forward).  Eval mode (restored after),
+    inference_mode, bf16 autocast on CUDA.  ``views=None``: the image itself (V = 1).
+    ``device``: where to run (the model is moved there); default the model's device.
+    """
+    views = list(views) if views else [View("original", identity)]
+    _check_images(images)
+    device = _model_device(model, device)
+    was_training, n, out = model.training, len(images), None
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                x = _pixel_batch(images, start, start + batch_size, device)
+                logits = _forward(model, torch.cat([v.fn(x) for v in views]), device)
+                logits = logits.view(len(views), len(x), -1).cpu()
+                if out is None:
+                    out = torch.empty(len(views), n, logits.shape[-1])
+                out[:, start:start + len(x)] = logits
+    finally:
+        model.train(was_training)
+    return out
+
+
+def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
+                              batch_size: int = 1000, device=None) -> torch.Tensor:
+    """Same result as ``predict_logits``, one view at a time over the whole set (the naive
+    baseline for the benchmark: V passes over the data, one forward per view and batch)."""
+    views = list(views) if views else [View("original", identity)]
+    _check_images(images)
+    device = _model_device(model, device)
+    was_training, n = model.training, len(images)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            per_view = []
+            for view in views:
+                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device).cpu()
+                          for s in range(0, n, batch_size)]
+                per_view.append(torch.cat(chunks))
+    finally:
+        model.train(was_training)
+    return torch.stack(per_view)
+
+
+# ---------------------------------------------------------------- combination
+
+def _normalised_weights(weights, n_views: int) -> torch.Tensor:
+    w = torch.ones(n_views, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (n_views,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need {n_views} non-negative view weights with a positive sum, got {weights!r}")
+    return w / w.sum()
+
+
+def _as_views(logits_v: torch.Tensor) -> torch.Tensor:
+    return logits_v.unsqueeze(0) if logits_v.ndim == 2 else logits_v
+
+
+def tta_probs(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
+    """(N, classes): softmax(logits / T) of each view, averaged with normalised ``weights``
+    (None = equal).  Accepts (V, N, C) or a single view (N, C)."""
+    logits_v = _as_views(logits_v)
+    w = _normalised_weights(weights, len(logits_v)).to(logits_v.device, logits_v.dtype)
+    return torch.einsum("v,vnc->nc", w, torch.softmax(logits_v / temperature, dim=-1))
+
+
+def tta_logits(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
+    """(N, classes): the reference code's combination, sum_v w_v * logits_v / T (normalised w)."""
+    logits_v = _as_views(logits_v)
+    w = _normalised_weights(weights, len(logits_v)).to(logits_v.device, logits_v.dtype)
+    return torch.einsum("v,vnc->nc", w, logits_v / temperature)
+
+
+def ensemble(probs_a: torch.Tensor, probs_b: torch.Tensor, weights=(0.4, 0.6)) -> torch.Tensor:
+    """w_a * probs_a + w_b * probs_b (paper: 0.4 regular + 0.6 EMA; weights used as given)."""
+    return weights[0] * probs_a + weights[1] * probs_b
+
+
+# ---------------------------------------------------------------- metrics
+
+def _labels(labels) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long().cpu()
+
+
+def accuracy(probs: torch.Tensor, labels) -> float:
+    """Fraction of arg-max predictions equal to the labels."""
+    return (probs.argmax(-1).cpu() == _labels(labels)).double().mean().item()
+
+
+def nll(probs: torch.Tensor, labels) -> float:
+    """Mean -log p(true class), p clamped at 1e-12."""
+    p_true = probs.double().cpu().gather(1, _labels(labels)[:, None]).squeeze(1)
+    return (-p_true.clamp_min(1e-12).log()).mean().item()
+
+
+def _bins(probs: torch.Tensor, labels, n_bins: int):
+    """Equal-width confidence bins (lower, upper]: edges, bin index, confidence, correctness."""
+    probs = probs.double().cpu()
+    conf, pred = probs.max(-1)
+    correct = (pred == _labels(labels)).double()
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)   # edges[i] < conf <= edges[i + 1]
+    return edges, idx, conf, correct
+
+
+def reliability_table(probs: torch.Tensor, labels, n_bins: int = 15) -> pd.DataFrame:
+    """Per bin: bin_lower, bin_upper, count, mean confidence, accuracy (NaN when empty)."""
+    edges, idx, conf, correct = _bins(probs, labels, n_bins)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = (torch.bincount(idx, conf, minlength=n_bins) / count).numpy()
+        mean_acc = (torch.bincount(idx, correct, minlength=n_bins) / count).numpy()
+    return pd.DataFrame({"bin_lower": edges[:-1].numpy(), "bin_upper": edges[1:].numpy(),
+                         "count": count.long().numpy(), "confidence": mean_conf, "accuracy": mean_acc})
+
+
+def ece(probs: torch.Tensor, labels, n_bins: int = 15) -> float:
+    """Expected calibration error: sum over bins of count/N * |accuracy - confidence|."""
+    table = reliability_table(probs, labels, n_bins)
+    filled = table[table["count"] > 0]
+    gap = (filled["accuracy"] - filled["confidence"]).abs()
+    return float((filled["count"] * gap).sum() / table["count"].sum())
+
+
+# ---------------------------------------------------------------- temperature
+
+def fit_temperature_fn(probs_at: Callable[[float], torch.Tensor], labels,
+                       t_min: float = 0.05, t_max: float = 20.0) -> float:
+    """T in [t_min, t_max] minimising nll(probs_at(T), labels): a 41-point grid in log T, then
+    golden-section search between the best point's neighbours (no scipy)."""
+    def loss(log_t):
+        return nll(probs_at(math.exp(log_t)), labels)
+
+    grid = np.linspace(math.log(t_min), math.log(t_max), 41)
+    best = int(np.argmin([loss(g) for g in grid]))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    while hi - lo > 1e-5:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2)
+
+
+def fit_temperature(logits: torch.Tensor, labels, weights=None) -> float:
+    """Temperature minimising the NLL of softmax(logits / T) on held-out data.  ``logits``
+    (N, C), or (V, N, C) with view ``weights``: one T divides every view's logits, and the
+    NLL is that of the weighted average of the softmaxes (``tta_probs``)."""
+    logits = logits.double()
+    return fit_temperature_fn(lambda t: tta_probs(logits, weights, t), labels)
+
+
+# ---------------------------------------------------------------- strategy table
+
+def model_norm(model: torch.nn.Module):
+    """(mean, std) of the first submodule holding 3-channel ``mean``/``std`` tensors (samlib's
+    Normalize), else None."""
+    for module in model.modules():
+        mean, std = getattr(module, "mean", None), getattr(module, "std", None)
+        if torch.is_tensor(mean) and torch.is_tensor(std) and mean.numel() == std.numel() == 3:
+            return tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
+    return None
+
+
+def _has_data(split) -> bool:
+    return split is not None and len(split[1]) > 0
+
+
+def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
+                        temperature: float = 1.2, ensemble_weights=(0.4, 0.6), norm=None) -> pd.DataFrame:
+    """Figure 1's comparison of inference strategies, one row each.
+
+    ``val``/``test``: (uint8 images (N, 32, 32, 3), labels).  Rows: standard, tta (PAPER_TTA),
+    ema, ema+tta, ensemble, ensemble+tta (probability averages, T = 1), "ensemble+tta (as
+    run)" (AS_RUN_TTA on both models, the code's logit average at T = ``temperature``), then
+    the best of these by validation accuracy (ties: lower validation NLL) again at
+    T = ``temperature`` and at the T fitted on validation (one T divides every logit).
+    ``ema_model=None`` drops the EMA and ensemble rows.  Without validation data the best is
+    picked on *test* (stated in ``frame.attrs["selected_on"]``) and there is no fitted row.
+    ``norm``: (mean, std) for the as-run views; default the regular model's Normalize buffers.
+    Each model runs once per split over the union of all views (batched TTA).
+    """
+    norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
+    paper, as_run = PAPER_TTA, as_run_tta(*norm)
+    union = list({v.name: v for v in paper + as_run}.values())
+    pos = {v.name: i for i, v in enumerate(union)}
+    models = {"regular": regular_model, "ema": ema_model}
+    models = {k: m for k, m in models.items() if m is not None}
+    splits = {"test": test, "val": val} if _has_data(val) else {"test": test}
+    logits = {(m, s): predict_logits(models[m], splits[s][0], union, batch_size, device).double()
+              for m in models for s in splits}
+
+    def views_of(m, split, view_set):
+        return logits[m, split][[pos[v.name] for v in view_set]], [v.weight for v in view_set]
+
+    def single(m, tta):
+        return lambda split, t: tta_probs(*views_of(m, split, paper if tta else paper[:1]), t)
+
+    def pair(tta):
+        return lambda split, t: ensemble(single("regular", tta)(split, t), single("ema", tta)(split, t),
+                                         ensemble_weights)
+
+    def as_run_pair(split, t):
+        wa, wb = ensemble_weights
+        return torch.softmax(wa * tta_logits(*views_of("regular", split, as_run), t)
+                             + wb * tta_logits(*views_of("ema", split, as_run), t), dim=-1)
+
+    strategies = {"standard": (single("regular", False), 1.0), "tta": (single("regular", True), 1.0)}
+    if "ema" in models:
+        strategies.update({"ema": (single("ema", False), 1.0), "ema+tta": (single("ema", True), 1.0),
+                           "ensemble": (pair(False), 1.0), "ensemble+tta": (pair(True), 1.0),
+                           "ensemble+tta (as run)": (as_run_pair, temperature)})
+
+    def row(name, fn, t):
+        probs, labels = fn("test", t), test[1]
+        val_acc = accuracy(fn("val", t), val[1]) if "val" in splits else float("nan")
+        return {"strategy": name, "test_accuracy": accuracy(probs, labels), "test_nll": nll(probs, labels),
+                "test_ece": ece(probs, labels), "val_accuracy": val_acc, "temperature": float(t)}
+
+    rows = [row(name, fn, t) for name, (fn, t) in strategies.items()]
+    on = "val" if "val" in splits else "test"
+
+    def score(name):                             # higher accuracy, then lower NLL
+        fn, t = strategies[name]
+        probs = fn(on, t)
+        return accuracy(probs, splits[on][1]), -nll(probs, splits[on][1])
+
+    best = max(strategies, key=score)            # ties: the earlier (simpler) strategy
+    fn = strategies[best][0]
+    rows.append(row(f"{best} T={temperature:g}", fn, temperature))
+    if "val" in splits:
+        fitted = fit_temperature_fn(lambda t: fn("val", t), val[1])
+        rows.append(row(f"{best} T=fitted", fn, fitted))
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(best=best, selected_on="validation" if on == "val" else "test")
+    return frame

@@ -1,0 +1,99 @@
+"""Kaggle submission (paper Section 5): predict the unlabeled test file, write ID,Labels.
+
+The competition's file (cifar_test_nolabel.pkl) is read with the restricted unpickler of
+samlib.data; the CSV is written atomically and validated (header, one row per id, unique
+ids, labels 0-9) before anyone uploads it.  Kaggle accuracy on that hidden set is not
+CIFAR-10 test accuracy: never report one as the other.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import load_unlabeled
+from .errors import DataError, SamlibError
+from .infer import PAPER_TTA, ensemble, predict_logits, tta_probs
+from .io import atomic_write_text
+
+STRATEGIES = ("standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta")
+
+
+def load_run_models(run_dir, device="cpu"):
+    """(regular, ema-or-None) from a run directory's best checkpoints."""
+    from .train import load_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "best_regular.pt").exists():
+        raise SamlibError(f"{run_dir} holds no best_regular.pt: is it a finished samlib run directory? "
+                          "(python -m samlib train ... prints the run directory)")
+    regular = load_model(run_dir / "best_regular.pt", device)
+    ema_path = run_dir / "best_ema.pt"
+    ema = load_model(ema_path, device, expect_arch=regular.arch) if ema_path.exists() else None
+    return regular, ema
+
+
+def strategy_probs(regular, ema, images, strategy="ensemble+tta", device=None, batch_size=500,
+                   temperature=1.0, weights=(0.4, 0.6)) -> torch.Tensor:
+    """Class probabilities (N, 10) for one of STRATEGIES (Figure 1's names)."""
+    if strategy not in STRATEGIES:
+        raise SamlibError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if ema is None and strategy.startswith(("ema", "ensemble")):
+        raise SamlibError(f"strategy {strategy!r} needs an EMA checkpoint; this run trained without EMA "
+                          "(use standard or tta)")
+    views = PAPER_TTA if strategy.endswith("tta") else PAPER_TTA[:1]
+    weights_v = [v.weight for v in views]
+
+    def probs(model):
+        return tta_probs(predict_logits(model, images, views, batch_size, device), weights_v, temperature)
+
+    if strategy.startswith("ensemble"):
+        return ensemble(probs(regular), probs(ema), weights)
+    return probs(ema if strategy.startswith("ema") else regular)
+
+
+def write_submission(ids, labels, path) -> Path:
+    """Write the Kaggle CSV: header ID,Labels, one row per id, atomically."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if len(ids) != len(labels):
+        raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["ID", "Labels"])
+    writer.writerows(zip(ids.tolist(), labels.astype(int).tolist()))
+    return atomic_write_text(path, buf.getvalue())
+
+
+def validate_submission(path, ids=None, num_classes=10) -> dict:
+    """Check a submission CSV; raise DataError naming the first problem, else return a summary."""
+    try:
+        frame = pd.read_csv(path, dtype={"ID": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"cannot read submission {path}: {e}") from None
+    if list(frame.columns) != ["ID", "Labels"]:
+        raise DataError(f"{path}: header must be ID,Labels, found {','.join(map(str, frame.columns))}")
+    if frame["ID"].duplicated().any():
+        raise DataError(f"{path}: duplicate id {frame['ID'][frame['ID'].duplicated()].iloc[0]}")
+    labels = pd.to_numeric(frame["Labels"], errors="coerce")
+    if labels.isna().any() or (labels % 1 != 0).any() or labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{path}: labels must be integers 0..{num_classes - 1}")
+    if ids is not None:
+        expected = pd.Series(np.asarray(ids)).astype(str)
+        if len(frame) != len(expected) or set(frame["ID"]) != set(expected):
+            raise DataError(f"{path}: {len(frame)} rows do not match the {len(expected)} ids of the input file")
+    counts = np.bincount(labels.astype(int), minlength=num_classes)
+    return {"rows": len(frame), "class_counts": counts.tolist()}
+
+
+def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
+    """Predict a Kaggle-format unlabeled file with a finished run and write the submission."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    images, ids = load_unlabeled(input_path)
+    regular, ema = load_run_models(run_dir, device)
+    labels = strategy_probs(regular, ema, images, strategy, device).argmax(1).numpy()
+    write_submission(ids, labels, output)
+    return validate_submission(output, ids)
