@@ -1,4 +1,4 @@
-"""Command line: `python -m samlib {train,evaluate,submit,synthetic,bench} ...`.
+"""Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep,bench} ...`.
 
 User mistakes (a missing file, an unknown config, a bad value) end with one line on
 stderr and exit status 2, never a traceback.
@@ -23,6 +23,7 @@ def _overrides(pairs) -> dict:
 
 
 def cmd_train(args) -> None:
+    from . import dist
     from .config import resolve
     from .train import train
 
@@ -36,7 +37,8 @@ def cmd_train(args) -> None:
         load_cifar10(data_dir, download=True)
     run_dir = train(cfg, data_dir=data_dir, out=args.out, device=args.device,
                     profile=args.profile, progress=not args.no_progress)
-    print(run_dir)
+    if dist.is_main():
+        print(run_dir)
 
 
 def cmd_evaluate(args) -> None:
@@ -60,6 +62,18 @@ def cmd_synthetic(args) -> None:
 
     folder = write_cifar10(args.dir, synthetic_cifar10(args.n_train, args.n_test, seed=args.seed))
     print(folder)
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import sweep
+
+    extra = [a for pair in (args.set or ()) for a in ("--set", pair)]
+    results = sweep(args.configs.split(","), [int(s) for s in args.seeds.split(",")], args.profile,
+                    args.data_dir, args.out, args.devices.split(",") if args.devices else None, extra)
+    failed = [r for r in results if r[3] != 0]
+    if failed:
+        raise SamlibError(f"{len(failed)} of {len(results)} runs failed; see " +
+                          ", ".join(str(r[4]) for r in failed))
 
 
 def cmd_bench(args) -> None:
@@ -105,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--n-test", type=int, default=1000)
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(func=cmd_synthetic)
+
+    w = sub.add_parser("sweep", help="run configs x seeds side by side, one process per device")
+    w.add_argument("--configs", default="baseline,se,se_mixup,final")
+    w.add_argument("--seeds", default="84")
+    w.add_argument("--profile", default="paper")
+    w.add_argument("--data-dir", required=True)
+    w.add_argument("--out", default="runs")
+    w.add_argument("--devices", help="comma-separated, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE")
+    w.set_defaults(func=cmd_sweep)
 
     b = sub.add_parser("bench", help="side-by-side speed benchmark (naive vs samlib)")
     b.add_argument("--out", required=True, help="json file to write")
