@@ -94,7 +94,8 @@ def safe_pickle_load(path_or_fileobj):
     except DataError:
         raise
     except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, ...
-        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: {e})") from e
+        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: {e}); "
+                        "replace it with a complete copy (download or extract it again)") from e
     finally:
         if own:
             f.close()

@@ -15,6 +15,8 @@ import io
 import json
 import os
 import pickle
+import signal
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,6 +27,26 @@ from .errors import CheckpointError, SamlibError
 
 CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
 
+# Test-only fault injection (tests/test_reliability.py), off unless the variable is set:
+# SAMLIB_FAULT="kill-during-save:N" SIGKILLs this process during its N-th atomic write,
+# after half of the temporary file is on disk and before the rename; "...:N:NAME" counts
+# only writes of files named NAME (e.g. kill-during-save:2:last.pt).
+_fault_count = 0
+
+
+def _fault_due(path: Path) -> bool:
+    global _fault_count
+    spec = os.environ.get("SAMLIB_FAULT")
+    if not spec:
+        return False
+    kind, n, name = (spec.split(":", 2) + ["", ""])[:3]
+    if kind != "kill-during-save" or not n.isdigit():
+        raise ValueError(f"SAMLIB_FAULT={spec!r}: expected kill-during-save:N[:NAME]")
+    if name and path.name != name:
+        return False
+    _fault_count += 1
+    return _fault_count == int(n)
+
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path` so that a crash leaves either the old or the new file."""
@@ -33,10 +55,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise SamlibError(f"cannot write to {path.parent}: {e.strerror}; "
-                          "choose a writable results folder (e.g. --out runs)") from None
+        raise SamlibError(f"cannot write to {path.parent}: {e.strerror}; choose a writable "
+                          "folder (--out for runs, --output for a submission)") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if _fault_due(path):  # test-only, see SAMLIB_FAULT above
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                print(f"SAMLIB_FAULT: killed while writing {path}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -79,20 +107,30 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **obj}, buf)
     data = buf.getvalue()
+    digest, sidecar = hashlib.sha256(data).hexdigest(), _sidecar(path)
     if keep_previous and path.exists():
         os.replace(path, _previous(path))
-        if _sidecar(path).exists():
-            os.replace(_sidecar(path), _sidecar(_previous(path)))
-    # Sidecar first: a crash between the two writes leaves a mismatch, which reads as
-    # corrupt and falls back to .prev - never a silently wrong checkpoint.
-    atomic_write_text(_sidecar(path), hashlib.sha256(data).hexdigest() + "\n")
-    return atomic_write_bytes(path, data)
+        if sidecar.exists():
+            os.replace(sidecar, _sidecar(_previous(path)))
+    # The sidecar lists the digests a complete file may have: while a file is replaced in
+    # place (keep_previous=False), the old one's and the new one's; afterwards only the new.
+    # A crash at any instant leaves the old file or the new one, both vouched for - never a
+    # good checkpoint lost, and a half-written one reads as corrupt (then .prev is used).
+    vouched = []
+    if path.exists():
+        vouched = (sidecar.read_text().split() if sidecar.exists()
+                   else [hashlib.sha256(path.read_bytes()).hexdigest()])
+    atomic_write_text(sidecar, "\n".join(dict.fromkeys([digest, *vouched])) + "\n")
+    atomic_write_bytes(path, data)
+    if vouched:
+        atomic_write_text(sidecar, digest + "\n")
+    return path
 
 
 def _load_one(path: Path, map_location) -> dict:
     data = path.read_bytes()
     sidecar = _sidecar(path)
-    if sidecar.exists() and sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if sidecar.exists() and hashlib.sha256(data).hexdigest() not in sidecar.read_text().split():
         raise CheckpointError(f"{path} is corrupt or truncated (sha256 does not match "
                               f"{sidecar.name}); it was not loaded")
     try:

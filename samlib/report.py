@@ -12,10 +12,11 @@ import pandas as pd
 from . import data as D
 from .config import from_dict, resolve
 from .infer import evaluate_strategies
-from .io import read_json
+from .errors import SamlibError
+from .io import atomic_write_text, read_json
 from .model import build_model, count_parameters
 from .submit import load_run_models
-from .train import split_data, train
+from .train import resolve_device, split_data, train
 
 # Paper Table 1 (CIFAR-10; percent) and its parameter column, as printed.
 PAPER_TABLE1 = pd.DataFrame([
@@ -33,6 +34,9 @@ PAPER_FIGURE1 = {"tta_gain": 0.31, "ensemble_gain": 0.16, "final": 92.99}
 def load_run(run_dir) -> dict:
     """Everything a finished (or unfinished) run directory holds, as Python objects."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise SamlibError(f"{run_dir} is not a samlib run directory (no config.json); pass the "
+                          "folder that `python -m samlib train` printed")
     out = {"dir": run_dir, "config": from_dict(read_json(run_dir / "config.json"))}
     for name in ("final", "provenance", "run"):
         path = run_dir / f"{name}.json"
@@ -97,15 +101,17 @@ def discrepancy_table(reference: list, variants: dict) -> pd.DataFrame:
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True) -> pd.DataFrame:
     """Figure 1's strategy table for one run (cached in strategies.csv)."""
     run_dir = Path(run_dir)
-    cached = run_dir / "strategies.csv"
-    if reuse and cached.exists() and cached.stat().st_mtime >= (run_dir / "final.json").stat().st_mtime:
-        return pd.read_csv(cached)
     cfg = load_run(run_dir)["config"]
+    if device is not None:
+        device = resolve_device(device)
+    cached, final = run_dir / "strategies.csv", run_dir / "final.json"
+    if reuse and cached.exists() and final.exists() and cached.stat().st_mtime >= final.stat().st_mtime:
+        return pd.read_csv(cached)
     if dataset is None:
         dataset = D.load_cifar10(data_dir)
     splits = split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device or "cpu")
     table = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
                                 batch_size=min(cfg.eval_batch_size, 500))
-    table.to_csv(cached, index=False)
+    atomic_write_text(cached, table.to_csv(index=False))
     return table

@@ -91,7 +91,9 @@ def validate_submission(path, ids=None, num_classes=10) -> dict:
 
 def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
     """Predict a Kaggle-format unlabeled file with a finished run and write the submission."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .train import resolve_device
+
+    device = resolve_device(device)
     images, ids = load_unlabeled(input_path)
     regular, ema = load_run_models(run_dir, device)
     labels = strategy_probs(regular, ema, images, strategy, device).argmax(1).numpy()

@@ -87,6 +87,18 @@ def amp_dtype_for(cfg: Config, device: torch.device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_device(device=None) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) or a clear error."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError, ValueError):
+        raise SamlibError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise SamlibError(f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) "
+                          "are visible; use --device cpu (or leave --device out)")
+    return dev
+
+
 def run_dir_for(cfg: Config, out) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name)
     return Path(out) / f"{safe}-s{cfg.seed}-{cfg.hash()}"
@@ -136,6 +148,8 @@ class Trainer:
                                  blocks=cfg.blocks, norm_std=cfg.norm_std).to(device)
         if device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # AveragedModel keeps its step counter `n_averaged` on the host (it is created on the
+        # CPU and never moved), so its `n_averaged == 0` test costs no GPU sync per step.
         self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self.train_x, self.train_y = to_device(*splits["train"], device)
         self.eval_sets = {name: to_device(*splits[name], device) for name in ("val", "test")}
@@ -152,6 +166,8 @@ class Trainer:
             raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
                               "images; lower batch_size or use more data")
         self.net = dist.wrap(self.model, device)
+        if cfg.compile:   # optional: the first epoch then includes compilation (reported apart)
+            self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov,
                                          cfg.weight_decay, cfg.lookahead_k, cfg.lookahead_alpha)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
@@ -220,11 +236,11 @@ class Trainer:
         rank, world = dist.rank(), dist.world_size()
         loss_sum = torch.zeros((), device=dev)
         mixed_correct = torch.zeros((), device=dev)
-        nonfinite = torch.zeros((), device=dev, dtype=torch.long)
+        finite = torch.ones(self.steps_per_epoch, device=dev, dtype=torch.bool)  # read once, at the end
         batches = order[: self.steps_per_epoch * cfg.batch_size].view(self.steps_per_epoch, cfg.batch_size)
         if progress:
             batches = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
-        for idx in batches:
+        for step, idx in enumerate(batches):
             # Every rank augments the whole global batch with the same generator and keeps its
             # slice: the inputs are the ones a single process would see.
             x = augment_batch(self.train_x[idx], cfg.crop_padding, cfg.flip, cfg.cutout, self.gen_aug)
@@ -236,15 +252,18 @@ class Trainer:
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             loss, logits = self.train_step(x, y)
-            nonfinite += (~torch.isfinite(loss)).long()
+            finite[step] = torch.isfinite(loss)
             loss_sum += torch.nan_to_num(loss) * len(y)
             # The paper's "train acc": lambda-weighted accuracy on mixed batches = target mass
             # on the predicted class (67% in Table 1 is this number, not a clean accuracy).
             mixed_correct += y.gather(1, logits.argmax(1, keepdim=True)).sum()
-        totals = dist.all_reduce_sum(torch.stack([loss_sum, mixed_correct, nonfinite.float()]))
+        bad = (~finite).float()
+        totals = dist.all_reduce_sum(torch.cat([torch.stack([loss_sum, mixed_correct]), bad]))
         n = self.steps_per_epoch * cfg.batch_size
+        bad_steps = torch.nonzero(totals[2:]).flatten().tolist()
         return {"train_loss": totals[0].item() / n, "train_acc_mixed": totals[1].item() / n,
-                "nonfinite_steps": int(totals[2].item()), "mix_alpha": alpha}
+                "nonfinite_steps": len(bad_steps), "first_nonfinite_step": bad_steps[0] + 1 if bad_steps else None,
+                "mix_alpha": alpha}
 
     def evaluate(self) -> dict:
         bs = self.cfg.eval_batch_size
@@ -322,8 +341,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     stop_after: end the process's work after this many epochs of *this call* (to test resume).
     """
     t0 = time.time()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = dist.setup(device)
+    device = dist.setup(resolve_device(device))
     run_dir = run_dir_for(cfg, out)
     if (run_dir / "final.json").exists():
         if dist.is_main():
@@ -337,13 +355,17 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
         torch.backends.cudnn.benchmark = True
     splits = split_data(cfg, dataset)
     trainer = Trainer(cfg, splits, device)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():   # write_json makes run_dir, or says clearly why it cannot
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "run.json", {"profile": profile, "config": cfg.name, "seed": cfg.seed,
                                           "hash": cfg.hash()})
     if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
-        trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=device))
+        try:
+            ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume {run_dir}: {e}; move that folder away (or delete "
+                                  "it) to start the run again from scratch") from None
+        trainer.load_state_dict(ckpt)
         if dist.is_main():
             print(f"resuming {run_dir} after epoch {trainer.epoch}")
     if dist.is_main():
@@ -355,10 +377,13 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
         t_epoch = time.time()
         row = {"epoch": epoch + 1, **trainer.train_epoch(progress and dist.is_main())}
         if row["nonfinite_steps"] and not trainer.scaler.is_enabled():
+            # fp16's GradScaler skips overflowing steps by design (counted in the metrics);
+            # without it a NaN/inf loss has already spoiled the weights: stop, keep last.pt.
             raise NonFiniteLossError(
-                f"loss became non-finite in epoch {epoch + 1} ({row['nonfinite_steps']} of "
-                f"{trainer.steps_per_epoch} steps); last good checkpoint: "
-                f"{run_dir / 'last.pt' if epoch else 'none (first epoch)'}. Lower lr or check the data.")
+                f"loss became non-finite at epoch {epoch + 1}, step {row['first_nonfinite_step']} "
+                f"({row['nonfinite_steps']} of {trainer.steps_per_epoch} steps); nothing of this epoch "
+                f"was saved. Last good checkpoint: {run_dir / 'last.pt' if epoch else 'none (first epoch)'}. "
+                "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
         row.update(trainer.evaluate(), lr=trainer.optimizer.param_groups[0]["lr"],
                    seconds=round(time.time() - t_epoch, 3))
         trainer.epoch = epoch + 1
