@@ -1,4 +1,14 @@
 # samresnets: `make test` (unit tests + notebooks in the smoke profile), `make report`.
+#
+#   make report [PROFILE=smoke|quick|paper] [DATA_DIR=data] [DEVICE=auto|cpu|cuda]
+#               [SEEDS=84,85] [SWITCHES=schedule,cutout] [KAGGLE_FILE=path/cifar_test_nolabel.pkl]
+#       runs notebooks/*.ipynb in order with papermill into results/<profile>/ (runs, i.e.
+#       checkpoints, go to runs/<profile>/; an interrupted report resumes), then `make html`.
+#   make html [PROFILE=...]   static pages of the executed notebooks: results/<profile>/html/
+#   make test                 pytest, then nbval over the stored notebooks in the smoke profile
+#   make notebook-outputs     after editing notebooks: run them (smoke) and keep only the outputs
+#                             of the # NBVAL_CHECK_OUTPUT cells, which nbval compares
+#   make strip                clear notebook outputs except the # NBVAL_CHECK_OUTPUT cells
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +16,31 @@ PY := $(VENV)/bin/python
 # torch/torchvision pins that this project's CI machine holds on local disk; any torch >= 2.4 works.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test unit clean-venv
+PROFILE ?=
+DATA_DIR ?= data
+DEVICE ?= auto
+SEEDS ?=
+SWITCHES ?=
+KAGGLE_FILE ?=
+RESULTS ?= results
+RUNS ?= runs
+NOTEBOOKS := 00_data_exploration 01_table1_ablation 02_figure1_inference 03_submission
+NBVAL_DIR := build/nbval
+# torch's OpenMP threads busy-wait: with another process on these 2 cores a CPU epoch ran 10-15x
+# slower (32 s vs 4.6 s for a smoke epoch).  PASSIVE waiting avoids that (OMP_WAIT_POLICY=ACTIVE make ... opts out).
+export OMP_WAIT_POLICY ?= PASSIVE
+
+# PROFILE if given; else paper when torch sees CUDA (and DEVICE is not cpu), else quick.
+define pick_profile
+profile='$(PROFILE)'; \
+if [ -z "$$profile" ]; then \
+  cuda=$$($(PY) -c "import torch; print(torch.cuda.is_available())"); \
+  if [ "$$cuda" = True ] && [ "$(DEVICE)" != cpu ]; then profile=paper; else profile=quick; fi; \
+  echo "PROFILE not given: torch.cuda.is_available() is $$cuda (DEVICE=$(DEVICE)), so PROFILE=$$profile"; \
+fi
+endef
+
+.PHONY: venv test unit nbval notebook-outputs report report-notebooks html strip clean-venv
 
 venv: $(VENV)/.installed
 
@@ -15,13 +49,79 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch, torchvision" 2>/dev/null || \
 	  $(PY) -m pip install -q $(TORCH_PINS) 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -c "import samlib, torch, torchvision, pytest, hypothesis"
+	$(PY) -c "import samlib, torch, torchvision, pytest, hypothesis, papermill, nbval, nbconvert, ipykernel"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null   # papermill/nbval find "python3" here
 	touch $@
 
 unit: venv
 	$(PY) -m pytest -q
 
-test: unit
+test: unit nbval
+
+# The smoke runs of the stored notebooks (make nbval, make notebook-outputs): their parameters
+# read SAMLIB_* variables.  Data: the real CIFAR-10 copy when there is one (built once from
+# $$SAMLIB_SHARED_DATA/make_cifar10.py when that exists), else synthetic data; plus a small
+# Kaggle-format file so that the submission path runs too.  Outputs and runs go to build/nbval/,
+# cleared each time (the run cache does not key on the data source).
+define smoke_env
+if [ -f $(DATA_DIR)/cifar-10-batches-py/test_batch ] && [ -f $(DATA_DIR)/cifar-10-batches-py/batches.meta ]; then \
+  data=$(DATA_DIR); \
+elif [ -n "$$SAMLIB_SHARED_DATA" ] && [ -f "$$SAMLIB_SHARED_DATA/make_cifar10.py" ]; then \
+  echo "building the CIFAR-10 JPEG copy into $(DATA_DIR)/ (once)"; \
+  $(PY) "$$SAMLIB_SHARED_DATA/make_cifar10.py" $(DATA_DIR) && data=$(DATA_DIR) || exit 1; \
+else \
+  data=$(NBVAL_DIR)/synthetic; \
+  [ -f $$data/cifar-10-batches-py/batches.meta ] || $(PY) -m samlib synthetic $$data >/dev/null || exit 1; \
+fi; \
+rm -rf $(NBVAL_DIR)/runs $(NBVAL_DIR)/results; \
+$(PY) -m samlib.nbparams kaggle-sample $$data $(NBVAL_DIR)/kaggle_sample.pkl --n 200 >/dev/null || exit 1; \
+echo "smoke profile, data $$data"; \
+export SAMLIB_PROFILE=smoke SAMLIB_DATA_DIR="$$(realpath $$data)" SAMLIB_RESULTS_DIR="$(CURDIR)/$(NBVAL_DIR)/results" \
+  SAMLIB_RUNS_DIR="$(CURDIR)/$(NBVAL_DIR)/runs" SAMLIB_KAGGLE_FILE="$(CURDIR)/$(NBVAL_DIR)/kaggle_sample.pkl"
+endef
+
+# nbval runs the notebooks as stored in notebooks/; only the "# NBVAL_CHECK_OUTPUT" cells'
+# outputs are compared (--nbval-lax), every cell must run without error.
+nbval: venv
+	@$(smoke_env); start=$$SECONDS; \
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with nbval_sanitize.cfg notebooks/ || exit 1; \
+	echo "nbval took $$((SECONDS - start)) s"
+
+# After editing a notebook: run it in the smoke profile and keep only the checked outputs.
+notebook-outputs: venv
+	@$(smoke_env); for nb in notebooks/[0-9]*.ipynb; do \
+	  $(PY) -m nbconvert --to notebook --execute --inplace --log-level WARN $$nb || exit 1; done
+	$(PY) -m samlib.nbparams strip notebooks/[0-9]*.ipynb
+
+report: venv
+	@$(pick_profile); \
+	start=$$SECONDS; \
+	$(MAKE) --no-print-directory report-notebooks html PROFILE=$$profile || exit 1; \
+	echo "report ($$profile) took $$((SECONDS - start)) s: $(RESULTS)/$$profile/html/index.html"
+
+report-notebooks: venv
+	@test -n "$(PROFILE)" || { echo "report-notebooks needs PROFILE (or use make report)"; exit 2; }
+	@mkdir -p $(RESULTS)/$(PROFILE)
+	@for nb in $(NOTEBOOKS); do \
+	  case $$nb in 00_*|03_*) extra='$(if $(KAGGLE_FILE),-p kaggle_file $(abspath $(KAGGLE_FILE)))';; \
+	               01_*) extra='$(if $(SWITCHES),-y "switches: [$(SWITCHES)]")';; *) extra='';; esac; \
+	  echo "== $$nb (profile $(PROFILE)) -> $(RESULTS)/$(PROFILE)/$$nb.ipynb"; start=$$SECONDS; \
+	  eval $(PY) -m papermill --no-progress-bar --cwd notebooks notebooks/$$nb.ipynb $(RESULTS)/$(PROFILE)/$$nb.ipynb \
+	    -p profile $(PROFILE) -p data_dir $(abspath $(DATA_DIR)) -p results_dir $(abspath $(RESULTS)) \
+	    -p runs_dir $(abspath $(RUNS)) -p device $(DEVICE) $(if $(SEEDS),-y "'seeds: [$(SEEDS)]'") $$extra \
+	    || { echo "$$nb failed: see $(RESULTS)/$(PROFILE)/$$nb.ipynb; rerun make report to resume"; exit 1; }; \
+	  echo "   $$nb: $$((SECONDS - start)) s"; \
+	done
+
+html: venv
+	@$(pick_profile); \
+	ls $(RESULTS)/$$profile/[0-9]*.ipynb >/dev/null 2>&1 || { echo "no executed notebooks in $(RESULTS)/$$profile: run make report PROFILE=$$profile"; exit 2; }; \
+	$(PY) -m nbconvert --to html --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
+	$(PY) -m samlib.nbparams index $(RESULTS)/$$profile
+
+strip: venv
+	$(PY) -m samlib.nbparams strip notebooks/[0-9]*.ipynb
 
 clean-venv:
 	rm -rf $(VENV)

@@ -31,6 +31,17 @@ OFFICIAL_MD5 = dict(zip((*TRAIN_FILES, "test_batch", "batches.meta"), (
     "5ff9c542aee3614f3951f8cda6e48888")))
 
 
+def fingerprint(dataset: "CIFAR10") -> str:
+    """A short hash of the data a run trains on (labels, shapes and a strided image sample),
+    so a cached run is never reused for different data (e.g. synthetic vs the real copy)."""
+    h = hashlib.sha256()
+    for array in (dataset.train_labels, dataset.test_labels, dataset.train_images[::50],
+                  dataset.test_images[::50]):
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:12]
+
+
 def channel_stats(images, chunk=4096):
     """Per-channel mean and (population) std of uint8 HWC images, in [0, 1] units (float64)."""
     images = np.asarray(images)
@@ -159,8 +170,9 @@ def load_cifar10(root, download=False):
             import torchvision
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         except Exception as e:
-            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); "
-                            + _guidance(root)) from e
+            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); put the "
+                            f"python batches in {folder} by hand (extract {URL} into {root}) or build "
+                            f"the offline copy with `python ../shared/data/make_cifar10.py {root}`") from None
     missing = [f for f in (*TRAIN_FILES, "test_batch", "batches.meta")
                if not (folder / f).is_file()]
     if missing:

@@ -336,7 +336,8 @@ def _has_data(split) -> bool:
 
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
-                        temperature: float = 1.2, ensemble_weights=(0.4, 0.6), norm=None) -> pd.DataFrame:
+                        temperature: float = 1.2, ensemble_weights=(0.4, 0.6), norm=None,
+                        return_probs: bool = False):
     """Figure 1's comparison of inference strategies, one row each.
 
     ``val``/``test``: (uint8 images (N, 32, 32, 3), labels).  Rows: standard, tta (PAPER_TTA),
@@ -348,6 +349,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     picked on *test* (stated in ``frame.attrs["selected_on"]``) and there is no fitted row.
     ``norm``: (mean, std) for the as-run views; default the regular model's Normalize buffers.
     Each model runs once per split over the union of all views (batched TTA).
+    ``return_probs=True`` also returns {row name: test probabilities (N, classes)}.
     """
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     paper, as_run = PAPER_TTA, as_run_tta(*norm)
@@ -380,8 +382,11 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
                            "ensemble": (pair(False), 1.0), "ensemble+tta": (pair(True), 1.0),
                            "ensemble+tta (as run)": (as_run_pair, temperature)})
 
+    test_probs = {}
+
     def row(name, fn, t):
         probs, labels = fn("test", t), test[1]
+        test_probs[name] = probs.float()
         val_acc = accuracy(fn("val", t), val[1]) if "val" in splits else float("nan")
         return {"strategy": name, "test_accuracy": accuracy(probs, labels), "test_nll": nll(probs, labels),
                 "test_ece": ece(probs, labels), "val_accuracy": val_acc, "temperature": float(t)}
@@ -402,4 +407,4 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
         rows.append(row(f"{best} T=fitted", fn, fitted))
     frame = pd.DataFrame(rows)
     frame.attrs.update(best=best, selected_on="validation" if on == "val" else "test")
-    return frame
+    return (frame, test_probs) if return_probs else frame

@@ -26,6 +26,8 @@ import torch
 from .errors import CheckpointError, SamlibError
 
 CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 # Test-only fault injection (tests/test_reliability.py), off unless the variable is set:
 # SAMLIB_FAULT="kill-during-save:N" SIGKILLs this process during its N-th atomic write,
@@ -68,6 +70,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

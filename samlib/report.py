@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from . import data as D
 from .config import from_dict, resolve
 from .infer import evaluate_strategies
 from .errors import SamlibError
-from .io import atomic_write_text, read_json
+from .io import atomic_write_text, load_checkpoint, read_json, save_checkpoint
 from .model import build_model, count_parameters
 from .submit import load_run_models
 from .train import resolve_device, split_data, train
@@ -111,7 +112,21 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True) 
         dataset = D.load_cifar10(data_dir)
     splits = split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device or "cpu")
-    table = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
-                                batch_size=min(cfg.eval_batch_size, 500))
+    table, probs = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
+                                       batch_size=min(cfg.eval_batch_size, 500), return_probs=True)
+    # Test probabilities of every row, for the reliability diagram, the confusion matrix and
+    # the submission: computed once here, never again.
+    save_checkpoint({"probs": probs, "labels": torch.as_tensor(splits["test"][1])},
+                    run_dir / "strategy_probs.pt", keep_previous=False)
     atomic_write_text(cached, table.to_csv(index=False))
     return table
+
+
+def strategy_test_probs(run_dir, strategy: str):
+    """(test probabilities (N, classes), labels) of one row of evaluate_run's table, or None."""
+    path = Path(run_dir) / "strategy_probs.pt"
+    if not path.exists():
+        return None
+    saved = load_checkpoint(path, fallback=False)
+    probs = saved["probs"].get(strategy)
+    return None if probs is None else (probs, saved["labels"])

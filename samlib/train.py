@@ -129,11 +129,12 @@ def provenance(device: torch.device, data_source: str) -> dict:
     }
 
 
-def describe_data(data_dir) -> str:
+def describe_data(data_dir, data_id: str) -> str:
     if data_dir is None:
-        return "synthetic (samlib.data.synthetic_cifar10)"
+        return f"in-memory dataset (fingerprint {data_id})"
     official = D.has_official_md5(data_dir)
-    return f"{data_dir} ({'official CIFAR-10' if official else 'CIFAR-10 without official MD5 sums, e.g. the JPEG copy'})"
+    kind = "official CIFAR-10" if official else "CIFAR-10 without official MD5 sums, e.g. the JPEG copy"
+    return f"{data_dir} ({kind}; fingerprint {data_id})"
 
 
 # ---------------------------------------------------------------- the loop
@@ -343,14 +344,19 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     t0 = time.time()
     device = dist.setup(resolve_device(device))
     run_dir = run_dir_for(cfg, out)
-    if (run_dir / "final.json").exists():
-        if dist.is_main():
-            print(f"reusing finished run {run_dir}")
-        return run_dir
     if dataset is None:
         if data_dir is None:
             raise SamlibError("give data_dir (the folder holding cifar-10-batches-py) or a dataset")
         dataset = D.load_cifar10(data_dir)
+    data_id = D.fingerprint(dataset)
+    recorded = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    if recorded.get("data", data_id) != data_id:
+        raise SamlibError(f"{run_dir} was trained on other data (fingerprint {recorded['data']}, "
+                          f"this data {data_id}); use another --out folder for this data")
+    if (run_dir / "final.json").exists():
+        if dist.is_main():
+            print(f"reusing finished run {run_dir}")
+        return run_dir
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     splits = split_data(cfg, dataset)
@@ -358,7 +364,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     if dist.is_main():   # write_json makes run_dir, or says clearly why it cannot
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "run.json", {"profile": profile, "config": cfg.name, "seed": cfg.seed,
-                                          "hash": cfg.hash()})
+                                          "hash": cfg.hash(), "data": data_id})
     if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
         try:
             ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
@@ -407,7 +413,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     if dist.is_main():
         final = finalize(run_dir, trainer, device)
         write_json(run_dir / "provenance.json", {
-            **provenance(device, describe_data(data_dir)), "seed": cfg.seed, "profile": profile,
+            **provenance(device, describe_data(data_dir, data_id)), "seed": cfg.seed, "profile": profile,
             "wall_seconds": round(time.time() - t0, 1),
             "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
         write_json(run_dir / "final.json", final)

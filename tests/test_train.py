@@ -89,3 +89,13 @@ def test_selection_as_run_uses_test_and_the_half_point_rule():
     # EMA best so far 0.900; regular saved when within 0.5 points of it.
     assert _select(cfg, best, {"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.896, "test_acc_ema": 0.900}, 1) == (True, True)
     assert _select(cfg, best, {"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.894, "test_acc_ema": 0.899}, 2) == (False, False)
+
+
+def test_a_cached_run_is_never_reused_for_other_data(tmp_path, dataset):
+    from samlib.errors import SamlibError
+
+    cfg = resolve("baseline", "smoke", **dict(SMALL, epochs="1"))
+    train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
+    other = synthetic_cifar10(n_train=512, n_test=128, seed=2)
+    with pytest.raises(SamlibError, match="trained on other data"):
+        train(cfg, dataset=other, out=tmp_path, device="cpu", progress=False)

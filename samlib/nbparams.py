@@ -1,0 +1,424 @@
+"""What every report notebook does first and last: check its parameters, load the data and
+say what it is, name profile/data/device on every table, and update summary.json.
+
+    p = check_params(profile=..., data_dir=..., seeds=..., results_dir=..., runs_dir=..., device=...)
+    ds = load_data(p)          # prints the header: profile, data source, device, torch, commit
+    ...
+    finish(p, "01_table1_ablation", table1=...)
+
+Also a small command line for notebook upkeep (see `python -m samlib.nbparams -h`): strip
+outputs except the `# NBVAL_CHECK_OUTPUT` cells, write the HTML index, write a small
+Kaggle-format test file for the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import os
+import pickle
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from .config import PROFILES, SWITCHES
+from .errors import ConfigError
+from .io import atomic_write_text, read_json, write_json
+
+REQUIRED = ("profile", "data_dir", "seeds", "results_dir", "runs_dir", "device")
+DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "paper": [84, 85, 86]}
+DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "paper": list(SWITCHES)}
+STRATEGY_CHOICES = ("best", "standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta")
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+# Notebooks train with progress=False; tqdm.auto's notice about missing ipywidgets is noise.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+
+@dataclass
+class Params:
+    """Checked, resolved notebook parameters (paths absolute, "auto" resolved)."""
+    profile: str
+    requested_profile: str
+    data_dir: Path
+    seeds: list
+    device: str
+    results: Path          # results_dir / profile
+    runs: Path             # runs_dir / profile
+    extra: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    data_source: str = "not loaded yet"
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def caption(self) -> str:
+        """The line every figure and table carries: profile, data source, device."""
+        device = self.provenance.get("device", self.device)
+        return f"profile {self.profile} | {self.data_source} | {device}"
+
+    @property
+    def scale_note(self) -> str:
+        """For scaled-down profiles: why their numbers are not the paper's ('' for paper)."""
+        if self.profile == "paper":
+            return ""
+        knobs = ", ".join(f"{k}={v}" for k, v in PROFILES[self.profile].items())
+        return (f"Profile {self.profile} is a scaled-down run ({knobs}): its numbers are not the paper's "
+                "setting, and a difference to the paper's column measures the scale-down, not the paper's claim.")
+
+    def __getattr__(self, name):          # notebook-specific parameters: p.kaggle_file, ...
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+
+def _fail(name, expected, value):
+    raise ConfigError(f"notebook parameter {name} must be {expected}; got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _path(name, value) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        _fail(name, "a path (string)", value)
+    return Path(value).expanduser().resolve()
+
+
+def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
+    """Check the parameters cell's values; raise ConfigError naming the first bad one.
+
+    profile: "auto" (paper on CUDA, else quick) or one of PROFILES.  seeds: None (the
+    profile's default: DEFAULT_SEEDS) or a non-empty list of ints.  device: "auto" | "cpu" |
+    "cuda[:n]".  Extras: switches (None = DEFAULT_SWITCHES[profile], or a list of SWITCHES
+    names), kaggle_file (None or a path), strategy ("best" or a samlib.submit strategy).
+    """
+    import torch
+
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str):
+        _fail("device", '"auto", "cpu" or "cuda[:n]"', device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        _fail("device", '"auto", "cpu" or "cuda[:n]"', device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"notebook parameter device={device!r} but this machine has no CUDA device; "
+                          'use device="auto" or "cpu"')
+    if profile == "auto":
+        resolved = "paper" if dev.type == "cuda" else "quick"
+    elif isinstance(profile, str) and profile in PROFILES:
+        resolved = profile
+    else:
+        _fail("profile", f'"auto" or one of {list(PROFILES)}', profile)
+    if seeds is None:
+        seeds = DEFAULT_SEEDS[resolved]
+    if isinstance(seeds, tuple):
+        seeds = list(seeds)
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        _fail("seeds", "None or a non-empty list of non-negative ints, e.g. [84] or [84, 85, 86]", seeds)
+    if len(set(seeds)) != len(seeds):
+        _fail("seeds", "a list without repeats", seeds)
+    checked = {}
+    for name, value in extra.items():
+        if name == "switches":
+            if value is None:
+                value = DEFAULT_SWITCHES[resolved]
+            if not isinstance(value, (list, tuple)) or not all(v in SWITCHES for v in value):
+                _fail("switches", f"None or a list of names from {list(SWITCHES)}", value)
+            value = list(value)
+        elif name == "kaggle_file":
+            value = None if value in (None, "", "None") else str(_path("kaggle_file", value))
+        elif name == "strategy":
+            if value not in STRATEGY_CHOICES:
+                _fail("strategy", f"one of {list(STRATEGY_CHOICES)}", value)
+        else:
+            raise ConfigError(f"unknown notebook parameter {name!r}; known: "
+                              f"{', '.join(REQUIRED + ('switches', 'kaggle_file', 'strategy'))}")
+        checked[name] = value
+    return Params(profile=resolved, requested_profile=str(profile), data_dir=_path("data_dir", data_dir),
+                  seeds=[int(s) for s in seeds], device=str(dev),
+                  results=_path("results_dir", results_dir) / resolved,
+                  runs=_path("runs_dir", runs_dir) / resolved, extra=checked)
+
+
+# ---------------------------------------------------------------- data and header
+
+def describe_data(dataset, data_dir) -> str:
+    """'CIFAR-10 (official files)', 'CIFAR-10 (JPEG copy)' or a synthetic/other description."""
+    if D.has_official_md5(data_dir):
+        return "CIFAR-10 (official files)"
+    if len(dataset.train_labels) == 50000 and len(dataset.test_labels) == 10000:
+        return "CIFAR-10 (JPEG copy)"
+    return (f"synthetic CIFAR-shaped data ({len(dataset.train_labels)} train / "
+            f"{len(dataset.test_labels)} test), not CIFAR-10")
+
+
+def load_data(p: Params, download: bool = True):
+    """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
+    import torch
+
+    from .train import provenance
+
+    dataset = D.load_cifar10(p.data_dir, download=download)
+    p.data_source = describe_data(dataset, p.data_dir)
+    p.provenance = provenance(torch.device(p.device), p.data_source)
+    header(p, dataset)
+    return dataset
+
+
+def header(p: Params, dataset=None) -> None:
+    import torch
+
+    prov = p.provenance
+    how = "" if p.requested_profile == p.profile else (
+        f"  (requested {p.requested_profile!r}: " +
+        ("CUDA available -> paper)" if p.profile == "paper" else "no CUDA device -> the CPU-sized quick profile)"))
+    commit = prov.get("git_commit") or "unknown (not a git checkout)"
+    knobs = ", ".join(f"{k}={v}" for k, v in PROFILES[p.profile].items())
+    lines = [f"profile    : {p.profile}{how}",
+             f"             {knobs or 'the paper: full width, 200 epochs, 45,000 training images'}",
+             f"data       : {p.data_source} at {p.data_dir}" +
+             (f"  [{len(dataset.train_labels)} train / {len(dataset.test_labels)} test]" if dataset else ""),
+             f"device     : {prov.get('device', p.device)}",
+             f"torch      : {torch.__version__} (torchvision {prov.get('torchvision', '?')})",
+             f"git commit : {commit[:12]}{' + uncommitted changes' if prov.get('git_dirty') else ''}",
+             f"seeds      : {p.seeds}",
+             f"results    : {p.results}",
+             f"runs       : {p.runs}"]
+    lines += [f"{k:<11}: {v}" for k, v in p.extra.items()]
+    if p.scale_note:
+        lines.append("NOTE: " + p.scale_note)
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- tables and summary
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:,.2f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if _is_int(v):
+        return f"{v:,}" if abs(v) >= 10000 else str(v)
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(frame) -> str:
+    """A GitHub-flavoured markdown table (no tabulate dependency); floats to 2 decimals."""
+    cols = [str(c) for c in frame.columns]
+    rows = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
+    """Write results/<profile>/<name>.csv and .md (title, caption, notes, the profile's scale
+    note) and return a Styler (captioned, 2 decimals) for display."""
+    p.results.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(p.results / f"{name}.csv", index=False)
+    notes = "\n\n".join(n.strip() for n in (notes, p.scale_note) if n)
+    md = f"### {title}\n\n_{p.caption}_\n\n{markdown_table(frame)}" + (f"\n{notes}\n" if notes else "")
+    atomic_write_text(p.results / f"{name}.md", md)
+    return show(frame, title, p)
+
+
+def show(frame, title: str, p: Params):
+    """The frame with '<title> - <caption>' above it, floats to 2 decimals."""
+    try:
+        return (frame.style.format(precision=2, thousands=",", na_rep="-")
+                .set_caption(f"{title} &mdash; {html.escape(p.caption)}").hide(axis="index"))
+    except ImportError:                    # no jinja2: plain frame with a printed caption
+        print(f"{title} - {p.caption}")
+        return frame
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "to_dict") and hasattr(obj, "columns"):          # a DataFrame
+        return _jsonable(obj.to_dict("records"))
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def update_summary(p: Params, **sections) -> dict:
+    """Merge sections into results/<profile>/summary.json ('timings' merges per notebook)."""
+    path = p.results / "summary.json"
+    summary = read_json(path) if path.exists() else {}
+    timings = dict(summary.get("timings", {}), **sections.pop("timings", {}))
+    prov = p.provenance
+    summary.update({"profile": p.profile, "data_source": p.data_source,
+                    "device": prov.get("device", p.device), "commit": prov.get("git_commit"),
+                    "commit_dirty": prov.get("git_dirty"), "torch": prov.get("torch"),
+                    "seeds": p.seeds, **_jsonable(sections), "timings": timings,
+                    "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(path, summary)
+    return summary
+
+
+def finish(p: Params, notebook: str, **sections) -> None:
+    """Record this notebook's wall time (and any sections) in summary.json; print where."""
+    seconds = round(time.time() - p.started, 1)
+    update_summary(p, timings={notebook: seconds}, **sections)
+    print(f"{notebook}: {seconds} s; summary in {p.results / 'summary.json'}")
+
+
+# ---------------------------------------------------------------- inference helpers
+
+def best_strategy(table) -> str:
+    """The strategy evaluate_run's table picked on validation (the name before ' T=' in its
+    temperature rows; strategies.csv does not keep frame.attrs)."""
+    rows = table["strategy"][table["strategy"].str.contains(" T=", regex=False)]
+    if rows.empty:
+        raise ConfigError("this strategy table has no 'T=' rows; was it written by samlib.report.evaluate_run?")
+    return rows.iloc[0].rsplit(" T=", 1)[0]
+
+
+def cached_test_probs(run_dir, strategy, images, labels, device):
+    """strategy_probs of a run on labelled images, cached as run_dir/test_probs_<strategy>.pt
+    (samlib.io checkpoint format: weights_only load, sha256 sidecar), reused while the labels
+    match and the run's final.json is older.  A float tensor (N, classes)."""
+    import torch
+
+    from .errors import CheckpointError
+    from .io import load_checkpoint, save_checkpoint
+    from .submit import load_run_models, strategy_probs
+
+    run_dir = Path(run_dir)
+    cache = run_dir / f"test_probs_{strategy}.pt"
+    final = run_dir / "final.json"
+    labels = torch.as_tensor(np.asarray(labels))
+    from .report import strategy_test_probs
+    computed = strategy_test_probs(run_dir, strategy)       # evaluate_run's own, if it has them
+    if computed is not None and torch.equal(computed[1], labels):
+        return computed[0]
+    if cache.exists() and final.exists() and cache.stat().st_mtime >= final.stat().st_mtime:
+        try:
+            saved = load_checkpoint(cache, fallback=False)
+            if torch.equal(saved["labels"], labels):
+                return saved["probs"]
+        except CheckpointError as e:             # a damaged cache is recomputed
+            print(f"note: {e}")
+    regular, ema = load_run_models(run_dir, device)
+    probs = strategy_probs(regular, ema, images, strategy, device=device).float().cpu()
+    save_checkpoint({"probs": probs, "labels": labels}, cache, keep_previous=False)
+    return probs
+
+
+# ---------------------------------------------------------------- notebook upkeep
+
+def strip_outputs(path) -> int:
+    """Clear outputs and execution counts except in `# NBVAL_CHECK_OUTPUT` cells (whose
+    outputs nbval compares; they are numbered 1, 2, ...); drop papermill metadata.
+    Returns the number of cells kept."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    kept = 0
+    nb.metadata.pop("papermill", None)
+    nb.metadata["language_info"] = {"name": "python", "pygments_lexer": "ipython3"}
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        if CHECK_MARK not in cell.source:
+            cell.outputs, cell.execution_count = [], None
+            continue
+        kept += 1      # nbval needs an execution count on a cell whose outputs it compares
+        cell.execution_count = kept
+        for out in cell.outputs:
+            if out.get("output_type") == "execute_result":
+                out["execution_count"] = kept
+            if "metadata" in out:
+                out["metadata"] = {}
+    nbformat.write(nb, str(path))
+    return kept
+
+
+INDEX_TABLES = (("table1", "Table 1 rebuilt"), ("discrepancies", "Paper/code switches on the final config"),
+                ("figure1_deltas", "Figure 1: the paper's claims and the reproduced numbers"),
+                ("temperature", "Temperature scaling"))
+INDEX_FIGURES = ("training_curves", "lr_schedules", "figure1", "reliability", "confusion")
+
+
+def write_index(results_dir) -> Path:
+    """results/<profile>/html/index.html: provenance, the main tables and figures, links to
+    the notebook pages."""
+    import pandas as pd
+
+    results_dir = Path(results_dir)
+    summary = read_json(results_dir / "summary.json") if (results_dir / "summary.json").exists() else {}
+    esc = html.escape
+    info = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(summary.get(k)))}</td></tr>"
+                   for k in ("profile", "data_source", "device", "commit", "commit_dirty", "torch",
+                             "seeds", "timings", "updated"))
+    links = "".join(f'<li><a href="{p.name}">{esc(p.stem)}</a></li>'
+                    for p in sorted((results_dir / "html").glob("[0-9]*.html")))
+    caption = esc(f"profile {summary.get('profile')} | {summary.get('data_source')} | {summary.get('device')}")
+    tables = "".join(
+        f"<h3>{esc(title)}</h3><p><i>{caption}</i></p>"
+        + pd.read_csv(results_dir / f"{name}.csv").to_html(index=False, na_rep="", float_format="{:.2f}".format)
+        for name, title in INDEX_TABLES if (results_dir / f"{name}.csv").exists())
+    figures = "".join(f'<p><img src="../{name}.png" alt="{name}" style="max-width:100%"></p>'
+                      for name in INDEX_FIGURES if (results_dir / f"{name}.png").exists())
+    warn = "" if summary.get("profile") == "paper" else (
+        "<p><b>Scaled-down profile:</b> these numbers are not the paper's setting and must not be "
+        "compared with the paper's as if they were.</p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>SAMResNets reproduction "
+            f"({esc(str(summary.get('profile')))})</title><style>body{{font-family:sans-serif;max-width:75em;"
+            f"margin:auto}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px}}"
+            f"</style></head><body><h1>SAMResNets: Small, Accurate and Modern &mdash; reproduction report</h1>"
+            f"{warn}<table>{info}</table><h2>Notebooks</h2><ol>{links}</ol><h2>Results</h2>{tables}{figures}"
+            f"<p>All files: <a href='../summary.json'>summary.json</a>, <a href='../table1.md'>table1.md</a>, "
+            f"<a href='../submission.csv'>submission.csv</a></p></body></html>\n")
+    return atomic_write_text(results_dir / "html" / "index.html", page)
+
+
+def write_kaggle_sample(data_dir, out, n=200) -> Path:
+    """A Kaggle-format file (dict b'data' uint8 (n, 32, 32, 3), b'ids') from the first n test
+    images of data_dir, for exercising the submission path in tests."""
+    ds = D.load_cifar10(data_dir)
+    n = min(n, len(ds.test_labels))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(pickle.dumps({b"data": np.ascontiguousarray(ds.test_images[:n]),
+                                  b"ids": np.arange(1000, 1000 + n)}, protocol=4))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m samlib.nbparams", description="notebook upkeep")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells")
+    s.add_argument("notebooks", nargs="+")
+    i = sub.add_parser("index", help="write RESULTS/html/index.html")
+    i.add_argument("results")
+    k = sub.add_parser("kaggle-sample", help="write a small Kaggle-format test file")
+    k.add_argument("data_dir")
+    k.add_argument("out")
+    k.add_argument("--n", type=int, default=200)
+    args = ap.parse_args(argv)
+    if args.cmd == "strip":
+        for nb in args.notebooks:
+            print(f"{nb}: kept outputs of {strip_outputs(nb)} checked cell(s)")
+    elif args.cmd == "index":
+        print(write_index(args.results))
+    else:
+        print(write_kaggle_sample(args.data_dir, args.out, args.n))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""The report's figures (matplotlib).  Every function returns a Figure and, given `save`,
+writes it (PNG).  Figures are built with matplotlib.figure.Figure, not pyplot, so a notebook
+shows each exactly once (as the cell's value) and none pile up in memory.
+
+`caption` is the line naming profile, data source and device (samlib.nbparams.Params.caption);
+every figure carries it under its title.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .data import CIFAR_MEAN, CLASSES, STD_AS_RUN, STD_TRUE
+
+FIGURE1_ORDER = ("standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta", "ensemble+tta (as run)")
+CHANNELS = ("red", "green", "blue")
+
+
+def _finish(fig: Figure, title: str, caption: str, save) -> Figure:
+    if title or caption:
+        fig.suptitle("\n".join(s for s in (title, caption) if s), fontsize=10)
+    if save:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=110, bbox_inches="tight")
+    return fig
+
+
+# ---------------------------------------------------------------- data (notebook 00)
+
+def sample_grid(images, labels=None, classes=CLASSES, per_class=8, names=None, title="Samples",
+                caption="", save=None, seed=0) -> Figure:
+    """One row per class of `per_class` random images; without labels, the first
+    10 * per_class images titled by `names` (e.g. Kaggle ids)."""
+    rng = np.random.default_rng(seed)
+    if labels is not None:
+        labels = np.asarray(labels)
+        rows = [rng.choice(np.flatnonzero(labels == c), min(per_class, (labels == c).sum()), replace=False)
+                for c in range(len(classes))]
+        row_names = list(classes)
+    else:
+        idx = np.arange(min(len(images), 10 * per_class))
+        rows = [idx[i:i + per_class] for i in range(0, len(idx), per_class)]
+        row_names = [""] * len(rows)
+    fig = Figure(figsize=(per_class * 0.9 + 1.2, len(rows) * 0.95 + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), per_class, squeeze=False)
+    for r, (row, name) in enumerate(zip(rows, row_names)):
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                ax.imshow(images[row[c]])
+                if names is not None:
+                    ax.set_title(str(names[row[c]]), fontsize=6)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    return _finish(fig, title, caption, save)
+
+
+def plot_class_balance(counts: pd.DataFrame, title="Images per class", caption="", save=None) -> Figure:
+    """Grouped bars: `counts` indexed by class name, one column per split."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(counts))
+    width = 0.8 / max(1, counts.shape[1])
+    for i, col in enumerate(counts.columns):
+        ax.bar(x + i * width - 0.4 + width / 2, counts[col], width, label=str(col))
+    ax.set_xticks(x, counts.index, rotation=30, ha="right")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    return _finish(fig, title, caption, save)
+
+
+def plot_pixel_histograms(images, title="Pixel values per channel", caption="", save=None,
+                          max_images=5000, seed=0) -> Figure:
+    """Histogram of pixel values (0..1) per channel, with the code's mean and both stds
+    (as run: 0.2023, ...; true: 0.2470, ...) marked as mean +- std."""
+    images = np.asarray(images)
+    if len(images) > max_images:
+        images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    for ch, ax in enumerate(axes):
+        values = images[..., ch].ravel() / 255.0
+        ax.hist(values, bins=64, range=(0, 1), color=CHANNELS[ch], alpha=0.6)
+        m = CIFAR_MEAN[ch]
+        ax.axvline(m, color="k", lw=1, label=f"mean {m:.4f}")
+        for std, style, name in ((STD_AS_RUN[ch], "--", "std as run"), (STD_TRUE[ch], ":", "true std")):
+            ax.axvline(m - std, color="k", ls=style, lw=1, label=f"{name} {std:.4f}")
+            ax.axvline(m + std, color="k", ls=style, lw=1)
+        ax.set_title(CHANNELS[ch], fontsize=9)
+        ax.set_xlabel("pixel value")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("pixels")
+    return _finish(fig, title, caption, save)
+
+
+# ---------------------------------------------------------------- training (notebook 01)
+
+def plot_training_curves(runs: dict, title="Training curves (first seed of each config)", caption="",
+                         save=None) -> Figure:
+    """Loss, validation and test accuracy (regular solid, EMA dashed) and LR per epoch.
+
+    `runs`: {config: [run_dir, ...]} as from samlib.report.train_many; the first seed is drawn.
+    The per-epoch test curve may use a test subset (config test_eval_size); Table 1 uses all."""
+    from .report import load_run
+
+    fig = Figure(figsize=(12, 7), layout="constrained")
+    (ax_loss, ax_val), (ax_test, ax_lr) = fig.subplots(2, 2, sharex=True)
+    colours = dict(zip(runs, [f"C{i}" for i in range(len(runs))]))
+    for name, dirs in runs.items():
+        m = load_run(dirs[0])["metrics"]
+        if m.empty:
+            continue
+        c = colours[name]
+        ax_loss.plot(m["epoch"], m["train_loss"], ".-", color=c, label=name)
+        for ax, col in ((ax_val, "val_acc"), (ax_test, "test_acc")):
+            ax.plot(m["epoch"], 100 * m[col], color=c, label=f"{name} regular")
+            if m[f"{col}_ema"].notna().any():
+                ax.plot(m["epoch"], 100 * m[f"{col}_ema"], color=c, ls="--", label=f"{name} EMA")
+        ax_lr.plot(m["epoch"], m["lr"], color=c, label=name)
+    ax_loss.set_ylabel("train loss (mixed targets for MixUp)")
+    ax_val.set_ylabel("validation accuracy (%)")
+    ax_test.set_ylabel("test accuracy (%), per-epoch curve")
+    ax_lr.set_ylabel("LR at the end of the epoch")
+    ax_lr.set_yscale("log")
+    for ax in (ax_test, ax_lr):
+        ax.set_xlabel("epoch")
+    for ax in (ax_loss, ax_val, ax_test, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _finish(fig, title, caption, save)
+
+
+def plot_lr_schedules(epochs=200, steps_per_epoch=50, title="Learning-rate schedule: as written vs as run",
+                      caption="", save=None, **kwargs) -> Figure:
+    """The paper's schedule as written (10-epoch warm-up 0.001 -> 0.1, then OneCycle) and the
+    one its code ran (LinearLR overridden by OneCycleLR: plain OneCycle), LR and momentum per
+    step, x in epochs.  The shape does not depend on steps_per_epoch (the paper's is 351)."""
+    from .optim import schedule_curves
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax_lr, ax_m = fig.subplots(1, 2)
+    for kind, style in (("as_written", "-"), ("as_run", "--")):
+        lrs, moms = schedule_curves(kind, epochs, steps_per_epoch, **kwargs)
+        x = np.arange(len(lrs)) / steps_per_epoch
+        peak = x[np.argmax(lrs)]
+        ax_lr.plot(x, lrs, style, label=f"{kind} (peak at epoch {peak:.0f}, ends at {lrs[-1]:.1e})")
+        ax_m.plot(x, moms, style, label=kind)
+    ax_lr.set_yscale("log")
+    ax_lr.set_ylabel("learning rate")
+    ax_m.set_ylabel("SGD momentum")
+    for ax in (ax_lr, ax_m):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _finish(fig, title, caption, save)
+
+
+# ---------------------------------------------------------------- inference (notebook 02)
+
+def _acc(table: pd.DataFrame, strategy: str) -> float:
+    rows = table.loc[table["strategy"] == strategy, "test_accuracy"]
+    return 100 * float(rows.iloc[0]) if len(rows) else float("nan")
+
+
+def figure1_deltas(table: pd.DataFrame, paper: dict) -> pd.DataFrame:
+    """The paper's Figure 1 claims beside the reproduced numbers (percentage points).
+
+    `table`: samlib.report.evaluate_run's; `paper`: samlib.report.PAPER_FIGURE1.  The paper
+    does not say which model its +0.16 ensemble gain starts from; we take regular + TTA."""
+    a = {s: _acc(table, s) for s in FIGURE1_ORDER}
+    rows = [
+        ("TTA gain: tta - standard", paper["tta_gain"], a["tta"] - a["standard"], ""),
+        ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], a["ensemble+tta"] - a["tta"],
+         "paper: 'a further +0.16'"),
+        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), a["ema+tta"] - a["tta"],
+         "paper: positive, no number"),
+        ("ensemble over EMA: ensemble+tta - ema+tta", float("nan"), a["ensemble+tta"] - a["ema+tta"], ""),
+        ("as-run TTA/ensemble vs samlib's: (as run) - ensemble+tta", float("nan"),
+         a["ensemble+tta (as run)"] - a["ensemble+tta"], "code: logit average, as-run views"),
+        ("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], "absolute, not a delta"),
+    ]
+    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "note"])
+
+
+def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: inference strategies",
+                 caption="", save=None) -> Figure:
+    """Left: test accuracy of each strategy (reproduced).  Right: the paper's stated gains
+    beside the reproduced ones (TTA over standard, ensemble over TTA)."""
+    fig = Figure(figsize=(13, 4.4), layout="constrained")
+    ax, ax_d = fig.subplots(1, 2, width_ratios=(1.6, 1))
+    names = [s for s in FIGURE1_ORDER if s in set(table["strategy"])]
+    accs = np.array([_acc(table, s) for s in names])
+    bars = ax.bar(range(len(names)), accs, color=["C0" if "as run" not in s else "C3" for s in names])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    lo, hi = np.nanmin(accs), np.nanmax(accs)
+    ax.set_ylim(max(0, lo - max(1.0, 0.5 * (hi - lo))), min(100, hi + max(1.0, 0.3 * (hi - lo))))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"reproduced (paper's final: {paper['final']:.2f}% - "
+                 "not drawn unless on this scale)", fontsize=9)
+    if ax.get_ylim()[0] <= paper["final"] <= ax.get_ylim()[1]:
+        ax.axhline(paper["final"], color="k", ls="--", lw=1, label=f"paper final {paper['final']:.2f}%")
+        ax.legend(fontsize=8)
+    deltas = figure1_deltas(table, paper).iloc[:2]
+    x = np.arange(len(deltas))
+    b1 = ax_d.bar(x - 0.2, deltas["paper"], 0.4, label="paper", color="0.6")
+    b2 = ax_d.bar(x + 0.2, deltas["reproduced"], 0.4, label="reproduced", color="C0")
+    ax_d.bar_label(b1, fmt="%+.2f", fontsize=8)
+    ax_d.bar_label(b2, fmt="%+.2f", fontsize=8)
+    ax_d.axhline(0, color="k", lw=0.8)
+    ax_d.set_xticks(x, ["TTA - standard", "ensemble+TTA - TTA"])
+    ax_d.set_ylabel("gain (percentage points)")
+    ax_d.legend(fontsize=8)
+    return _finish(fig, title, caption, save)
+
+
+def plot_reliability(tables, title="Reliability diagram", caption="", save=None) -> Figure:
+    """Accuracy vs mean confidence per bin (samlib.infer.reliability_table), with the diagonal
+    and the share of images per bin.  `tables`: one table or {label: table}."""
+    if isinstance(tables, pd.DataFrame):
+        tables = {"": tables}
+    fig = Figure(figsize=(5.6, 6), layout="constrained")
+    ax, ax_n = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":", label="perfect calibration")
+    for i, (label, t) in enumerate(tables.items()):
+        filled = t[t["count"] > 0]
+        ax.plot(filled["confidence"], filled["accuracy"], "o-", color=f"C{i}", label=label or "model")
+        centres = (t["bin_lower"] + t["bin_upper"]) / 2
+        ax_n.bar(centres + (i - (len(tables) - 1) / 2) * 0.02, t["count"] / t["count"].sum(),
+                 width=0.9 / len(t) / max(1, len(tables)), color=f"C{i}")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.set_xlabel("confidence (max probability)")
+    ax_n.set_ylabel("share")
+    return _finish(fig, title, caption, save)
+
+
+def plot_confusion(cm, classes=CLASSES, title="Confusion matrix", caption="", save=None) -> Figure:
+    """Row-normalised confusion matrix (true class in rows), counts written in the cells."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=(7, 6.2), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, label="share of the true class")
+    return _finish(fig, title, caption, save)
+
+
+def plot_prediction_histogram(counts, classes=CLASSES, title="Predicted classes", caption="",
+                              save=None) -> Figure:
+    """Bar chart of how many images were predicted as each class."""
+    counts = np.asarray(counts)
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(range(len(counts)), counts)
+    ax.bar_label(bars, fontsize=8)
+    ax.axhline(counts.sum() / len(counts), color="k", ls=":", lw=1, label="uniform")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    return _finish(fig, title, caption, save)

@@ -1,0 +1,147 @@
+"""samlib.nbparams (parameter checks, tables, summary.json, notebook upkeep) and samlib.plots."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from samlib import nbparams as nb
+from samlib import plots
+from samlib.config import SWITCHES, resolve
+from samlib.data import load_unlabeled
+from samlib.errors import ConfigError
+from samlib.infer import reliability_table
+from samlib.io import write_json
+from samlib.report import PAPER_FIGURE1
+
+
+def _params(tmp_path, **kw):
+    base = dict(profile="smoke", data_dir=tmp_path / "data", seeds=[84], results_dir=tmp_path / "results",
+                runs_dir=tmp_path / "runs", device="cpu")
+    return nb.check_params(**dict(base, **kw))
+
+
+def test_check_params_resolves(tmp_path):
+    p = _params(tmp_path, seeds=None, switches=None, kaggle_file=None, strategy="best")
+    assert p.profile == "smoke" and p.seeds == nb.DEFAULT_SEEDS["smoke"]
+    assert p.switches == ["schedule"] and p.kaggle_file is None and p.strategy == "best"
+    assert p.results == (tmp_path / "results" / "smoke").resolve()
+    assert p.runs == (tmp_path / "runs" / "smoke").resolve()
+    assert _params(tmp_path, profile="auto").profile == "quick"      # device cpu -> quick
+    assert _params(tmp_path, profile="paper").scale_note == ""
+    assert "scaled-down" in p.scale_note and "smoke" in p.caption
+    assert _params(tmp_path, profile="paper", switches=None).switches == list(SWITCHES)
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(seeds="84"), "seeds"), (dict(seeds=[84, "85"]), "seeds"), (dict(seeds=[True]), "seeds"),
+    (dict(seeds=[]), "seeds"), (dict(seeds=[84, 84]), "seeds"), (dict(profile="fast"), "profile"),
+    (dict(device="gpu"), "device"), (dict(data_dir=None), "data_dir"), (dict(switches=["warmup"]), "switches"),
+    (dict(strategy="vote"), "strategy"), (dict(colour="red"), "colour"),
+])
+def test_check_params_names_the_bad_parameter(tmp_path, kw, word):
+    with pytest.raises(ConfigError, match=word):
+        _params(tmp_path, **kw)
+
+
+def test_markdown_table_and_save_table(tmp_path):
+    frame = pd.DataFrame({"a": [1.234, float("nan")], "b": ["x|y", "z"], "n": [4697162, 7]})
+    md = nb.markdown_table(frame)
+    assert md.splitlines() == ["| a | b | n |", "|---|---|---|", "| 1.23 | x\\|y | 4,697,162 |", "|  | z | 7 |"]
+    p = _params(tmp_path)
+    p.data_source = "synthetic"
+    nb.save_table(frame, p, "t", "Title", notes="a note")
+    text = (p.results / "t.md").read_text()
+    assert text.startswith("### Title") and p.caption in text and "a note" in text and p.scale_note in text
+    assert pd.read_csv(p.results / "t.csv").shape == (2, 3)
+
+
+def test_summary_merges_sections_and_timings(tmp_path):
+    p = _params(tmp_path)
+    nb.update_summary(p, table1=pd.DataFrame({"x": [1.0, float("nan")]}), timings={"00": 1.5})
+    nb.finish(p, "01")
+    s = json.loads((p.results / "summary.json").read_text())
+    assert s["profile"] == "smoke" and s["seeds"] == [84]
+    assert s["table1"] == [{"x": 1.0}, {"x": None}]             # NaN -> null: strict JSON
+    assert set(s["timings"]) == {"00", "01"} and s["timings"]["00"] == 1.5
+
+
+def test_strip_outputs_keeps_only_checked_cells(tmp_path):
+    book = nbformat.v4.new_notebook()
+    out = nbformat.v4.new_output("stream", name="stdout", text="4,697,162\n")
+    checked = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)", execution_count=3, outputs=[out])
+    plain = nbformat.v4.new_code_cell("x = 1", execution_count=4, outputs=[out])
+    book.cells = [checked, plain]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(book, str(path))
+    assert nb.strip_outputs(path) == 1
+    cells = nbformat.read(str(path), as_version=4).cells
+    assert cells[0].outputs[0]["text"] == "4,697,162\n" and cells[1].outputs == []
+    assert cells[0].execution_count == 1 and cells[1].execution_count is None
+
+
+def test_kaggle_sample_reads_back(tmp_path):
+    from samlib.data import synthetic_cifar10, write_cifar10
+
+    write_cifar10(tmp_path, synthetic_cifar10(20, 30))
+    path = nb.write_kaggle_sample(tmp_path, tmp_path / "k.pkl", n=12)
+    images, ids = load_unlabeled(path)
+    assert images.shape == (12, 32, 32, 3) and list(ids) == list(range(1000, 1012))
+    raw = pickle.loads(path.read_bytes())
+    assert set(raw) == {b"data", b"ids"}
+
+
+# ---------------------------------------------------------------- plots
+
+def _strategy_table():
+    acc = {"standard": 0.90, "tta": 0.91, "ema": 0.905, "ema+tta": 0.915, "ensemble": 0.912,
+           "ensemble+tta": 0.92, "ensemble+tta (as run)": 0.918, "ensemble+tta T=1.2": 0.92}
+    return pd.DataFrame({"strategy": list(acc), "test_accuracy": list(acc.values())})
+
+
+def test_best_strategy_reads_the_temperature_rows():
+    assert nb.best_strategy(_strategy_table()) == "ensemble+tta"
+    with pytest.raises(ConfigError):
+        nb.best_strategy(_strategy_table().iloc[:3])
+
+
+def test_figure1_deltas_by_hand():
+    d = plots.figure1_deltas(_strategy_table(), PAPER_FIGURE1).set_index("claim")
+    assert d["reproduced"].iloc[0] == pytest.approx(1.0)        # 91 - 90
+    assert d["reproduced"].iloc[1] == pytest.approx(1.0)        # 92 - 91
+    assert d["reproduced"].iloc[2] == pytest.approx(0.5)        # 91.5 - 91
+    assert d["paper"].iloc[0] == 0.31 and d["paper"].iloc[1] == 0.16 and d["paper"].iloc[-1] == 92.99
+
+
+def test_plots_return_and_save_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    probs = rng.dirichlet(np.ones(10), 40)
+    run = tmp_path / "run"
+    write_json(run / "config.json", resolve("final", "smoke").to_dict())
+    pd.DataFrame({"epoch": [1, 2], "train_loss": [2.3, 2.2], "val_acc": [0.1, 0.2], "val_acc_ema": [0.1, 0.15],
+                  "test_acc": [0.1, 0.2], "test_acc_ema": [0.1, 0.15], "lr": [0.1, 0.01]}).to_csv(
+        run / "metrics.csv", index=False)
+    figures = {
+        "grid": plots.sample_grid(images, labels, per_class=2),
+        "unlabelled": plots.sample_grid(images, names=np.arange(40), per_class=2),
+        "balance": plots.plot_class_balance(pd.DataFrame({"train": np.ones(10)}, index=list("abcdefghij"))),
+        "hist": plots.plot_pixel_histograms(images),
+        "curves": plots.plot_training_curves({"final": [run]}),
+        "lr": plots.plot_lr_schedules(epochs=20, steps_per_epoch=2, warmup_epochs=2),
+        "fig1": plots.plot_figure1(_strategy_table(), PAPER_FIGURE1),
+        "rel": plots.plot_reliability(reliability_table(__import__("torch").tensor(probs), labels)),
+        "cm": plots.plot_confusion(np.eye(10, dtype=int) * 3),
+        "pred": plots.plot_prediction_histogram(np.arange(10)),
+    }
+    for name, fig in figures.items():
+        assert isinstance(fig, Figure), name
+    path = tmp_path / "out" / "f.png"
+    plots.plot_confusion(np.eye(10, dtype=int), title="t", caption="profile smoke", save=path)
+    assert path.read_bytes()[:4] == b"\x89PNG"

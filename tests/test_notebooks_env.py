@@ -1,0 +1,121 @@
+"""environment.yml agrees with pyproject.toml, and the report notebooks keep their contract:
+a python3 kernelspec, a `parameters`-tagged first code cell defining the names papermill and
+`make report` pass, defaults that pass samlib.nbparams.check_params, and no stored outputs
+except those of the `# NBVAL_CHECK_OUTPUT` cells (which nbval compares)."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from samlib import nbparams
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {
+    "00_data_exploration": {"kaggle_file"},
+    "01_table1_ablation": {"switches"},
+    "02_figure1_inference": set(),
+    "03_submission": {"kaggle_file", "strategy"},
+}
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _environment():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return conda, pip
+
+
+def _compatible(env: Requirement, project: Requirement) -> bool:
+    """Same bounds, or an exact pin that pyproject's range allows."""
+    if env.specifier == project.specifier:
+        return True
+    pins = [s.version for s in env.specifier if s.operator == "=="]
+    return len(pins) == 1 and project.specifier.contains(pins[0], prereleases=True)
+
+
+def test_environment_yml_has_every_pyproject_dependency():
+    project = _pyproject()["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    conda, pip = _environment()
+    have = {canonicalize_name(r.name): r for r in (Requirement(s) for s in pip if not s.startswith("-"))}
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in have, f"environment.yml lacks {req} (pyproject.toml)"
+        assert _compatible(have[name], req), f"environment.yml has {have[name]}, pyproject.toml {req}"
+    extra = set(have) - {canonicalize_name(r.name) for r in wanted}
+    assert not extra, f"environment.yml pip packages not in pyproject.toml: {sorted(extra)}"
+    assert "-e .[dev]" in pip, "environment.yml must install samlib itself (-e .[dev])"
+
+
+def test_environment_yml_python_matches_requires_python():
+    conda, _ = _environment()
+    python = [Requirement(s) for s in conda if re.match(r"python\b", s)]
+    assert len(python) == 1 and "pip" in conda
+    assert str(python[0].specifier) == _pyproject()["project"]["requires-python"]
+
+
+def _load(name):
+    return json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+
+
+def _parameters_cell(nb):
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    return code[0]
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebook_kernelspec_and_parameters_cell(name):
+    nb = _load(name)
+    spec = nb["metadata"]["kernelspec"]
+    assert spec["name"] == "python3" and spec["language"] == "python"
+    cell = _parameters_cell(nb)
+    assert "parameters" in cell["metadata"].get("tags", []), "first code cell must be tagged 'parameters'"
+    tree = ast.parse("".join(cell["source"]))
+    assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    required = set(nbparams.REQUIRED) | NOTEBOOKS[name]
+    assert required <= assigned, f"parameters cell lacks {sorted(required - assigned)}"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebook_default_parameters_pass_the_check(name, monkeypatch):
+    for var in ("SAMLIB_PROFILE", "SAMLIB_DATA_DIR", "SAMLIB_RESULTS_DIR", "SAMLIB_RUNS_DIR",
+                "SAMLIB_DEVICE", "SAMLIB_KAGGLE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    namespace: dict = {}
+    exec("".join(_parameters_cell(_load(name))["source"]), namespace)
+    params = {k: namespace[k] for k in set(nbparams.REQUIRED) | NOTEBOOKS[name]}
+    p = nbparams.check_params(**params)
+    assert p.profile in ("paper", "quick") and p.seeds and p.results.name == p.profile
+    monkeypatch.setenv("SAMLIB_PROFILE", "smoke")           # what `make test` sets
+    exec("".join(_parameters_cell(_load(name))["source"]), namespace)
+    assert nbparams.check_params(**{k: namespace[k] for k in params}).profile == "smoke"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_stored_notebook_has_outputs_only_in_checked_cells(name):
+    for cell in _load(name)["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        if nbparams.CHECK_MARK not in "".join(cell["source"]):
+            assert cell["outputs"] == [] and cell["execution_count"] is None, \
+                "outputs belong only to # NBVAL_CHECK_OUTPUT cells (make strip)"
+        else:   # nbval refuses stored outputs without an execution count ("unrun reference cell")
+            assert cell["outputs"] and cell["execution_count"], \
+                "a # NBVAL_CHECK_OUTPUT cell needs its output stored (make notebook-outputs)"
