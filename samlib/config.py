@@ -101,14 +101,21 @@ SWITCHES = {
 for _field, _value in SWITCHES.items():
     CONFIGS[f"final+{_field}={_value}"] = dict(CONFIGS["final"], **{_field: _value})
 
-# Profiles scale a config without changing the method.
+# Profiles scale a config without changing the method.  Two knobs are counted in epochs
+# and scale with the run's length: the warm-up (10 of 200 epochs) and the EMA horizon.
+# The paper's decay 0.999 averages over ~1000 steps = 2.6 of its 390-step epochs; a profile
+# with fewer steps per epoch keeps that horizon in epochs, 1 - decay = 1 / (2.6 * steps/epoch),
+# or the EMA would still be mostly the random initial weights when a short run ends.
 PROFILES = {
-    # Seconds on a CPU: CI and nbval.
+    # Seconds on a CPU: CI and nbval.  (512 train images / 64 = 8 steps an epoch.)
     "smoke": dict(widths=(8, 16, 32), epochs=2, batch_size=64, train_subset=768, val_size=256,
-                  test_subset=512, train_eval_size=256, warmup_epochs=1, eval_batch_size=256),
+                  test_subset=512, train_eval_size=256, warmup_epochs=1, eval_batch_size=256,
+                  ema_decay=0.95),
     # A CPU-sized run on real data (about 5 minutes a config on 2 cores).
+    # (7,000 train images / 128 = 54 steps an epoch.)
     "quick": dict(widths=(16, 32, 64), epochs=8, batch_size=128, train_subset=8000,
-                  val_size=1000, test_eval_size=2000, train_eval_size=1000, warmup_epochs=1),
+                  val_size=1000, test_eval_size=2000, train_eval_size=1000, warmup_epochs=1,
+                  eval_batch_size=250, ema_decay=0.993),
     # The paper: 200 epochs at full width on all 45,000 training images.
     "paper": dict(),
 }

@@ -29,7 +29,7 @@ def test_every_switch_is_a_named_config_differing_in_one_field():
 
 
 def test_profiles_scale_without_changing_the_method():
-    method = ("se", "mix", "ema", "schedule", "lookahead_k", "mix_alpha", "ema_decay", "cutout")
+    method = ("se", "mix", "ema", "schedule", "lookahead_k", "mix_alpha", "cutout")
     paper = resolve("final", "paper")
     for profile in PROFILES:
         cfg = resolve("final", profile)
@@ -71,3 +71,13 @@ def test_bad_settings_raise_one_clear_error(kwargs, words):
 def test_config_names_cover_table1_and_switches():
     assert set(TABLE1) <= set(CONFIGS) and len(CONFIGS) == len(TABLE1) + len(SWITCHES)
     assert isinstance(Config(), Config)
+
+
+@pytest.mark.parametrize("profile, train_images", [("smoke", 512), ("quick", 7000)])
+def test_profiles_keep_the_papers_ema_horizon_in_epochs(profile, train_images):
+    """Paper: decay 0.999 = a 1000-step horizon over 45,000 / 128 = 351 steps an epoch
+    (390 with all 50,000), i.e. 2.6-2.8 epochs; a profile keeps ~2.6 epochs."""
+    cfg = resolve("final", profile)
+    assert train_images == (cfg.train_subset - cfg.val_size)
+    horizon_epochs = 1 / (1 - cfg.ema_decay) / (train_images // cfg.batch_size)
+    assert 2.0 < horizon_epochs < 3.5
