@@ -36,18 +36,25 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from . import data as D
-from .augment import augment_batch, mixup, one_hot, sample_lambda
+from .augment import mixup, one_hot, sample_lambda
 from .config import resolve
 from .infer import PAPER_TTA, predict_logits, predict_logits_sequential
-from .train import Trainer, provenance, to_device
+from .train import Trainer, describe_data, provenance, resolve_device, to_device
 
 # Sizes per mode: training images on the device, test images for TTA, steps per timed
-# window (naive augment, samlib augment, train step), timed windows per side.
+# window (naive augment, samlib augment, train step), timed windows per side (TTA apart).
 PLANS = {
-    "quick": dict(n_train=1024, n_tta=1000, aug_naive=4, aug_samlib=8, steps=2, repeats=2),
-    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, aug_samlib=60, steps=6, repeats=3),
-    "cuda": dict(n_train=45000, n_tta=10000, aug_naive=40, aug_samlib=300, steps=60, repeats=5),
+    "quick": dict(n_train=1024, n_tta=256, aug_naive=4, aug_samlib=8, steps=2, repeats=2, tta_repeats=2),
+    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, aug_samlib=60, steps=8, repeats=3, tta_repeats=2),
+    "cuda": dict(n_train=45000, n_tta=5000, aug_naive=40, aug_samlib=300, steps=60, repeats=5,
+                 tta_repeats=3),
 }
+NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
+         "augment": "naive: per-image PIL crop/flip/ToTensor/Cutout/Normalize in a DataLoader; samlib: "
+                    "Trainer.epoch_batches: crop/flip/Cutout over the epoch in large uint8 chunks on the "
+                    "device, then per batch to float; both then one_hot + MixUp on the device",
+         "train_step": "the same Trainer.train_step; naive feed without Normalize (the model normalises)",
+         "tta": "naive: predict_logits_sequential; samlib: predict_logits; images, not image-views"}
 EPOCH_IMAGES = 45_000   # the paper's training images per epoch (50,000 less validation)
 
 
@@ -105,14 +112,9 @@ def naive_feed(loader: DataLoader, trainer: Trainer):
 
 
 def samlib_feed(trainer: Trainer):
-    """Endless (x, soft y) batches exactly as Trainer.train_epoch makes them."""
-    cfg, dev, alpha = trainer.cfg, trainer.device, trainer.cfg.mix_alpha
+    """Endless (x, soft y) batches from Trainer.epoch_batches, the training loop's own feed."""
     while True:
-        order = torch.randperm(len(trainer.train_y), generator=trainer.gen_aug, device=dev)
-        for idx in order[: trainer.steps_per_epoch * cfg.batch_size].view(-1, cfg.batch_size):
-            x = augment_batch(trainer.train_x[idx], cfg.crop_padding, cfg.flip, cfg.cutout, trainer.gen_aug)
-            y = one_hot(trainer.train_y[idx], 10)
-            yield mixup(x, y, alpha, trainer.gen_aug, lam=sample_lambda(alpha, trainer.gen_host))
+        yield from trainer.epoch_batches(trainer.cfg.mix_alpha)
 
 
 # ---------------------------------------------------------------- timing
@@ -151,6 +153,7 @@ def time_augment(trainer: Trainer, images, labels, plan: dict) -> dict:
     dev, bs = trainer.device, trainer.cfg.batch_size
     naive = naive_feed(naive_loader(images, labels, dev, normalize=True, batch_size=bs), trainer)
     n = images_per_second(lambda: next(naive), bs, plan["aug_naive"], plan["repeats"], dev, warmup=4)
+    naive.close()   # frees the DataLoader: its workers stop before samlib is timed
     feed = samlib_feed(trainer)
     s = images_per_second(lambda: next(feed), bs, plan["aug_samlib"], plan["repeats"], dev)
     return side_by_side("augment", n, s, naive_normalize=True)
@@ -162,6 +165,7 @@ def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
     naive = naive_feed(naive_loader(images, labels, dev, normalize=False, batch_size=bs), trainer)
     n = images_per_second(lambda: trainer.train_step(*next(naive)), bs, plan["steps"], plan["repeats"],
                           dev, warmup=4)
+    naive.close()
     feed = samlib_feed(trainer)
     s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"], plan["repeats"], dev)
     out = side_by_side("train_step", n, s, naive_normalize=False)
@@ -194,15 +198,20 @@ def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
 
 def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -> dict:
     """All PAPER_TTA views in one forward per batch vs one view after another."""
-    n = len(images)
-    seq = images_per_second(lambda: predict_logits_sequential(model, images, PAPER_TTA, batch_size),
-                            n, 1, plan["repeats"], device, warmup=1)
-    bat = images_per_second(lambda: predict_logits(model, images, PAPER_TTA, batch_size),
-                            n, 1, plan["repeats"], device, warmup=1)
+    n, rates = len(images), []
+    for predict in (predict_logits_sequential, predict_logits):
+        predict(model, images[:batch_size], PAPER_TTA, batch_size)   # warm-up: full-size batches
+        rates.append(images_per_second(lambda: predict(model, images, PAPER_TTA, batch_size),
+                                       n, 1, plan["tta_repeats"], device, warmup=0))
+    seq, bat = rates
     return side_by_side("tta", seq, bat, views=len(PAPER_TTA), images=n, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------- the benchmark
+
+def _load():   # other processes on a shared machine move every figure
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
 
 def _dataset(data_dir, n_train: int, n_test: int):
     """(train images, train labels, test images, data source); real data when it is there."""
@@ -212,7 +221,8 @@ def _dataset(data_dir, n_train: int, n_test: int):
         ds = D.synthetic_cifar10(n_train, n_test, seed=0)
         source = "synthetic (samlib.data.synthetic_cifar10)"
     else:
-        ds, source = D.load_cifar10(data_dir), f"CIFAR-10 from {data_dir}"
+        ds = D.load_cifar10(data_dir)
+        source = describe_data(data_dir, D.fingerprint(ds))
     return ds.train_images[:n_train], ds.train_labels[:n_train], ds.test_images[:n_test], source
 
 
@@ -225,7 +235,7 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     compile: also time the samlib step under torch.compile (default: on CUDA, not quick).
     """
     t_start = time.time()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     width = width or (64 if cuda else 16)
     plan = PLANS["quick" if quick else "cuda" if cuda else "cpu"]
@@ -240,7 +250,7 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     env = {**provenance(device, source), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "width": width, "widths": list(cfg.widths), "profile": profile, "batch_size": cfg.batch_size,
            "amp": str(trainer.amp_dtype), "naive_num_workers": min(2, os.cpu_count() or 1),
-           "train_images": len(y_train), "quick": quick}
+           "train_images": len(y_train), "quick": quick, "load_average_at_start": _load()}
     print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
     print(f"{'images/s':<18}{'naive':>14}{'samlib':>14}{'ratio':>10}", flush=True)
     result = {"augment": time_augment(trainer, x_train, y_train, plan),
@@ -252,15 +262,9 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     report = {"augment_ratio": result["augment"]["ratio"],
               "train_step_ratio": result["train_step"]["ratio"],
               "tta_ratio": result["tta"]["ratio"], **result,
-              "environment": env, "seconds": round(time.time() - t_start, 1),
-              "notes": {"ratio": "samlib images/s / naive images/s (median of timed windows)",
-                        "augment": "naive = per-image PIL RandomCrop/Flip/ToTensor/Cutout/Normalize "
-                                   "in a DataLoader; samlib = augment_batch on device-resident "
-                                   "uint8; both then one_hot + MixUp on the device",
-                        "train_step": "same Trainer.train_step; naive feed without Normalize "
-                                      "(the model normalises inside)",
-                        "tta": "naive = predict_logits_sequential, samlib = predict_logits; "
-                               "images/s counts images, not image-views"}}
+              "environment": {**env, "load_average_at_end": _load()},
+              "seconds": round(time.time() - t_start, 1),
+              "notes": NOTES}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({report['seconds']:.0f} s)")

@@ -79,7 +79,12 @@ def cmd_sweep(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import run_benchmark
 
-    run_benchmark(args.out, width=args.width, device=args.device, quick=args.quick)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_benchmark(args.out, width=args.width, device=args.device, quick=args.quick,
+                  data_dir=args.data_dir or "auto", compile=False if args.no_compile else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int, help="first-stage width (default: 64 on GPU, 16 on CPU)")
     b.add_argument("--device")
     b.add_argument("--quick", action="store_true", help="fewer repeats (tests)")
+    b.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: ./data if present, "
+                                      "else synthetic images)")
+    b.add_argument("--threads", type=int, help="torch CPU threads for the timed process")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing (CUDA)")
     b.set_defaults(func=cmd_bench)
     return p
 

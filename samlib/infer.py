@@ -160,8 +160,9 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
     """Logits (V, N, classes), float32 on the CPU, for every view of every image.
 
     ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
-    Batched TTA: each batch of ``batch_size`` images goes through the model once with all V
-    views concatenated (V * batch_size inputs per forward).  Eval mode (restored after),
+    Batched TTA: each chunk of ``batch_size // V`` images goes through the model once with
+    all V views concatenated, so a forward pass holds ``batch_size`` inputs whatever V is
+    (the same forward size as the one-view-at-a-time loop, for a fair comparison).  Eval mode (restored after),
     inference_mode, bf16 autocast on CUDA.  ``views=None``: the image itself (V = 1).
     ``device``: where to run (the model is moved there); default the model's device.
     """
@@ -172,8 +173,9 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                x = _pixel_batch(images, start, start + batch_size, device)
+            chunk = max(1, batch_size // len(views))
+            for start in range(0, n, chunk):
+                x = _pixel_batch(images, start, start + chunk, device)
                 logits = _forward(model, torch.cat([v.fn(x) for v in views]), device)
                 logits = logits.view(len(views), len(x), -1).cpu()
                 if out is None:

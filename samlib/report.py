@@ -113,7 +113,7 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True) 
     splits = split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device or "cpu")
     table, probs = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
-                                       batch_size=min(cfg.eval_batch_size, 500), return_probs=True)
+                                       batch_size=cfg.eval_batch_size, return_probs=True)
     # Test probabilities of every row, for the reliability diagram, the confusion matrix and
     # the submission: computed once here, never again.
     save_checkpoint({"probs": probs, "labels": torch.as_tensor(splits["test"][1])},

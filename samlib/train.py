@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
-from .augment import augment_batch, mixup, cutmix, one_hot, sample_lambda
+from .augment import augment_uint8, cutmix, mixup, one_hot, sample_lambda, to_pixels
 from .config import Config
 from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
@@ -34,6 +34,8 @@ from .io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, 
 from .model import build_model
 from .optim import build_ema, build_optimizer, build_scheduler
 from . import dist
+
+AUGMENT_CHUNK = 8192   # images per crop/flip/Cutout call: big enough to amortise per-op cost
 
 METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean",
                  "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "seconds")
@@ -228,30 +230,46 @@ class Trainer:
             self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
         return loss.detach(), logits.detach()
 
-    # -- one epoch
-    def train_epoch(self, progress: bool) -> dict:
+    # -- the data of one epoch
+    def epoch_batches(self, alpha: float):
+        """This epoch's augmented training batches: (x float pixel-space, y soft targets).
+
+        airbench-style: one permutation of the device-resident uint8 data, crop/flip/Cutout
+        over the whole epoch in a few large uint8 chunks (per-op overhead paid once per chunk,
+        not per batch), then per batch a float conversion and MixUp.  Every rank draws the
+        same numbers, so every rank builds the same global batches and keeps its slice.
+        """
         cfg, dev = self.cfg, self.device
-        self.net.train()
-        alpha = mix_alpha_at(cfg, self.epoch)
-        order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)
+        n = self.steps_per_epoch * cfg.batch_size            # the ragged last batch is dropped
+        order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:n]
+        x_epoch = torch.cat([augment_uint8(self.train_x[chunk], cfg.crop_padding, cfg.flip, cfg.cutout,
+                                           self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
+        y_epoch = self.train_y[order]
         rank, world = dist.rank(), dist.world_size()
-        loss_sum = torch.zeros((), device=dev)
-        mixed_correct = torch.zeros((), device=dev)
-        finite = torch.ones(self.steps_per_epoch, device=dev, dtype=torch.bool)  # read once, at the end
-        batches = order[: self.steps_per_epoch * cfg.batch_size].view(self.steps_per_epoch, cfg.batch_size)
-        if progress:
-            batches = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
-        for step, idx in enumerate(batches):
-            # Every rank augments the whole global batch with the same generator and keeps its
-            # slice: the inputs are the ones a single process would see.
-            x = augment_batch(self.train_x[idx], cfg.crop_padding, cfg.flip, cfg.cutout, self.gen_aug)
-            y = one_hot(self.train_y[idx], 10)
+        for step in range(self.steps_per_epoch):
+            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            x, y = to_pixels(x_epoch[batch]), one_hot(y_epoch[batch], 10)
             if cfg.mix == "mixup":      # one lambda per batch, drawn on the host (no sync)
                 x, y = mixup(x, y, alpha, self.gen_aug, lam=sample_lambda(alpha, self.gen_host))
             elif cfg.mix == "cutmix":
                 x, y = cutmix(x, y, alpha, self.gen_aug)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            yield x, y
+
+    # -- one epoch
+    def train_epoch(self, progress: bool) -> dict:
+        cfg, dev = self.cfg, self.device
+        self.net.train()
+        alpha = mix_alpha_at(cfg, self.epoch)
+        loss_sum = torch.zeros((), device=dev)
+        mixed_correct = torch.zeros((), device=dev)
+        finite = torch.ones(self.steps_per_epoch, device=dev, dtype=torch.bool)  # read once, at the end
+        batches = self.epoch_batches(alpha)
+        if progress:
+            batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                           leave=False)
+        for step, (x, y) in enumerate(batches):
             loss, logits = self.train_step(x, y)
             finite[step] = torch.isfinite(loss)
             loss_sum += torch.nan_to_num(loss) * len(y)

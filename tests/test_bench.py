@@ -1,0 +1,109 @@
+"""samlib.bench: the json it writes, and that both sides of the comparison do the same work.
+
+No speed is asserted: the figures are benchmark results, not timed tests.
+"""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from samlib.augment import augment_batch, cutout
+from samlib.bench import Cutout, PILDataset, paper_transform, run_benchmark
+
+SIZE, HOLE = 32, 16
+
+
+def possible_spans(n=SIZE, length=HOLE):
+    """Every [start, stop) a hole can cover along one axis: centre c in 0..n-1, rows
+    c - length//2 .. c + length//2 - 1, clipped to the image (DeVries & Taylor's Cutout)."""
+    return {(max(c - length // 2, 0), min(c + length // 2, n)) for c in range(n)}
+
+
+def expected_zero_fraction(n=SIZE, length=HOLE):
+    """E[hole area] / n^2 with independent uniform centres: (mean clipped span / n)^2."""
+    mean_span = sum(min(c + length // 2, n) - max(c - length // 2, 0) for c in range(n)) / n
+    return (mean_span / n) ** 2
+
+
+def hole_of(img):
+    """(rows, cols) spans of the zeros of a (3, H, W) image that is 1 elsewhere; asserts
+    the zeros are one axis-aligned rectangle, the same in every channel."""
+    zero = img == 0
+    assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])
+    assert torch.all(img[~zero] == 1)
+    rows = torch.nonzero(zero[0].any(1)).flatten()
+    cols = torch.nonzero(zero[0].any(0)).flatten()
+    span = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+    rect = torch.zeros_like(zero[0])
+    rect[span[0][0]:span[0][1], span[1][0]:span[1][1]] = True
+    assert torch.equal(zero[0], rect), "zeros are not one rectangle"
+    return span
+
+
+def test_naive_and_batched_cutout_cut_the_same_kind_of_hole():
+    random.seed(0)
+    ones = torch.ones(3, SIZE, SIZE)
+    naive = [hole_of(Cutout(HOLE)(ones)) for _ in range(2000)]
+    batched = cutout(torch.ones(2000, 3, SIZE, SIZE), HOLE, torch.Generator().manual_seed(0))
+    samlib = [hole_of(img) for img in batched]
+    spans = possible_spans()
+    for holes in (naive, samlib):
+        assert all(r in spans and c in spans for r, c in holes)       # one clipped 16x16 square
+        area = np.mean([(r[1] - r[0]) * (c[1] - c[0]) for r, c in holes]) / SIZE ** 2
+        assert area == pytest.approx(expected_zero_fraction(), abs=0.015)  # ~4 standard errors
+        assert {r for r, _ in holes} == spans                          # every position occurs
+
+
+def test_naive_pipeline_and_augment_batch_agree_on_the_rest():
+    """Without holes and flips, both are a 4-px zero-padded random crop of the same image."""
+    img = np.random.default_rng(0).integers(1, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    padded = np.zeros((SIZE + 8, SIZE + 8, 3), np.uint8)
+    padded[4:-4, 4:-4] = img
+    crops = {padded[dy:dy + SIZE, dx:dx + SIZE].tobytes() for dy in range(9) for dx in range(9)}
+    ds = PILDataset(img[None], np.zeros(1, np.int64), paper_transform(normalize=False))
+    ds.transform.transforms[1].p = 0.0                 # RandomHorizontalFlip off
+    ds.transform.transforms.pop(3)                     # Cutout off
+    x_naive = [ds[0][0] for _ in range(20)]
+    x_samlib = augment_batch(torch.from_numpy(img).permute(2, 0, 1)[None].repeat(20, 1, 1, 1),
+                             4, False, 0, torch.Generator().manual_seed(0))
+    for x in [*x_naive, *x_samlib]:
+        as_uint8 = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert as_uint8.tobytes() in crops
+    assert np.array_equal(np.asarray(Image.fromarray(img)), img)   # PIL round trip is exact
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads + DataLoader workers
+    + other processes can slow small ops tenfold; this test checks the json, not speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    report = run_benchmark(out, width=8, device="cpu", quick=True, data_dir=None)
+    saved = json.loads(out.read_text())
+    assert saved["augment_ratio"] == pytest.approx(report["augment_ratio"])
+    for key in ("augment_ratio", "train_step_ratio", "tta_ratio"):
+        assert isinstance(saved[key], float) and math.isfinite(saved[key]) and saved[key] > 0
+    for part in ("augment", "train_step", "tta"):
+        figures = saved[part]
+        for side in ("naive", "samlib"):
+            rate = figures[f"{side}_images_per_s"]
+            assert math.isfinite(rate) and rate > 0 and figures[f"{side}_windows"]
+        assert figures["ratio"] == pytest.approx(figures["samlib_images_per_s"] / figures["naive_images_per_s"])
+    assert saved["train_step"]["seconds_per_epoch_45k"]["samlib"] > 0
+    assert saved["tta"]["views"] == 6
+    env = saved["environment"]
+    for key in ("device", "torch", "torchvision", "threads", "cpu_count", "width", "batch_size",
+                "git_commit", "data_source"):
+        assert key in env
+    assert env["threads"] == 1 and env["width"] == 8 and env["widths"] == [8, 16, 32] and env["batch_size"] == 128
+    assert env["data_source"].startswith("synthetic")
