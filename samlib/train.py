@@ -1,14 +1,15 @@
 """The training loop (paper Section 3.3), one readable path in the airbench manner.
 
-The whole data set sits on the training device as uint8; each step slices a batch,
-augments it there (crop, flip, Cutout, MixUp: samlib.augment), and runs forward/backward
-under autocast.  Metrics accumulate on the device and are read once per epoch, so the
+The whole data set sits on the training device as uint8; each epoch is permuted and
+augmented there in a few large chunks (crop, flip, Cutout: samlib.augment), each step
+takes its batch, mixes it (MixUp) and runs forward/backward under autocast.  Metrics accumulate on the device and are read once per epoch, so the
 GPU never waits on the host mid-epoch.  Every epoch ends with an atomic checkpoint that
 holds everything needed to continue the run bit for bit: weights, EMA, optimiser
 (Lookahead slow weights included), scheduler, scaler, both RNG states and the metrics.
 
 Run directories are named `<config>-s<seed>-<hash>`: a finished run (final.json present)
-is returned as is, an unfinished one resumes from its last checkpoint.
+is returned as is, an unfinished one resumes from its last checkpoint, and a run trained
+on other data (run.json's data fingerprint) is refused, never reused.
 """
 from __future__ import annotations
 
