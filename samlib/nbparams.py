@@ -149,16 +149,6 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
 
 # ---------------------------------------------------------------- data and header
 
-def describe_data(dataset, data_dir) -> str:
-    """'CIFAR-10 (official files)', 'CIFAR-10 (JPEG copy)' or a synthetic/other description."""
-    if D.has_official_md5(data_dir):
-        return "CIFAR-10 (official files)"
-    if len(dataset.train_labels) == 50000 and len(dataset.test_labels) == 10000:
-        return "CIFAR-10 (JPEG copy)"
-    return (f"synthetic CIFAR-shaped data ({len(dataset.train_labels)} train / "
-            f"{len(dataset.test_labels)} test), not CIFAR-10")
-
-
 def load_data(p: Params, download: bool = True):
     """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
     import torch
@@ -166,7 +156,7 @@ def load_data(p: Params, download: bool = True):
     from .train import provenance
 
     dataset = D.load_cifar10(p.data_dir, download=download)
-    p.data_source = describe_data(dataset, p.data_dir)
+    p.data_source = D.describe_source(dataset, p.data_dir)
     p.provenance = provenance(torch.device(p.device), p.data_source)
     header(p, dataset)
     return dataset
@@ -286,34 +276,18 @@ def best_strategy(table) -> str:
 
 
 def cached_test_probs(run_dir, strategy, images, labels, device):
-    """strategy_probs of a run on labelled images, cached as run_dir/test_probs_<strategy>.pt
-    (samlib.io checkpoint format: weights_only load, sha256 sidecar), reused while the labels
-    match and the run's final.json is older.  A float tensor (N, classes)."""
+    """Test probabilities (N, classes) of one strategy: the ones evaluate_run saved with its
+    table (run_dir/strategy_probs.pt) when they are for these labels, else computed now."""
     import torch
 
-    from .errors import CheckpointError
-    from .io import load_checkpoint, save_checkpoint
+    from .report import strategy_test_probs
     from .submit import load_run_models, strategy_probs
 
-    run_dir = Path(run_dir)
-    cache = run_dir / f"test_probs_{strategy}.pt"
-    final = run_dir / "final.json"
-    labels = torch.as_tensor(np.asarray(labels))
-    from .report import strategy_test_probs
-    computed = strategy_test_probs(run_dir, strategy)       # evaluate_run's own, if it has them
-    if computed is not None and torch.equal(computed[1], labels):
-        return computed[0]
-    if cache.exists() and final.exists() and cache.stat().st_mtime >= final.stat().st_mtime:
-        try:
-            saved = load_checkpoint(cache, fallback=False)
-            if torch.equal(saved["labels"], labels):
-                return saved["probs"]
-        except CheckpointError as e:             # a damaged cache is recomputed
-            print(f"note: {e}")
+    saved = strategy_test_probs(run_dir, strategy)
+    if saved is not None and torch.equal(saved[1], torch.as_tensor(np.asarray(labels))):
+        return saved[0]
     regular, ema = load_run_models(run_dir, device)
-    probs = strategy_probs(regular, ema, images, strategy, device=device).float().cpu()
-    save_checkpoint({"probs": probs, "labels": labels}, cache, keep_previous=False)
-    return probs
+    return strategy_probs(regular, ema, images, strategy, device=device).float().cpu()
 
 
 # ---------------------------------------------------------------- notebook upkeep
