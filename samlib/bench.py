@@ -222,7 +222,7 @@ def _dataset(data_dir, n_train: int, n_test: int):
         source = "synthetic (samlib.data.synthetic_cifar10)"
     else:
         ds = D.load_cifar10(data_dir)
-        source = describe_data(data_dir, D.fingerprint(ds))
+        source = describe_data(ds, data_dir, D.fingerprint(ds))
     return ds.train_images[:n_train], ds.train_labels[:n_train], ds.test_images[:n_test], source
 
 

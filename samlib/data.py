@@ -157,6 +157,20 @@ def has_official_md5(root) -> bool:
                for f, md5 in OFFICIAL_MD5.items())
 
 
+def describe_source(dataset: "CIFAR10", data_dir=None) -> str:
+    """The data-source label every reported number carries: 'CIFAR-10 (official files)',
+    'CIFAR-10 (JPEG copy)' (a full-size copy without the official MD5 sums), or a description
+    of anything else (synthetic data, subsets, an in-memory dataset)."""
+    if data_dir is None:
+        return f"in-memory dataset ({len(dataset.train_labels)} train / {len(dataset.test_labels)} test)"
+    if has_official_md5(data_dir):
+        return "CIFAR-10 (official files)"
+    if len(dataset.train_labels) == 50000 and len(dataset.test_labels) == 10000:
+        return "CIFAR-10 (JPEG copy)"
+    return (f"synthetic CIFAR-shaped data ({len(dataset.train_labels)} train / "
+            f"{len(dataset.test_labels)} test), not CIFAR-10")
+
+
 def load_cifar10(root, download=False):
     """Read root/cifar-10-batches-py (root may also be that folder itself) into a CIFAR10.
     Files without the official MD5 sums (the JPEG offline copy, synthetic data from

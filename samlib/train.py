@@ -132,12 +132,10 @@ def provenance(device: torch.device, data_source: str) -> dict:
     }
 
 
-def describe_data(data_dir, data_id: str) -> str:
-    if data_dir is None:
-        return f"in-memory dataset (fingerprint {data_id})"
-    official = D.has_official_md5(data_dir)
-    kind = "official CIFAR-10" if official else "CIFAR-10 without official MD5 sums, e.g. the JPEG copy"
-    return f"{data_dir} ({kind}; fingerprint {data_id})"
+def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:
+    """Provenance's data source: the report's label, the folder and the data fingerprint."""
+    where = f"{data_dir}; " if data_dir is not None else ""
+    return f"{D.describe_source(dataset, data_dir)} ({where}fingerprint {data_id})"
 
 
 # ---------------------------------------------------------------- the loop
@@ -432,7 +430,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     if dist.is_main():
         final = finalize(run_dir, trainer, device)
         write_json(run_dir / "provenance.json", {
-            **provenance(device, describe_data(data_dir, data_id)), "seed": cfg.seed, "profile": profile,
+            **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed, "profile": profile,
             "wall_seconds": round(time.time() - t0, 1),
             "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
         write_json(run_dir / "final.json", final)
