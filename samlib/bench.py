@@ -7,14 +7,16 @@ copied to the GPU.  samlib does what airbench does: the training set lives on th
 as uint8 and each step augments a whole batch there with tensor ops (samlib.augment) -
 no PIL, no workers, no host-to-device copy per step.
 
-Three comparisons, each naive vs samlib in the same process, on the same data and device:
-  augment     a training-ready batch (augmented x, MixUp-ed soft y) per step, nothing else;
-              the naive side keeps the reference's Normalize (its real cost).
-  train_step  the same Trainer.train_step (forward, backward, clip, Lookahead-SGD, LR
-              schedule, EMA) fed by either pipeline: only the feed differs.  The naive feed
-              skips Normalize here, because samlib's model normalises internally.
-  tta         predict_logits (all PAPER_TTA views in one forward per batch) vs
-              predict_logits_sequential (one pass over the data per view).
+Four comparisons, each naive vs samlib in the same process, on the same data and device:
+  augment       the issue's definition: crop, flip, to float, Cutout (+ Normalize on the
+                naive side, its real cost; samlib's model normalises inside) per batch.
+  augment_mixup the same plus one_hot + MixUp on both sides: a training-ready batch.
+  train_step    the same Trainer.train_step (forward, backward, clip, Lookahead-SGD, LR
+                schedule, EMA) fed by either pipeline: only the feed differs.  The naive
+                feed skips Normalize here, because samlib's model normalises internally.
+  tta           predict_logits (all PAPER_TTA views in one forward per batch) vs
+                predict_logits_sequential (one pass over the data per view); also the
+                model's forward alone on the same inputs, the ceiling for any TTA loop.
 Each figure is the median images/s over timed windows.  Warm-up steps come first (worker
 start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
 synchronised before every clock read.  Each side's windows run back to back, not
@@ -36,25 +38,28 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from . import data as D
-from .augment import mixup, one_hot, sample_lambda
+from .augment import mixup, one_hot, sample_lambda, to_pixels
 from .config import resolve
 from .infer import PAPER_TTA, predict_logits, predict_logits_sequential
 from .train import Trainer, describe_data, provenance, resolve_device, to_device
 
 # Sizes per mode: training images on the device, test images for TTA, steps per timed
-# window (naive augment, samlib augment, train step), timed windows per side (TTA apart).
+# window (naive augment, train step; samlib's augment windows are one epoch each), timed
+# windows per side (TTA apart).
 PLANS = {
-    "quick": dict(n_train=1024, n_tta=256, aug_naive=4, aug_samlib=8, steps=2, repeats=2, tta_repeats=2),
-    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, aug_samlib=60, steps=8, repeats=3, tta_repeats=2),
-    "cuda": dict(n_train=45000, n_tta=5000, aug_naive=40, aug_samlib=300, steps=60, repeats=5,
+    "quick": dict(n_train=1024, n_tta=256, aug_naive=4, steps=2, repeats=2, tta_repeats=2),
+    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, steps=8, repeats=3, tta_repeats=2),
+    "cuda": dict(n_train=45000, n_tta=5000, aug_naive=40, steps=60, repeats=5,
                  tta_repeats=3),
 }
 NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
          "augment": "naive: per-image PIL crop/flip/ToTensor/Cutout/Normalize in a DataLoader; samlib: "
-                    "Trainer.epoch_batches: crop/flip/Cutout over the epoch in large uint8 chunks on the "
-                    "device, then per batch to float; both then one_hot + MixUp on the device",
+                    "Trainer.epoch_batches (mixing off): crop/flip/Cutout over the epoch in 8192-image "
+                    "uint8 chunks on the device (TrainTransform), then per batch to float",
+         "augment_mixup": "as augment, then one_hot + MixUp on the device on both sides",
          "train_step": "the same Trainer.train_step; naive feed without Normalize (the model normalises)",
-         "tta": "naive: predict_logits_sequential; samlib: predict_logits; images, not image-views"}
+         "tta": "naive: predict_logits_sequential; samlib: predict_logits; images, not image-views; "
+                "forward_only: the model alone on the same view batches (ceiling_ratio = forward_only / naive)"}
 EPOCH_IMAGES = 45_000   # the paper's training images per epoch (50,000 less validation)
 
 
@@ -102,19 +107,24 @@ def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128)
 
 # ---------------------------------------------------------------- the two feeds
 
-def naive_feed(loader: DataLoader, trainer: Trainer):
-    """Endless (x, soft y) batches: DataLoader batch -> device, one_hot, samlib MixUp."""
-    dev, alpha = trainer.device, trainer.cfg.mix_alpha
+def naive_feed(loader: DataLoader, trainer: Trainer, alpha: float):
+    """Endless (x, soft y) batches: DataLoader batch -> device, one_hot, samlib's MixUp
+    (the one the training loop calls) unless alpha == 0."""
+    dev = trainer.device
     while True:
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), one_hot(y.to(dev, non_blocking=True))
-            yield mixup(x, y, alpha, trainer.gen_aug, lam=sample_lambda(alpha, trainer.gen_host))
+            if alpha > 0:
+                lam = sample_lambda(alpha, trainer.gen_host)
+                x, y = mixup(x, y, alpha, trainer.gen_aug, lam=lam, inplace=True)
+            yield x, y
 
 
-def samlib_feed(trainer: Trainer):
-    """Endless (x, soft y) batches from Trainer.epoch_batches, the training loop's own feed."""
+def samlib_feed(trainer: Trainer, alpha: float):
+    """Endless (x, soft y) batches from Trainer.epoch_batches, the training loop's own feed
+    (alpha == 0: no mixing)."""
     while True:
-        yield from trainer.epoch_batches(trainer.cfg.mix_alpha)
+        yield from trainer.epoch_batches(alpha)
 
 
 # ---------------------------------------------------------------- timing
@@ -148,25 +158,29 @@ def side_by_side(name: str, naive: list, samlib: list, **extra) -> dict:
             "samlib_windows": [round(r, 1) for r in samlib], **extra}
 
 
-def time_augment(trainer: Trainer, images, labels, plan: dict) -> dict:
-    """Feed alone: the paper's PIL pipeline (with Normalize) vs batched on-device augmentation."""
+def time_augment(trainer: Trainer, images, labels, plan: dict, alpha: float) -> dict:
+    """Feed alone: the paper's PIL pipeline (with Normalize) vs batched on-device augmentation,
+    both followed by MixUp when alpha > 0.  samlib's windows span whole epochs, so each pays
+    its share of the per-epoch crop/flip/Cutout, whatever the window length."""
     dev, bs = trainer.device, trainer.cfg.batch_size
-    naive = naive_feed(naive_loader(images, labels, dev, normalize=True, batch_size=bs), trainer)
+    naive = naive_feed(naive_loader(images, labels, dev, normalize=True, batch_size=bs), trainer, alpha)
     n = images_per_second(lambda: next(naive), bs, plan["aug_naive"], plan["repeats"], dev, warmup=4)
     naive.close()   # frees the DataLoader: its workers stop before samlib is timed
-    feed = samlib_feed(trainer)
-    s = images_per_second(lambda: next(feed), bs, plan["aug_samlib"], plan["repeats"], dev)
-    return side_by_side("augment", n, s, naive_normalize=True)
+    feed = samlib_feed(trainer, alpha)
+    s = images_per_second(lambda: next(feed), bs, trainer.steps_per_epoch, plan["repeats"], dev)
+    return side_by_side("augment_mixup" if alpha > 0 else "augment", n, s, naive_normalize=True,
+                        mix_alpha=alpha)
 
 
 def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
     """Trainer.train_step fed by each pipeline; also seconds per 45,000-image epoch."""
     dev, bs = trainer.device, trainer.cfg.batch_size
-    naive = naive_feed(naive_loader(images, labels, dev, normalize=False, batch_size=bs), trainer)
+    alpha = trainer.cfg.mix_alpha
+    naive = naive_feed(naive_loader(images, labels, dev, normalize=False, batch_size=bs), trainer, alpha)
     n = images_per_second(lambda: trainer.train_step(*next(naive)), bs, plan["steps"], plan["repeats"],
                           dev, warmup=4)
     naive.close()
-    feed = samlib_feed(trainer)
+    feed = samlib_feed(trainer, alpha)
     s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"], plan["repeats"], dev)
     out = side_by_side("train_step", n, s, naive_normalize=False)
     out["seconds_per_epoch_45k"] = {"naive": EPOCH_IMAGES / out["naive_images_per_s"],
@@ -176,7 +190,7 @@ def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
 
 def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
     """samlib feed + train_step with the model under torch.compile (compile time reported apart)."""
-    dev, bs, feed = trainer.device, trainer.cfg.batch_size, samlib_feed(trainer)
+    dev, bs, feed = trainer.device, trainer.cfg.batch_size, samlib_feed(trainer, trainer.cfg.mix_alpha)
     try:
         trainer.net = torch.compile(trainer.model)
         t0 = time.perf_counter()
@@ -197,14 +211,23 @@ def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
 
 
 def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -> dict:
-    """All PAPER_TTA views in one forward per batch vs one view after another."""
+    """All PAPER_TTA views in one forward per batch vs one view after another, and the
+    forward passes alone on the same inputs (what no TTA loop can beat)."""
     n, rates = len(images), []
     for predict in (predict_logits_sequential, predict_logits):
         predict(model, images[:batch_size], PAPER_TTA, batch_size)   # warm-up: full-size batches
         rates.append(images_per_second(lambda: predict(model, images, PAPER_TTA, batch_size),
                                        n, 1, plan["tta_repeats"], device, warmup=0))
+    inputs = [v.fn(to_pixels(images[s:s + batch_size])) for v in PAPER_TTA for s in range(0, n, batch_size)]
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        forward = images_per_second(lambda: [model(x) for x in inputs], n, 1, plan["tta_repeats"], device)
     seq, bat = rates
-    return side_by_side("tta", seq, bat, views=len(PAPER_TTA), images=n, batch_size=batch_size)
+    ceiling = statistics.median(forward) / statistics.median(seq)
+    print(f"{'  forward alone':<18}{'':>14}{statistics.median(forward):>14,.0f}{ceiling:>9.1f}x", flush=True)
+    return side_by_side("tta", seq, bat, views=len(PAPER_TTA), images=n, batch_size=batch_size,
+                        forward_only_images_per_s=statistics.median(forward),
+                        forward_only_windows=[round(r, 1) for r in forward], ceiling_ratio=ceiling)
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -253,13 +276,15 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
            "train_images": len(y_train), "quick": quick, "load_average_at_start": _load()}
     print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
     print(f"{'images/s':<18}{'naive':>14}{'samlib':>14}{'ratio':>10}", flush=True)
-    result = {"augment": time_augment(trainer, x_train, y_train, plan),
+    result = {"augment": time_augment(trainer, x_train, y_train, plan, alpha=0.0),
+              "augment_mixup": time_augment(trainer, x_train, y_train, plan, alpha=cfg.mix_alpha),
               "train_step": time_train_step(trainer, x_train, y_train, plan)}
     if compile if compile is not None else (cuda and not quick):
         result["train_step_compiled"] = time_compiled_step(trainer, plan)
     test_x, _ = to_device(x_test, np.zeros(len(x_test), dtype=np.int64), device)
     result["tta"] = time_tta(trainer.model, test_x, cfg.eval_batch_size, plan, device)
     report = {"augment_ratio": result["augment"]["ratio"],
+              "augment_mixup_ratio": result["augment_mixup"]["ratio"],
               "train_step_ratio": result["train_step"]["ratio"],
               "tta_ratio": result["tta"]["ratio"], **result,
               "environment": {**env, "load_average_at_end": _load()},

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
-from .augment import augment_uint8, cutmix, mixup, one_hot, sample_lambda, to_pixels
+from .augment import TrainTransform, cutmix, mixup, one_hot, sample_lambda, to_pixels
 from .config import Config
 from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
@@ -154,6 +154,7 @@ class Trainer:
         # CPU and never moved), so its `n_averaged == 0` test costs no GPU sync per step.
         self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self.train_x, self.train_y = to_device(*splits["train"], device)
+        self.transform = TrainTransform(self.train_x, cfg.crop_padding, cfg.flip, cfg.cutout)
         self.eval_sets = {name: to_device(*splits[name], device) for name in ("val", "test")}
         g = torch.Generator().manual_seed(cfg.split_seed)   # fixed clean-train-accuracy subset
         k = min(cfg.train_eval_size, len(self.train_y))
@@ -241,16 +242,16 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         n = self.steps_per_epoch * cfg.batch_size            # the ragged last batch is dropped
         order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:n]
-        x_epoch = torch.cat([augment_uint8(self.train_x[chunk], cfg.crop_padding, cfg.flip, cfg.cutout,
-                                           self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
-        y_epoch = self.train_y[order]
+        x_epoch = torch.cat([self.transform(chunk, self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
+        y_epoch = one_hot(self.train_y[order], 10)
         rank, world = dist.rank(), dist.world_size()
         for step in range(self.steps_per_epoch):
             batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            x, y = to_pixels(x_epoch[batch]), one_hot(y_epoch[batch], 10)
-            if cfg.mix == "mixup":      # one lambda per batch, drawn on the host (no sync)
-                x, y = mixup(x, y, alpha, self.gen_aug, lam=sample_lambda(alpha, self.gen_host))
-            elif cfg.mix == "cutmix":
+            x, y = to_pixels(x_epoch[batch]), y_epoch[batch]
+            if cfg.mix == "mixup" and alpha > 0:   # one lambda per batch, drawn on the host (no sync)
+                lam = sample_lambda(alpha, self.gen_host)
+                x, y = mixup(x, y, alpha, self.gen_aug, lam=lam, inplace=True)
+            elif cfg.mix == "cutmix" and alpha > 0:
                 x, y = cutmix(x, y, alpha, self.gen_aug)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]

@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from samlib.augment import (augment_batch, cutmix, cutout, mix_batch, mixup, one_hot,
-                            random_crop, random_flip, sample_lambda)
+from samlib.augment import (TrainTransform, augment_batch, crop_windows, cutmix, cutout, mix_batch,
+                            mixup, one_hot, random_crop, random_flip, sample_lambda)
 
 
 def gen(seed):
@@ -80,6 +80,46 @@ def test_cutout_one_clipped_square_of_zeros():
     assert (16, 16) in sides and len(sides) > 1
 
 
+def test_crop_windows_is_hand_slicing_at_any_index_and_dtype():
+    for dtype in (torch.uint8, torch.float32):
+        padded = torch.randint(0, 256, (7, 3, 12, 10), generator=gen(6)).to(dtype)
+        index = torch.tensor([5, 0, 5, 3, 6])
+        dy, dx = torch.tensor([0, 4, 2, 1, 3]), torch.tensor([2, 0, 1, 2, 0])
+        out = crop_windows(padded, index, dy, dx, (8, 8))
+        by_hand = torch.stack([padded[i, :, a:a + 8, b:b + 8] for i, a, b in zip(index, dy, dx)])
+        assert out.dtype == dtype and torch.equal(out, by_hand)
+
+
+def test_train_transform_is_crop_flip_cutout_of_the_indexed_images():
+    """The mirror-store path agrees bit for bit with the three public transforms in the
+    documented draw order, and with a per-image hand computation of the same draws."""
+    raw = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=gen(7))
+    index = torch.randperm(40, generator=gen(8))[:25]
+    for p, flip, size in [(4, True, 16), (0, True, 16), (3, False, 0), (4, True, 0), (0, False, 10)]:
+        out = TrainTransform(raw, p, flip, size)(index, gen(9))
+        g = gen(9)
+        assert torch.equal(out, cutout(random_flip(random_crop(raw[index], p, g), g) if flip else
+                                       random_crop(raw[index], p, g), size, g))
+        g, b = gen(9), len(index)       # the same draws, applied image by image
+        dy, dx = (torch.randint(0, 2 * p + 1, (b,), generator=g) for _ in range(2)) if p else ([0] * b,) * 2
+        flipped = torch.rand(b, generator=g) < 0.5 if flip else [False] * b
+        cy, cx = (torch.randint(0, 32, (b, 1), generator=g) for _ in range(2)) if size else (None, None)
+        padded = torch.zeros(len(raw), 3, 32 + 2 * p, 32 + 2 * p, dtype=torch.uint8)
+        padded[:, :, p:p + 32, p:p + 32] = raw
+        for i, j in enumerate(index):
+            want = padded[j, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+            want = want.flip(-1) if flipped[i] else want.clone()
+            if size:
+                r, c = int(cy[i]), int(cx[i])
+                want[:, max(r - size // 2, 0):r + size // 2, max(c - size // 2, 0):c + size // 2] = 0
+            assert torch.equal(out[i], want), (p, flip, size, i)
+
+
+def test_train_transform_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        TrainTransform(images())
+
+
 def test_one_hot_by_hand():
     expected = torch.tensor([[0., 0., 1.], [1., 0., 0.]])
     assert torch.equal(one_hot(torch.tensor([2, 0]), 3), expected)
@@ -112,6 +152,14 @@ def test_mixup_convex_pairs(lam):
         assert torch.allclose(x_out[i], lam_hat * x[i] + (1 - lam_hat) * x[j], atol=1e-5)
         assert torch.allclose(y_out[i], lam_hat * y[i] + (1 - lam_hat) * y[j], atol=1e-6)
     assert torch.allclose(y_out.sum(1), torch.ones(b))
+
+
+def test_mixup_inplace_same_numbers_and_overwrites_its_input():
+    x, y = images(), one_hot(torch.arange(16) % 10)
+    x_out, y_out = mixup(x, y, 0.3, gen(5), lam=0.7)
+    x_in = x.clone()
+    x_out2, y_out2 = mixup(x_in, y, 0.3, gen(5), lam=0.7, inplace=True)
+    assert x_out2 is x_in and torch.equal(x_out2, x_out) and torch.equal(y_out2, y_out)
 
 
 def test_cutmix_box_and_area_weights():

@@ -91,9 +91,9 @@ def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one
     report = run_benchmark(out, width=8, device="cpu", quick=True, data_dir=None)
     saved = json.loads(out.read_text())
     assert saved["augment_ratio"] == pytest.approx(report["augment_ratio"])
-    for key in ("augment_ratio", "train_step_ratio", "tta_ratio"):
+    for key in ("augment_ratio", "augment_mixup_ratio", "train_step_ratio", "tta_ratio"):
         assert isinstance(saved[key], float) and math.isfinite(saved[key]) and saved[key] > 0
-    for part in ("augment", "train_step", "tta"):
+    for part in ("augment", "augment_mixup", "train_step", "tta"):
         figures = saved[part]
         for side in ("naive", "samlib"):
             rate = figures[f"{side}_images_per_s"]
@@ -101,6 +101,9 @@ def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one
         assert figures["ratio"] == pytest.approx(figures["samlib_images_per_s"] / figures["naive_images_per_s"])
     assert saved["train_step"]["seconds_per_epoch_45k"]["samlib"] > 0
     assert saved["tta"]["views"] == 6
+    assert saved["augment"]["mix_alpha"] == 0 and saved["augment_mixup"]["mix_alpha"] == 0.3
+    tta = saved["tta"]
+    assert tta["ceiling_ratio"] == pytest.approx(tta["forward_only_images_per_s"] / tta["naive_images_per_s"])
     env = saved["environment"]
     for key in ("device", "torch", "torchvision", "threads", "cpu_count", "width", "batch_size",
                 "git_commit", "data_source"):
