@@ -56,6 +56,11 @@ def crop_windows(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx
     return runs.index_select(0, starts.reshape(-1)).view(len(index), c, h, w)
 
 
+def _host_int(high: int, images, generator) -> int:
+    """One uniform int in [0, high) as a Python int, drawn on the generator's device."""
+    return int(torch.randint(0, high, (), generator=generator, device=_device(images, generator)))
+
+
 def random_crop(images: torch.Tensor, padding: int = 4,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample RandomCrop(H x W, padding) with zero padding, as torchvision's.
@@ -155,19 +160,22 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 
 
 def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
-           generator: torch.Generator | None = None):
+           generator: torch.Generator | None = None, host_generator: torch.Generator | None = None):
     """CutMix (Yun et al. 2019): paste one box from the permuted batch into every image.
 
     Box of side int(H*sqrt(1-lam)) x int(W*sqrt(1-lam)), centre uniform, clipped; the
     target weight is recomputed from the clipped box area (as the reference does).
-    The input tensor is not modified.
+    The input tensor is not modified.  The box is a Python slice, so lam and its centre
+    are host numbers: drawn from ``host_generator`` (a CPU generator) when given, so a
+    batch on a GPU costs no device-to-host copy (sync) per step; else from ``generator``.
     """
     _check_targets(images, targets)
-    lam = sample_lambda(alpha, generator)
+    scalars = host_generator if host_generator is not None else generator
+    lam = sample_lambda(alpha, scalars)
     perm = _permutation(images, generator)
     h, w = images.shape[-2:]
     cut_h, cut_w = int(h * np.sqrt(1.0 - lam)), int(w * np.sqrt(1.0 - lam))
-    cy, cx = int(_randint(h, (), images, generator)), int(_randint(w, (), images, generator))
+    cy, cx = _host_int(h, images, scalars), _host_int(w, images, scalars)
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     mixed_x = images.clone()

@@ -252,7 +252,7 @@ class Trainer:
                 lam = sample_lambda(alpha, self.gen_host)
                 x, y = mixup(x, y, alpha, self.gen_aug, lam=lam, inplace=True)
             elif cfg.mix == "cutmix" and alpha > 0:
-                x, y = cutmix(x, y, alpha, self.gen_aug)
+                x, y = cutmix(x, y, alpha, self.gen_aug, host_generator=self.gen_host)  # no sync
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             yield x, y

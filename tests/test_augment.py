@@ -191,6 +191,20 @@ def test_cutmix_box_and_area_weights():
     assert nontrivial > 0
 
 
+def test_cutmix_scalars_come_from_the_host_generator_when_given():
+    """lam and the box centre are drawn from host_generator (no device sync on a GPU): the
+    same host seed gives the same box and target weights whatever the batch generator."""
+    x, y = images(b=8), one_hot(torch.arange(8), num_classes=8)
+    boxes, weights = [], []
+    for batch_seed in (1, 2):
+        x_out, y_out = cutmix(x, y, 1.0, gen(batch_seed), host_generator=gen(7))
+        boxes.append((x_out != x).any(0).any(0))           # pixels replaced in some image
+        weights.append({round(v, 6) for v in y_out.flatten().tolist() if 0 < v < 1})  # lam, 1 - lam
+    assert torch.equal(boxes[0], boxes[1]) and weights[0] == weights[1] and len(weights[0]) >= 1
+    _, y_other = cutmix(x, y, 1.0, gen(1), host_generator=gen(8))
+    assert {round(v, 6) for v in y_other.flatten().tolist() if 0 < v < 1} != weights[0]
+
+
 def test_sample_lambda_beta_moments_and_errors():
     draws = torch.tensor([sample_lambda(0.3, gen(s)) for s in range(3000)])
     assert draws.min() >= 0 and draws.max() <= 1
