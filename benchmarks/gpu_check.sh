@@ -79,7 +79,8 @@ fi
 "$PY" -c "
 import json, sys
 b = json.load(open(sys.argv[1]))
-print('ratios: augment %.1fx  train_step %.1fx  tta %.1fx' % (b['augment_ratio'], b['train_step_ratio'], b['tta_ratio']))
+print('ratios: augment %.1fx  augment+mixup %.1fx  train_step %.1fx  tta %.1fx' % tuple(
+    b[k] for k in ('augment_ratio', 'augment_mixup_ratio', 'train_step_ratio', 'tta_ratio')))
 print('s/epoch (45k images): naive %.1f  samlib %.1f' % tuple(b['train_step']['seconds_per_epoch_45k'].values()))
 print(open(sys.argv[2]).read())" "$RESULTS/bench.json" "$RESULTS/strategies.csv"
 log "all done in $(( $(date +%s) - T0 )) s; results in $RESULTS: $(ls "$RESULTS" | tr '\n' ' ')"
