@@ -35,6 +35,17 @@ def _randint(high: int, size, images, generator) -> torch.Tensor:
     return torch.randint(0, high, size, generator=generator, device=dev).to(images.device)
 
 
+def _crop_offsets(b: int, padding: int, images, generator):
+    """(dy, dx): per-image crop offsets, uniform in 0..2*padding, dy drawn first."""
+    dy = _randint(2 * padding + 1, (b,), images, generator)
+    return dy, _randint(2 * padding + 1, (b,), images, generator)
+
+
+def _coin_flips(b: int, images, generator) -> torch.Tensor:
+    """(B,) bool: a fair coin per image."""
+    return torch.rand(b, generator=generator, device=_device(images, generator)).to(images.device) < 0.5
+
+
 def crop_windows(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
                  size: tuple) -> torch.Tensor:
     """Crops of size (h, w) of padded[index] at per-image offsets (dy, dx), as ONE gather.
@@ -71,16 +82,14 @@ def random_crop(images: torch.Tensor, padding: int = 4,
     if padding <= 0:
         return images
     b, c, h, w = images.shape
-    dy = _randint(2 * padding + 1, (b,), images, generator)
-    dx = _randint(2 * padding + 1, (b,), images, generator)
+    dy, dx = _crop_offsets(b, padding, images, generator)
     padded = TF.pad(images, [padding], fill=0)
     return crop_windows(padded, torch.arange(b, device=images.device), dy, dx, (h, w))
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image flipped left-right with probability 0.5 (RandomHorizontalFlip)."""
-    dev = _device(images, generator)
-    flip = torch.rand(images.shape[0], generator=generator, device=dev).to(images.device) < 0.5
+    flip = _coin_flips(images.shape[0], images, generator)
     return torch.where(flip[:, None, None, None], TF.horizontal_flip(images), images)
 
 
@@ -139,17 +148,19 @@ def _check_targets(images: torch.Tensor, targets: torch.Tensor) -> None:
 
 def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
           generator: torch.Generator | None = None, lam: float | None = None,
-          inplace: bool = False):
+          inplace: bool = False, host_generator: torch.Generator | None = None):
     """MixUp (paper Section "MixUp", alpha 0.3): x = lam*x + (1-lam)*x[perm], same for y.
 
     One lambda per batch (Beta(alpha, alpha) unless `lam` is given) and one permutation,
     shared by images and soft targets - the reference's lam*CE(y_a) + (1-lam)*CE(y_b)
     equals CE against these mixed targets.  ``inplace`` overwrites ``images`` (the
     training loop owns its batch): the same numbers, one float pass and allocation fewer.
+    lam is a host number: drawn from ``host_generator`` (a CPU generator) when given, so a
+    batch on a GPU costs no device-to-host copy (sync); else from ``generator``.
     """
     _check_targets(images, targets)
     if lam is None:
-        lam = sample_lambda(alpha, generator)
+        lam = sample_lambda(alpha, host_generator if host_generator is not None else generator)
     elif not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
     perm = _permutation(images, generator)
@@ -186,13 +197,17 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 
 
 def mix_batch(images: torch.Tensor, targets: torch.Tensor, kind: str, alpha: float,
-              generator: torch.Generator | None = None):
-    """Dispatch "none" | "mixup" | "cutmix"; alpha == 0 also means no mixing."""
+              generator: torch.Generator | None = None, host_generator: torch.Generator | None = None,
+              inplace: bool = False):
+    """Dispatch "none" | "mixup" | "cutmix"; alpha == 0 also means no mixing.
+    ``host_generator``: see mixup/cutmix; ``inplace``: MixUp may overwrite ``images``."""
     if kind not in MIX_KINDS:
         raise ValueError(f"mix kind must be one of {MIX_KINDS}, got {kind!r}")
     if kind == "none" or alpha == 0:
         return images, targets
-    return (mixup if kind == "mixup" else cutmix)(images, targets, alpha, generator)
+    if kind == "mixup":
+        return mixup(images, targets, alpha, generator, inplace=inplace, host_generator=host_generator)
+    return cutmix(images, targets, alpha, generator, host_generator=host_generator)
 
 
 class TrainTransform:
@@ -225,11 +240,9 @@ class TrainTransform:
     def __call__(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (len(index), 3, H, W): images[index], augmented."""
         b, p = len(index), self.padding
-        shifts = (2 * p + 1, (b,), self.store, generator)
-        dy, dx = (_randint(*shifts), _randint(*shifts)) if p else (index.new_zeros(b),) * 2
+        dy, dx = _crop_offsets(b, p, self.store, generator) if p else (index.new_zeros(b),) * 2
         if self.flip:                                 # CIFAR is mirror-symmetric
-            flipped = torch.rand(b, generator=generator, device=_device(self.store, generator))
-            flipped = flipped.to(self.store.device) < 0.5
+            flipped = _coin_flips(b, self.store, generator)
             index, dx = index + flipped * self.n, torch.where(flipped, 2 * p - dx, dx)
         x = crop_windows(self.store, index, dy, dx, self.size)   # translation by up to p px
         return cutout(x, self.cutout_size, generator)  # occlusion; zeros before Normalize, as run

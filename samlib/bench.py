@@ -38,9 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from . import data as D
-from .augment import mixup, one_hot, sample_lambda, to_pixels
+from .augment import mix_batch, one_hot
 from .config import resolve
-from .infer import PAPER_TTA, predict_logits, predict_logits_sequential
+from .infer import PAPER_TTA, _forward, _pixel_batch, predict_logits, predict_logits_sequential
 from .train import Trainer, describe_data, provenance, resolve_device, to_device
 
 # Sizes per mode: training images on the device, test images for TTA, steps per timed
@@ -108,16 +108,14 @@ def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128)
 # ---------------------------------------------------------------- the two feeds
 
 def naive_feed(loader: DataLoader, trainer: Trainer, alpha: float):
-    """Endless (x, soft y) batches: DataLoader batch -> device, one_hot, samlib's MixUp
-    (the one the training loop calls) unless alpha == 0."""
-    dev = trainer.device
+    """Endless (x, soft y) batches: DataLoader batch -> device, one_hot, then the training
+    loop's own mix_batch call (no mixing when alpha == 0)."""
+    dev, cfg = trainer.device, trainer.cfg
     while True:
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), one_hot(y.to(dev, non_blocking=True))
-            if alpha > 0:
-                lam = sample_lambda(alpha, trainer.gen_host)
-                x, y = mixup(x, y, alpha, trainer.gen_aug, lam=lam, inplace=True)
-            yield x, y
+            yield mix_batch(x, y, cfg.mix, alpha, trainer.gen_aug, host_generator=trainer.gen_host,
+                            inplace=True)
 
 
 def samlib_feed(trainer: Trainer, alpha: float):
@@ -218,10 +216,12 @@ def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -
         predict(model, images[:batch_size], PAPER_TTA, batch_size)   # warm-up: full-size batches
         rates.append(images_per_second(lambda: predict(model, images, PAPER_TTA, batch_size),
                                        n, 1, plan["tta_repeats"], device, warmup=0))
-    inputs = [v.fn(to_pixels(images[s:s + batch_size])) for v in PAPER_TTA for s in range(0, n, batch_size)]
+    inputs = [v.fn(_pixel_batch(images, s, s + batch_size, device))      # the sequential loop's
+              for v in PAPER_TTA for s in range(0, n, batch_size)]         # forward inputs
     model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        forward = images_per_second(lambda: [model(x) for x in inputs], n, 1, plan["tta_repeats"], device)
+    with torch.inference_mode():
+        forward = images_per_second(lambda: [_forward(model, x, device) for x in inputs], n, 1,
+                                    plan["tta_repeats"], device)
     seq, bat = rates
     ceiling = statistics.median(forward) / statistics.median(seq)
     print(f"{'  forward alone':<18}{'':>14}{statistics.median(forward):>14,.0f}{ceiling:>9.1f}x", flush=True)

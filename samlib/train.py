@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
-from .augment import TrainTransform, cutmix, mixup, one_hot, sample_lambda, to_pixels
+from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
 from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
@@ -247,12 +247,9 @@ class Trainer:
         rank, world = dist.rank(), dist.world_size()
         for step in range(self.steps_per_epoch):
             batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            x, y = to_pixels(x_epoch[batch]), y_epoch[batch]
-            if cfg.mix == "mixup" and alpha > 0:   # one lambda per batch, drawn on the host (no sync)
-                lam = sample_lambda(alpha, self.gen_host)
-                x, y = mixup(x, y, alpha, self.gen_aug, lam=lam, inplace=True)
-            elif cfg.mix == "cutmix" and alpha > 0:
-                x, y = cutmix(x, y, alpha, self.gen_aug, host_generator=self.gen_host)  # no sync
+            # lambda and CutMix's box come from the host generator: no sync per step.
+            x, y = mix_batch(to_pixels(x_epoch[batch]), y_epoch[batch], cfg.mix, alpha, self.gen_aug,
+                             host_generator=self.gen_host, inplace=True)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             yield x, y
