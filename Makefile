@@ -74,7 +74,7 @@ else \
   [ -f $$data/cifar-10-batches-py/batches.meta ] || $(PY) -m samlib synthetic $$data >/dev/null || exit 1; \
 fi; \
 rm -rf $(NBVAL_DIR)/runs $(NBVAL_DIR)/results; \
-$(PY) -m samlib.nbparams kaggle-sample $$data $(NBVAL_DIR)/kaggle_sample.pkl --n 200 >/dev/null || exit 1; \
+$(PY) -m samlib.report.notebooks kaggle-sample $$data $(NBVAL_DIR)/kaggle_sample.pkl --n 200 >/dev/null || exit 1; \
 echo "smoke profile, data $$data"; \
 export SAMLIB_PROFILE=smoke SAMLIB_DATA_DIR="$$(realpath $$data)" SAMLIB_RESULTS_DIR="$(CURDIR)/$(NBVAL_DIR)/results" \
   SAMLIB_RUNS_DIR="$(CURDIR)/$(NBVAL_DIR)/runs" SAMLIB_KAGGLE_FILE="$(CURDIR)/$(NBVAL_DIR)/kaggle_sample.pkl"
@@ -92,7 +92,7 @@ nbval: venv
 notebook-outputs: venv
 	@$(smoke_env); for nb in notebooks/[0-9]*.ipynb; do \
 	  $(PY) -m nbconvert --to notebook --execute --inplace --log-level WARN $$nb || exit 1; done
-	$(PY) -m samlib.nbparams strip notebooks/[0-9]*.ipynb
+	$(PY) -m samlib.report.notebooks strip notebooks/[0-9]*.ipynb
 
 report: venv
 	@$(pick_profile); \
@@ -118,10 +118,10 @@ html: venv
 	@$(pick_profile); \
 	ls $(RESULTS)/$$profile/[0-9]*.ipynb >/dev/null 2>&1 || { echo "no executed notebooks in $(RESULTS)/$$profile: run make report PROFILE=$$profile"; exit 2; }; \
 	$(PY) -m nbconvert --to html --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
-	$(PY) -m samlib.nbparams index $(RESULTS)/$$profile
+	$(PY) -m samlib.report.notebooks index $(RESULTS)/$$profile
 
 strip: venv
-	$(PY) -m samlib.nbparams strip notebooks/[0-9]*.ipynb
+	$(PY) -m samlib.report.notebooks strip notebooks/[0-9]*.ipynb
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import SamlibError
+from .infer import STRATEGIES
 
 
 def _overrides(pairs) -> dict:
@@ -42,7 +43,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .report import evaluate_run
+    from .report.runs import evaluate_run
 
     table = evaluate_run(args.run_dir, args.data_dir, device=args.device)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -50,7 +51,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    from .submit import predict_file
+    from .report.submit import predict_file
 
     summary = predict_file(args.run_dir, args.input, args.output, strategy=args.strategy,
                            device=args.device)
@@ -77,7 +78,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_benchmark
+    from .report.bench import run_benchmark
 
     import torch
 
@@ -113,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--input", required=True, help="the competition's test pickle")
     s.add_argument("--output", default="submission.csv")
-    s.add_argument("--strategy", default="ensemble+tta",
-                   help="standard | tta | ema | ema+tta | ensemble | ensemble+tta")
+    s.add_argument("--strategy", default="ensemble+tta", help=" | ".join(STRATEGIES))
     s.add_argument("--device")
     s.set_defaults(func=cmd_submit)
 

@@ -18,7 +18,12 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from .augment import MIX_KINDS
+from .device import AMP_MODES
 from .errors import ConfigError
+from .model import NORM_STDS, SE_PLACEMENTS
+from .optim import SCHEDULES
+from .selection import SELECTIONS
 
 
 @dataclass(frozen=True)
@@ -156,9 +161,9 @@ def _validate(cfg: Config) -> None:
     need(cfg.val_size >= 0 and cfg.split_seed >= 0, "val_size and split_seed must be >= 0")
     need(cfg.cutout >= 0 and cfg.crop_padding >= 0, "cutout and crop_padding must be >= 0")
     need(cfg.grad_clip >= 0, f"grad_clip must be >= 0, got {cfg.grad_clip}")
-    for field, options in (("se_placement", ("as_run", "standard")), ("norm_std", ("as_run", "true")),
-                           ("mix", ("none", "mixup", "cutmix")), ("schedule", ("as_run", "as_written")),
-                           ("amp", ("auto", "off")), ("selection", ("val", "test"))):
+    for field, options in (("se_placement", SE_PLACEMENTS), ("norm_std", tuple(NORM_STDS)),
+                           ("mix", MIX_KINDS), ("schedule", SCHEDULES), ("amp", AMP_MODES),
+                           ("selection", SELECTIONS)):
         need(getattr(cfg, field) in options, f"{field} must be one of {options}, got {getattr(cfg, field)!r}")
     need(cfg.selection == "test" or cfg.val_size > 0,
          "selection='val' needs val_size > 0 (or ask for the as-run selection='test')")

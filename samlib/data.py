@@ -322,6 +322,17 @@ def subset(dataset, n_train=None, n_test=None, seed=0):
     return CIFAR10(tx, ty, vx, vy, dataset.classes)
 
 
+def split_data(cfg, dataset: CIFAR10) -> dict:
+    """A config's data: its profile subset, then the stratified validation split
+    -> {"train" | "val" | "test": (images NHWC uint8, labels)}."""
+    if cfg.train_subset or cfg.test_subset:
+        dataset = subset(dataset, cfg.train_subset, cfg.test_subset, seed=cfg.split_seed)
+    train_idx, val_idx = split_train_val(dataset.train_labels, cfg.val_size, cfg.split_seed)
+    x, y = dataset.train_images, dataset.train_labels
+    return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
+            "test": (dataset.test_images, dataset.test_labels)}
+
+
 def synthetic_cifar10(n_train=512, n_test=256, seed=0):
     """Tiny learnable CIFAR-shaped data: per class a mean colour and a stripe pattern
     (class-specific orientation/frequency) plus Gaussian noise; balanced labels."""

@@ -10,16 +10,18 @@ softmax comes last.  So T=1.2 cannot change any prediction there.  ``tta_probs``
 averages per-view softmaxes (the usual TTA and what the reference facts describe);
 ``tta_logits`` is the code's combination, used for the "(as run)" row.
 """
-import math
+from __future__ import annotations
+
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from samlib.data import CIFAR_MEAN, STD_AS_RUN
-from samlib.errors import DataError
+from samlib.device import amp_dtype_for, autocast
+from samlib.errors import DataError, SamlibError
 
 
 class View(NamedTuple):
@@ -151,7 +153,7 @@ def _model_device(model: torch.nn.Module, device) -> torch.device:
 
 
 def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device, amp_dtype_for("auto", device)):   # the training loop's precision rule
         return model(x).float()
 
 
@@ -251,66 +253,56 @@ def accuracy(probs: torch.Tensor, labels) -> float:
     return (probs.argmax(-1).cpu() == _labels(labels)).double().mean().item()
 
 
+def _nll(probs: torch.Tensor, labels) -> torch.Tensor:
+    p_true = probs.double().cpu().gather(1, _labels(labels)[:, None]).squeeze(1)
+    return -p_true.clamp_min(1e-12).log().mean()
+
+
 def nll(probs: torch.Tensor, labels) -> float:
     """Mean -log p(true class), p clamped at 1e-12."""
-    p_true = probs.double().cpu().gather(1, _labels(labels)[:, None]).squeeze(1)
-    return (-p_true.clamp_min(1e-12).log()).mean().item()
+    return _nll(probs, labels).item()
 
 
-def _bins(probs: torch.Tensor, labels, n_bins: int):
-    """Equal-width confidence bins (lower, upper]: edges, bin index, confidence, correctness."""
+def calibration_bins(probs: torch.Tensor, labels, n_bins: int = 15) -> dict:
+    """Equal-width confidence bins (lower, upper]: edges, and per bin the count, the mean
+    confidence and the accuracy (NaN where a bin is empty)."""
     probs = probs.double().cpu()
     conf, pred = probs.max(-1)
     correct = (pred == _labels(labels)).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     idx = torch.bucketize(conf, edges[1:-1], right=False)   # edges[i] < conf <= edges[i + 1]
-    return edges, idx, conf, correct
-
-
-def reliability_table(probs: torch.Tensor, labels, n_bins: int = 15) -> pd.DataFrame:
-    """Per bin: bin_lower, bin_upper, count, mean confidence, accuracy (NaN when empty)."""
-    edges, idx, conf, correct = _bins(probs, labels, n_bins)
     count = torch.bincount(idx, minlength=n_bins).double()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = (torch.bincount(idx, conf, minlength=n_bins) / count).numpy()
-        mean_acc = (torch.bincount(idx, correct, minlength=n_bins) / count).numpy()
-    return pd.DataFrame({"bin_lower": edges[:-1].numpy(), "bin_upper": edges[1:].numpy(),
-                         "count": count.long().numpy(), "confidence": mean_conf, "accuracy": mean_acc})
+    return {"edges": edges, "count": count,
+            "confidence": torch.bincount(idx, conf, minlength=n_bins) / count,
+            "accuracy": torch.bincount(idx, correct, minlength=n_bins) / count}
 
 
 def ece(probs: torch.Tensor, labels, n_bins: int = 15) -> float:
     """Expected calibration error: sum over bins of count/N * |accuracy - confidence|."""
-    table = reliability_table(probs, labels, n_bins)
-    filled = table[table["count"] > 0]
-    gap = (filled["accuracy"] - filled["confidence"]).abs()
-    return float((filled["count"] * gap).sum() / table["count"].sum())
+    b = calibration_bins(probs, labels, n_bins)
+    filled = b["count"] > 0
+    gap = (b["accuracy"][filled] - b["confidence"][filled]).abs()
+    return (b["count"][filled] * gap).sum().item() / b["count"].sum().item()
 
 
 # ---------------------------------------------------------------- temperature
 
-def fit_temperature_fn(probs_at: Callable[[float], torch.Tensor], labels,
+def fit_temperature_fn(probs_at: Callable[[torch.Tensor], torch.Tensor], labels,
                        t_min: float = 0.05, t_max: float = 20.0) -> float:
-    """T in [t_min, t_max] minimising nll(probs_at(T), labels): a 41-point grid in log T, then
-    golden-section search between the best point's neighbours (no scipy)."""
-    def loss(log_t):
-        return nll(probs_at(math.exp(log_t)), labels)
+    """T minimising nll(probs_at(T), labels): L-BFGS on log T (differentiable ``probs_at``),
+    from T = 1, the result clamped to [t_min, t_max]."""
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
-    grid = np.linspace(math.log(t_min), math.log(t_max), 41)
-    best = int(np.argmin([loss(g) for g in grid]))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    while hi - lo > 1e-5:
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = loss(b)
-    return math.exp((lo + hi) / 2)
+    def closure():
+        opt.zero_grad()
+        loss = _nll(probs_at(log_t.exp()), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(t_min, t_max))
 
 
 def fit_temperature(logits: torch.Tensor, labels, weights=None) -> float:
@@ -321,7 +313,67 @@ def fit_temperature(logits: torch.Tensor, labels, weights=None) -> float:
     return fit_temperature_fn(lambda t: tta_probs(logits, weights, t), labels)
 
 
-# ---------------------------------------------------------------- strategy table
+# ---------------------------------------------------------------- the strategy registry
+
+VIEW_SETS = ("none", "paper", "as_run")
+ENSEMBLE_WEIGHTS = (0.4, 0.6)       # paper: 0.4 regular + 0.6 EMA
+PAPER_TEMPERATURE = 1.2
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One inference strategy of Figure 1: which model(s), which views, how combined.
+
+    ``combine="probs"``: softmax of each view (and model), averaged with the view weights
+    (and ENSEMBLE_WEIGHTS) - the usual TTA.  ``"logits"``: the reference code's way, a
+    weighted average of logits / T with one softmax at the end.
+    """
+    name: str
+    models: tuple = ("regular",)    # ("regular",) | ("ema",) | ("regular", "ema")
+    views: str = "none"             # one of VIEW_SETS
+    combine: str = "probs"          # "probs" | "logits"
+    temperature: float = 1.0
+
+    @property
+    def needs_ema(self) -> bool:
+        return "ema" in self.models
+
+    def view_list(self, norm=(CIFAR_MEAN, STD_AS_RUN)) -> list:
+        """The views this strategy predicts; ``norm`` is the model's (mean, std) (as-run views)."""
+        return {"none": PAPER_TTA[:1], "paper": PAPER_TTA, "as_run": as_run_tta(*norm)}[self.views]
+
+    def probs(self, logits: dict, weights_v, temperature=None) -> torch.Tensor:
+        """(N, classes) from {model: view logits (V, N, C)} of this strategy's views."""
+        t = self.temperature if temperature is None else temperature
+        mix = ENSEMBLE_WEIGHTS if len(self.models) == 2 else (1.0,)
+        if self.combine == "logits":
+            return torch.softmax(sum(w * tta_logits(logits[m], weights_v, t)
+                                     for w, m in zip(mix, self.models)), dim=-1)
+        per_model = [tta_probs(logits[m], weights_v, t) for m in self.models]
+        return per_model[0] if len(per_model) == 1 else ensemble(*per_model, mix)
+
+
+STRATEGIES = {s.name: s for s in (
+    Strategy("standard"),
+    Strategy("tta", views="paper"),
+    Strategy("ema", ("ema",)),
+    Strategy("ema+tta", ("ema",), "paper"),
+    Strategy("ensemble", ("regular", "ema")),
+    Strategy("ensemble+tta", ("regular", "ema"), "paper"),
+    Strategy("ensemble+tta (as run)", ("regular", "ema"), "as_run", "logits", PAPER_TEMPERATURE),
+)}
+
+
+def get_strategy(name: str, has_ema: bool = True) -> Strategy:
+    """The registry entry, or a SamlibError naming the choices."""
+    if name not in STRATEGIES:
+        raise SamlibError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[name]
+    if strategy.needs_ema and not has_ema:
+        raise SamlibError(f"strategy {name!r} needs an EMA checkpoint; this run trained without EMA "
+                          "(use standard or tta)")
+    return strategy
+
 
 def model_norm(model: torch.nn.Module):
     """(mean, std) of the first submodule holding 3-channel ``mean``/``std`` tensors (samlib's
@@ -333,80 +385,67 @@ def model_norm(model: torch.nn.Module):
     return None
 
 
+def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=None,
+                   batch_size: int = 500, temperature=None) -> torch.Tensor:
+    """Class probabilities (N, classes) of one registry strategy for a run's two models."""
+    s = get_strategy(strategy, has_ema=ema is not None)
+    views = s.view_list(model_norm(regular) or (CIFAR_MEAN, STD_AS_RUN))
+    models = {"regular": regular, "ema": ema}
+    logits = {m: predict_logits(models[m], images, views, batch_size, device).double() for m in s.models}
+    return s.probs(logits, [v.weight for v in views], temperature).float()
+
+
 def _has_data(split) -> bool:
     return split is not None and len(split[1]) > 0
 
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
-                        temperature: float = 1.2, ensemble_weights=(0.4, 0.6), norm=None,
-                        return_probs: bool = False):
-    """Figure 1's comparison of inference strategies, one row each.
+                        norm=None):
+    """Figure 1's comparison: one row per registry strategy, then the validation-best one
+    again at the paper's T = 1.2 and at the T fitted on validation (one T divides every logit).
 
-    ``val``/``test``: (uint8 images (N, 32, 32, 3), labels).  Rows: standard, tta (PAPER_TTA),
-    ema, ema+tta, ensemble, ensemble+tta (probability averages, T = 1), "ensemble+tta (as
-    run)" (AS_RUN_TTA on both models, the code's logit average at T = ``temperature``), then
-    the best of these by validation accuracy (ties: lower validation NLL) again at
-    T = ``temperature`` and at the T fitted on validation (one T divides every logit).
-    ``ema_model=None`` drops the EMA and ensemble rows.  Without validation data the best is
-    picked on *test* (stated in ``frame.attrs["selected_on"]``) and there is no fitted row.
-    ``norm``: (mean, std) for the as-run views; default the regular model's Normalize buffers.
-    Each model runs once per split over the union of all views (batched TTA).
-    ``return_probs=True`` also returns {row name: test probabilities (N, classes)}.
+    ``val``/``test``: (uint8 images (N, 32, 32, 3), labels); ``ema_model=None`` drops the
+    strategies that need it.  Each model runs once per split over the union of all views
+    (batched TTA).  Without validation data the best is picked on *test* (``selected_on``)
+    and there is no fitted row.  Returns (rows, test probabilities of each strategy at its
+    own temperature, selected_on); every row has strategy, temperature, temperature_from
+    ("strategy" | "paper" | "fitted on validation"), selected (the best strategy's rows),
+    test_accuracy, test_nll, test_ece, val_accuracy.
     """
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
-    paper, as_run = PAPER_TTA, as_run_tta(*norm)
-    union = list({v.name: v for v in paper + as_run}.values())
+    models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
+    strategies = [s for s in STRATEGIES.values() if all(m in models for m in s.models)]
+    union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
-    models = {"regular": regular_model, "ema": ema_model}
-    models = {k: m for k, m in models.items() if m is not None}
     splits = {"test": test, "val": val} if _has_data(val) else {"test": test}
-    logits = {(m, s): predict_logits(models[m], splits[s][0], union, batch_size, device).double()
-              for m in models for s in splits}
+    logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device).double()
+              for m in models for split in splits}
 
-    def views_of(m, split, view_set):
-        return logits[m, split][[pos[v.name] for v in view_set]], [v.weight for v in view_set]
+    def probs(s: Strategy, split: str, t=None):
+        views = s.view_list(norm)
+        rows = [pos[v.name] for v in views]
+        return s.probs({m: logits[m, split][rows] for m in s.models}, [v.weight for v in views], t)
 
-    def single(m, tta):
-        return lambda split, t: tta_probs(*views_of(m, split, paper if tta else paper[:1]), t)
-
-    def pair(tta):
-        return lambda split, t: ensemble(single("regular", tta)(split, t), single("ema", tta)(split, t),
-                                         ensemble_weights)
-
-    def as_run_pair(split, t):
-        wa, wb = ensemble_weights
-        return torch.softmax(wa * tta_logits(*views_of("regular", split, as_run), t)
-                             + wb * tta_logits(*views_of("ema", split, as_run), t), dim=-1)
-
-    strategies = {"standard": (single("regular", False), 1.0), "tta": (single("regular", True), 1.0)}
-    if "ema" in models:
-        strategies.update({"ema": (single("ema", False), 1.0), "ema+tta": (single("ema", True), 1.0),
-                           "ensemble": (pair(False), 1.0), "ensemble+tta": (pair(True), 1.0),
-                           "ensemble+tta (as run)": (as_run_pair, temperature)})
-
-    test_probs = {}
-
-    def row(name, fn, t):
-        probs, labels = fn("test", t), test[1]
-        test_probs[name] = probs.float()
-        val_acc = accuracy(fn("val", t), val[1]) if "val" in splits else float("nan")
-        return {"strategy": name, "test_accuracy": accuracy(probs, labels), "test_nll": nll(probs, labels),
-                "test_ece": ece(probs, labels), "val_accuracy": val_acc, "temperature": float(t)}
-
-    rows = [row(name, fn, t) for name, (fn, t) in strategies.items()]
     on = "val" if "val" in splits else "test"
 
-    def score(name):                             # higher accuracy, then lower NLL
-        fn, t = strategies[name]
-        probs = fn(on, t)
-        return accuracy(probs, splits[on][1]), -nll(probs, splits[on][1])
+    def score(s):                                # higher accuracy, then lower NLL
+        p = probs(s, on)
+        return accuracy(p, splits[on][1]), -nll(p, splits[on][1])
 
     best = max(strategies, key=score)            # ties: the earlier (simpler) strategy
-    fn = strategies[best][0]
-    rows.append(row(f"{best} T={temperature:g}", fn, temperature))
+    rows, test_probs = [], {}
+
+    def row(s, t, source):
+        p = probs(s, "test", t)
+        val_acc = accuracy(probs(s, "val", t), val[1]) if "val" in splits else float("nan")
+        rows.append({"strategy": s.name, "temperature": float(t), "temperature_from": source,
+                     "selected": s is best, "test_accuracy": accuracy(p, test[1]),
+                     "test_nll": nll(p, test[1]), "test_ece": ece(p, test[1]), "val_accuracy": val_acc})
+        return p
+
+    for s in strategies:
+        test_probs[s.name] = row(s, s.temperature, "strategy").float()
+    row(best, PAPER_TEMPERATURE, "paper")
     if "val" in splits:
-        fitted = fit_temperature_fn(lambda t: fn("val", t), val[1])
-        rows.append(row(f"{best} T=fitted", fn, fitted))
-    frame = pd.DataFrame(rows)
-    frame.attrs.update(best=best, selected_on="validation" if on == "val" else "test")
-    return (frame, test_probs) if return_probs else frame
+        row(best, fit_temperature_fn(lambda t: probs(best, "val", t), val[1]), "fitted on validation")
+    return rows, test_probs, ("validation" if on == "val" else "test")

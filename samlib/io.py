@@ -15,8 +15,6 @@ import io
 import json
 import os
 import pickle
-import signal
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -29,27 +27,6 @@ CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-# Test-only fault injection (tests/test_reliability.py), off unless the variable is set:
-# SAMLIB_FAULT="kill-during-save:N" SIGKILLs this process during its N-th atomic write,
-# after half of the temporary file is on disk and before the rename; "...:N:NAME" counts
-# only writes of files named NAME (e.g. kill-during-save:2:last.pt).
-_fault_count = 0
-
-
-def _fault_due(path: Path) -> bool:
-    global _fault_count
-    spec = os.environ.get("SAMLIB_FAULT")
-    if not spec:
-        return False
-    kind, n, name = (spec.split(":", 2) + ["", ""])[:3]
-    if kind != "kill-during-save" or not n.isdigit():
-        raise ValueError(f"SAMLIB_FAULT={spec!r}: expected kill-during-save:N[:NAME]")
-    if name and path.name != name:
-        return False
-    _fault_count += 1
-    return _fault_count == int(n)
-
-
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path` so that a crash leaves either the old or the new file."""
     path = Path(path)
@@ -61,12 +38,6 @@ def atomic_write_bytes(path, data: bytes) -> Path:
                           "folder (--out for runs, --output for a submission)") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            if _fault_due(path):  # test-only, see SAMLIB_FAULT above
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                print(f"SAMLIB_FAULT: killed while writing {path}", file=sys.stderr, flush=True)
-                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

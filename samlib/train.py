@@ -1,25 +1,16 @@
 """The training loop (paper Section 3.3), one readable path in the airbench manner.
 
-The whole data set sits on the training device as uint8; each epoch is permuted and
-augmented there in a few large chunks (crop, flip, Cutout: samlib.augment), each step
-takes its batch, mixes it (MixUp) and runs forward/backward under autocast.  Metrics accumulate on the device and are read once per epoch, so the
-GPU never waits on the host mid-epoch.  Every epoch ends with an atomic checkpoint that
-holds everything needed to continue the run bit for bit: weights, EMA, optimiser
-(Lookahead slow weights included), scheduler, scaler, both RNG states and the metrics.
-
-Run directories are named `<config>-s<seed>-<hash>`: a finished run (final.json present)
-is returned as is, an unfinished one resumes from its last checkpoint, and a run trained
-on other data (run.json's data fingerprint) is refused, never reused.
+The whole training set sits on the device as uint8.  Each epoch: one permutation, crop /
+flip / Cutout over the whole epoch in a few large chunks, then per step MixUp, forward and
+backward under autocast, gradient clipping, Lookahead-SGD, the per-step LR schedule and
+the EMA update.  Then evaluation, checkpoint selection and an atomic checkpoint holding
+everything needed to continue bit for bit.  Metrics stay on the device until the epoch
+ends, so a GPU never waits on the host mid-epoch.  Run bookkeeping (reuse, resume, the
+data check, provenance) lives in samlib.rundir; selection in samlib.selection.
 """
 from __future__ import annotations
 
-import csv
-import io
-import platform
-import re
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,35 +18,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
+from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
-from .errors import CheckpointError, SamlibError
+from .device import amp_dtype_for, autocast, resolve_device
+from .errors import SamlibError
 from .infer import predict_logits
-from .io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
 from .model import build_model
 from .optim import build_ema, build_optimizer, build_scheduler
-from . import dist
+from .rundir import RunDir, check_arch, describe_data, load_model, provenance
+from .selection import BestCheckpoints
 
 AUGMENT_CHUNK = 8192   # images per crop/flip/Cutout call: big enough to amortise per-op cost
-
-METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean",
-                 "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "seconds")
 
 
 class NonFiniteLossError(SamlibError):
     """The loss became NaN/inf and no AMP scaler was there to skip the step."""
-
-
-# ---------------------------------------------------------------- data on the device
-
-def split_data(cfg: Config, dataset: D.CIFAR10) -> dict:
-    """Profile subset, then the stratified validation split: {split: (images NHWC, labels)}."""
-    if cfg.train_subset or cfg.test_subset:
-        dataset = D.subset(dataset, cfg.train_subset, cfg.test_subset, seed=cfg.split_seed)
-    train_idx, val_idx = D.split_train_val(dataset.train_labels, cfg.val_size, cfg.split_seed)
-    x, y = dataset.train_images, dataset.train_labels
-    return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
-            "test": (dataset.test_images, dataset.test_labels)}
 
 
 def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
@@ -71,8 +49,6 @@ def accuracy_of(model, images, labels, batch_size) -> float:
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
 
 
-# ---------------------------------------------------------------- method pieces
-
 def mix_alpha_at(cfg: Config, epoch: int) -> float:
     """The reference code ramps MixUp's alpha: 0.15, 0.225, then 0.3 from epoch 100 of 200."""
     if cfg.mix == "none":
@@ -83,65 +59,33 @@ def mix_alpha_at(cfg: Config, epoch: int) -> float:
     return cfg.mix_alpha * (0.5 if progress < 0.25 else 0.75 if progress < 0.5 else 1.0)
 
 
-def amp_dtype_for(cfg: Config, device: torch.device):
-    """bf16 where the GPU supports it (no scaler needed), fp16 + GradScaler otherwise; off on CPU."""
-    if cfg.amp == "off" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+class EpochMeter:
+    """Loss, lambda-weighted accuracy and non-finite steps of one epoch, summed on the device."""
 
+    def __init__(self, steps: int, device):
+        self.loss = torch.zeros((), device=device)
+        self.mixed_correct = torch.zeros((), device=device)
+        self.finite = torch.ones(steps, device=device, dtype=torch.bool)
 
-def resolve_device(device=None) -> torch.device:
-    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) or a clear error."""
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError, ValueError):
-        raise SamlibError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise SamlibError(f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) "
-                          "are visible; use --device cpu (or leave --device out)")
-    return dev
+    def add(self, step: int, loss, logits, targets) -> None:
+        self.finite[step] = torch.isfinite(loss)
+        self.loss += torch.nan_to_num(loss) * len(targets)
+        # The paper's "train acc": the target mass on the predicted class, i.e. lam * [pred ==
+        # y_a] + (1 - lam) * [pred == y_b] on mixed batches (Table 1's 67% is this number).
+        self.mixed_correct += targets.gather(1, logits.argmax(1, keepdim=True)).sum()
 
+    def result(self, images: int) -> dict:
+        """Means over `images`, summed over data-parallel ranks: one host read per epoch."""
+        bad = (~self.finite).float()
+        totals = dist.all_reduce_sum(torch.cat([torch.stack([self.loss, self.mixed_correct]), bad]))
+        bad_steps = torch.nonzero(totals[2:]).flatten().tolist()
+        return {"train_loss": totals[0].item() / images, "train_acc_mixed": totals[1].item() / images,
+                "nonfinite_steps": len(bad_steps),
+                "first_nonfinite_step": bad_steps[0] + 1 if bad_steps else None}
 
-def run_dir_for(cfg: Config, out) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name)
-    return Path(out) / f"{safe}-s{cfg.seed}-{cfg.hash()}"
-
-
-# ---------------------------------------------------------------- provenance
-
-def provenance(device: torch.device, data_source: str) -> dict:
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    import torchvision
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "data_source": data_source,
-        "world_size": dist.world_size(),
-    }
-
-
-def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:
-    """Provenance's data source: the report's label, the folder and the data fingerprint."""
-    where = f"{data_dir}; " if data_dir is not None else ""
-    return f"{D.describe_source(dataset, data_dir)} ({where}fingerprint {data_id})"
-
-
-# ---------------------------------------------------------------- the loop
 
 class Trainer:
-    """State of one run: model, EMA, optimiser, scheduler, RNGs, metrics, bests."""
+    """One run's state: model and EMA, data on the device, optimiser, RNGs, metrics, bests."""
 
     def __init__(self, cfg: Config, splits: dict, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -150,41 +94,42 @@ class Trainer:
                                  blocks=cfg.blocks, norm_std=cfg.norm_std).to(device)
         if device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # AveragedModel keeps its step counter `n_averaged` on the host (it is created on the
-        # CPU and never moved), so its `n_averaged == 0` test costs no GPU sync per step.
+        # AveragedModel keeps its step counter on the host: its first-update test costs no sync.
         self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema else None
-        self.train_x, self.train_y = to_device(*splits["train"], device)
-        self.transform = TrainTransform(self.train_x, cfg.crop_padding, cfg.flip, cfg.cutout)
-        self.eval_sets = {name: to_device(*splits[name], device) for name in ("val", "test")}
-        g = torch.Generator().manual_seed(cfg.split_seed)   # fixed clean-train-accuracy subset
-        k = min(cfg.train_eval_size, len(self.train_y))
-        idx = torch.randperm(len(self.train_y), generator=g)[:k].to(device)
-        self.eval_sets["train"] = (self.train_x[idx], self.train_y[idx])
-        if cfg.test_eval_size:
-            x, y = self.eval_sets["test"]
-            self.eval_sets["test_curve"] = (x[:cfg.test_eval_size], y[:cfg.test_eval_size])
-        self.global_batch = cfg.batch_size
-        self.steps_per_epoch = len(self.train_y) // cfg.batch_size   # drop the ragged last batch
-        if self.steps_per_epoch == 0:
-            raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
-                              "images; lower batch_size or use more data")
+        self._place_data(splits)
         self.net = dist.wrap(self.model, device)
-        if cfg.compile:   # optional: the first epoch then includes compilation (reported apart)
+        if cfg.compile:   # optional: the first epoch then includes compilation
             self.net = torch.compile(self.net)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov,
                                          cfg.weight_decay, cfg.lookahead_k, cfg.lookahead_alpha)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
                                          max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                                          pct_start=cfg.pct_start)
-        self.amp_dtype = amp_dtype_for(cfg, device)
+        self.amp_dtype = amp_dtype_for(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        # Two generators: per-sample draws on the device, per-batch scalars (MixUp's lambda) on
-        # the host, so no step waits on the GPU. Same seed on every rank: same batches everywhere.
+        # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on
+        # the host, so no step waits on the GPU.  Same seeds on every rank: same batches.
         self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
         self.gen_host = torch.Generator().manual_seed(cfg.seed + 1)
-        self.epoch = 0
-        self.metrics: list[dict] = []
-        self.best = {"regular": -1.0, "ema": -1.0, "regular_epoch": None, "ema_epoch": None}
+        self.epoch, self.metrics = 0, []
+        self.best = BestCheckpoints(cfg.selection, cfg.ema)
+
+    def _place_data(self, splits: dict) -> None:
+        """uint8 images on the device, the train transform's padded store, the evaluation sets."""
+        cfg, device = self.cfg, self.device
+        self.train_x, self.train_y = to_device(*splits["train"], device)
+        self.transform = TrainTransform(self.train_x, cfg.crop_padding, cfg.flip, cfg.cutout)
+        self.eval_sets = {name: to_device(*splits[name], device) for name in ("val", "test")}
+        g = torch.Generator().manual_seed(cfg.split_seed)   # fixed clean-train-accuracy subset
+        idx = torch.randperm(len(self.train_y), generator=g)[:min(cfg.train_eval_size, len(self.train_y))]
+        self.eval_sets["train"] = (self.train_x[idx.to(device)], self.train_y[idx.to(device)])
+        if cfg.test_eval_size:
+            x, y = self.eval_sets["test"]
+            self.eval_sets["test_curve"] = (x[:cfg.test_eval_size], y[:cfg.test_eval_size])
+        self.steps_per_epoch = len(self.train_y) // cfg.batch_size   # drop the ragged last batch
+        if self.steps_per_epoch == 0:
+            raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
+                              "images; lower batch_size or use more data")
 
     # -- checkpoint state
     def state_dict(self) -> dict:
@@ -194,7 +139,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": {"aug": self.gen_aug.get_state(), "host": self.gen_host.get_state()},
-                "metrics": self.metrics, "best": self.best}
+                "metrics": self.metrics, "best": self.best.state}
 
     def load_state_dict(self, ckpt: dict) -> None:
         check_arch(ckpt, self.model.arch)
@@ -206,23 +151,45 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.gen_aug.set_state(ckpt["rng"]["aug"])
         self.gen_host.set_state(ckpt["rng"]["host"])
-        self.epoch, self.metrics, self.best = ckpt["epoch"], ckpt["metrics"], ckpt["best"]
+        self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
+        self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
 
-    # -- one optimiser step on an already augmented batch
+    # -- the data of one epoch
+    def epoch_batches(self, alpha: float):
+        """This epoch's training batches: (x float pixel-space, y soft targets).
+
+        airbench-style: one permutation of the device-resident uint8 data, crop/flip/Cutout
+        over the whole epoch in a few large uint8 chunks (per-op overhead paid per chunk,
+        not per batch), then per batch a float conversion and MixUp.  Every rank draws the
+        same numbers, so every rank builds the same global batches and keeps its slice.
+        """
+        bs, dev = self.cfg.batch_size, self.device
+        order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:self.steps_per_epoch * bs]
+        x_epoch = torch.cat([self.transform(chunk, self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
+        y_epoch = one_hot(self.train_y[order], 10)
+        rank, world = dist.rank(), dist.world_size()
+        for step in range(self.steps_per_epoch):
+            batch = slice(step * bs, (step + 1) * bs)
+            # lambda and CutMix's box come from the host generator: no sync per step.
+            x, y = mix_batch(to_pixels(x_epoch[batch]), y_epoch[batch], self.cfg.mix, alpha, self.gen_aug,
+                             host_generator=self.gen_host, inplace=True)
+            if world > 1:
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            yield x, y
+
+    # -- one optimiser step on a mixed batch
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA. Returns (loss, logits), detached."""
-        cfg, dev = self.cfg, self.device
-        if dev.type == "cuda" and cfg.channels_last:
+        if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             logits = self.net(x)
-        loss = F.cross_entropy(logits.float(), y)   # = lam*CE(y_a) + (1-lam)*CE(y_b)
+        loss = F.cross_entropy(logits.float(), y)   # soft targets: lam*CE(y_a) + (1-lam)*CE(y_b)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if cfg.grad_clip:                            # paper: clip the gradient norm at 1.0
+        if self.cfg.grad_clip:                       # paper: clip the gradient norm at 1.0
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
         self.scaler.update()
         self.scheduler.step()                        # the LR schedules are per step
@@ -230,58 +197,20 @@ class Trainer:
             self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
         return loss.detach(), logits.detach()
 
-    # -- the data of one epoch
-    def epoch_batches(self, alpha: float):
-        """This epoch's augmented training batches: (x float pixel-space, y soft targets).
-
-        airbench-style: one permutation of the device-resident uint8 data, crop/flip/Cutout
-        over the whole epoch in a few large uint8 chunks (per-op overhead paid once per chunk,
-        not per batch), then per batch a float conversion and MixUp.  Every rank draws the
-        same numbers, so every rank builds the same global batches and keeps its slice.
-        """
-        cfg, dev = self.cfg, self.device
-        n = self.steps_per_epoch * cfg.batch_size            # the ragged last batch is dropped
-        order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:n]
-        x_epoch = torch.cat([self.transform(chunk, self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
-        y_epoch = one_hot(self.train_y[order], 10)
-        rank, world = dist.rank(), dist.world_size()
-        for step in range(self.steps_per_epoch):
-            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            # lambda and CutMix's box come from the host generator: no sync per step.
-            x, y = mix_batch(to_pixels(x_epoch[batch]), y_epoch[batch], cfg.mix, alpha, self.gen_aug,
-                             host_generator=self.gen_host, inplace=True)
-            if world > 1:
-                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-            yield x, y
-
     # -- one epoch
-    def train_epoch(self, progress: bool) -> dict:
-        cfg, dev = self.cfg, self.device
+    def train_epoch(self, progress: bool = False) -> dict:
         self.net.train()
-        alpha = mix_alpha_at(cfg, self.epoch)
-        loss_sum = torch.zeros((), device=dev)
-        mixed_correct = torch.zeros((), device=dev)
-        finite = torch.ones(self.steps_per_epoch, device=dev, dtype=torch.bool)  # read once, at the end
-        batches = self.epoch_batches(alpha)
-        if progress:
-            batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                           leave=False)
-        for step, (x, y) in enumerate(batches):
-            loss, logits = self.train_step(x, y)
-            finite[step] = torch.isfinite(loss)
-            loss_sum += torch.nan_to_num(loss) * len(y)
-            # The paper's "train acc": lambda-weighted accuracy on mixed batches = target mass
-            # on the predicted class (67% in Table 1 is this number, not a clean accuracy).
-            mixed_correct += y.gather(1, logits.argmax(1, keepdim=True)).sum()
-        bad = (~finite).float()
-        totals = dist.all_reduce_sum(torch.cat([torch.stack([loss_sum, mixed_correct]), bad]))
-        n = self.steps_per_epoch * cfg.batch_size
-        bad_steps = torch.nonzero(totals[2:]).flatten().tolist()
-        return {"train_loss": totals[0].item() / n, "train_acc_mixed": totals[1].item() / n,
-                "nonfinite_steps": len(bad_steps), "first_nonfinite_step": bad_steps[0] + 1 if bad_steps else None,
-                "mix_alpha": alpha}
+        alpha = mix_alpha_at(self.cfg, self.epoch)
+        meter = EpochMeter(self.steps_per_epoch, self.device)
+        batches = tqdm(self.epoch_batches(alpha), total=self.steps_per_epoch, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not progress)
+        for step, (x, y) in enumerate(batches):      # permute, crop/flip/Cutout, MixUp
+            loss, logits = self.train_step(x, y)     # forward/backward, clip, step, LR, EMA
+            meter.add(step, loss, logits, y)
+        return {**meter.result(self.steps_per_epoch * self.cfg.batch_size), "mix_alpha": alpha}
 
     def evaluate(self) -> dict:
+        """Clean train, validation and (per-epoch subset of) test accuracy, regular and EMA."""
         bs = self.cfg.eval_batch_size
         test = self.eval_sets.get("test_curve", self.eval_sets["test"])
         out = {"train_acc_clean": accuracy_of(self.model, *self.eval_sets["train"], bs),
@@ -292,161 +221,85 @@ class Trainer:
             out["test_acc_ema"] = accuracy_of(self.ema.module, *test, bs)
         return out
 
+    def check_finite(self, row: dict, last_good) -> None:
+        """fp16's GradScaler skips overflowing steps by design (counted in the metrics); without
+        it a NaN/inf loss has already spoiled the weights: stop, keep the last checkpoint."""
+        if row["nonfinite_steps"] and not self.scaler.is_enabled():
+            raise NonFiniteLossError(
+                f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
+                f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
+                f"was saved. Last good checkpoint: {last_good or 'none (first epoch)'}. "
+                "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
 
-def check_arch(ckpt: dict, arch: dict) -> None:
-    got = ckpt.get("arch")
-    if got is not None and {k: list(v) if isinstance(v, tuple) else v for k, v in got.items()} != \
-            {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}:
-        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')} holds a model with architecture "
-                              f"{got}, not the expected {arch}; it belongs to another config")
-
-
-def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.Module:
-    """Rebuild a model from a samlib checkpoint (weights_only load; architecture checked)."""
-    ckpt = load_checkpoint(path, map_location=device)
-    if expect_arch is not None:
-        check_arch(ckpt, expect_arch)
-    model = build_model(**ckpt["arch"]).to(device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt['_path']} does not fit its recorded architecture: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.eval()
-
-
-def _select(cfg: Config, best: dict, row: dict, epoch: int) -> tuple[bool, bool]:
-    """Which checkpoints to save this epoch: (regular, ema).
-
-    "val": each model at its best validation accuracy.  "test" (as run): the EMA model when
-    its test accuracy is the best so far; the regular one whenever its test accuracy is
-    within 0.5 points of that best.
-    """
-    if cfg.selection == "val":
-        reg = row["val_acc"] > best["regular"]
-        ema = cfg.ema and row["val_acc_ema"] > best["ema"]
-        if reg:
-            best.update(regular=row["val_acc"], regular_epoch=epoch)
-        if ema:
-            best.update(ema=row["val_acc_ema"], ema_epoch=epoch)
-        return reg, ema
-    ema = cfg.ema and row["test_acc_ema"] > best["ema"]
-    if ema:
-        best.update(ema=row["test_acc_ema"], ema_epoch=epoch)
-    reference = best["ema"] if cfg.ema else best["regular"]
-    reg = row["test_acc"] >= reference - 0.005
-    if reg:
-        best.update(regular=max(best["regular"], row["test_acc"]), regular_epoch=epoch)
-    return reg, ema
-
-
-def _write_metrics(run_dir: Path, rows: list) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+    def final_test(self, run: RunDir) -> dict:
+        """Full-test-set accuracy of the selected checkpoints (what Table 1 reports)."""
+        test_x, test_y = self.eval_sets["test"]
+        last = self.metrics[-1]
+        final = {"epochs": self.epoch, "best": self.best.state, "train_acc_mixed": last["train_acc_mixed"],
+                 "train_acc_clean": last["train_acc_clean"], "test_size": len(test_y)}
+        for kind in ("regular", "ema"):
+            if (run / f"best_{kind}.pt").exists():
+                model = load_model(run / f"best_{kind}.pt", self.device, expect_arch=self.model.arch)
+                final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size)
+        return final
 
 
 def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs",
           device=None, profile: str | None = None, progress: bool = True,
-          stop_after: int | None = None) -> Path:
-    """Train `cfg` (or reuse/resume its run) and return the run directory.
+          stop_after: int | None = None):
+    """Train `cfg` (or reuse / resume its run) and return the run directory's path.
 
     data_dir: parent of cifar-10-batches-py; or pass `dataset` directly (tests, synthetic).
     stop_after: end the process's work after this many epochs of *this call* (to test resume).
     """
     t0 = time.time()
     device = dist.setup(resolve_device(device))
-    run_dir = run_dir_for(cfg, out)
+    run = RunDir.for_config(cfg, out)
     if dataset is None:
         if data_dir is None:
             raise SamlibError("give data_dir (the folder holding cifar-10-batches-py) or a dataset")
         dataset = D.load_cifar10(data_dir)
     data_id = D.fingerprint(dataset)
-    recorded = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
-    if recorded.get("data", data_id) != data_id:
-        raise SamlibError(f"{run_dir} was trained on other data (fingerprint {recorded['data']}, "
-                          f"this data {data_id}); use another --out folder for this data")
-    if (run_dir / "final.json").exists():
+    run.check_data(data_id)
+    if run.finished:
         if dist.is_main():
-            print(f"reusing finished run {run_dir}")
-        return run_dir
+            print(f"reusing finished run {run.path}")
+        return run.path
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    splits = split_data(cfg, dataset)
-    trainer = Trainer(cfg, splits, device)
-    if dist.is_main():   # write_json makes run_dir, or says clearly why it cannot
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "run.json", {"profile": profile, "config": cfg.name, "seed": cfg.seed,
-                                          "hash": cfg.hash(), "data": data_id})
-    if (run_dir / "last.pt").exists() or (run_dir / "last.prev.pt").exists():
-        try:
-            ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot resume {run_dir}: {e}; move that folder away (or delete "
-                                  "it) to start the run again from scratch") from None
-        trainer.load_state_dict(ckpt)
+    trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
+    run.start(cfg, profile, data_id)
+    state = run.resume_state(device)
+    if state is not None:
+        trainer.load_state_dict(state)
         if dist.is_main():
-            print(f"resuming {run_dir} after epoch {trainer.epoch}")
+            print(f"resuming {run.path} after epoch {trainer.epoch}")
     if dist.is_main():
-        print(f"run directory: {run_dir}")
-    epochs = range(trainer.epoch, cfg.epochs)
-    bar = tqdm(epochs, desc=cfg.name, disable=not (progress and dist.is_main()))
-    done_here = 0
-    for epoch in bar:
+        print(f"run directory: {run.path}")
+    show = progress and dist.is_main()
+    bar = tqdm(range(trainer.epoch, cfg.epochs), desc=cfg.name, disable=not show)
+    for done_here, epoch in enumerate(bar, start=1):
         t_epoch = time.time()
-        row = {"epoch": epoch + 1, **trainer.train_epoch(progress and dist.is_main())}
-        if row["nonfinite_steps"] and not trainer.scaler.is_enabled():
-            # fp16's GradScaler skips overflowing steps by design (counted in the metrics);
-            # without it a NaN/inf loss has already spoiled the weights: stop, keep last.pt.
-            raise NonFiniteLossError(
-                f"loss became non-finite at epoch {epoch + 1}, step {row['first_nonfinite_step']} "
-                f"({row['nonfinite_steps']} of {trainer.steps_per_epoch} steps); nothing of this epoch "
-                f"was saved. Last good checkpoint: {run_dir / 'last.pt' if epoch else 'none (first epoch)'}. "
-                "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
+        row = {"epoch": epoch + 1, **trainer.train_epoch(show)}       # data, mix, steps, EMA
+        trainer.check_finite(row, last_good=epoch and run / "last.pt")
         row.update(trainer.evaluate(), lr=trainer.optimizer.param_groups[0]["lr"],
                    seconds=round(time.time() - t_epoch, 3))
         trainer.epoch = epoch + 1
         trainer.metrics.append(row)
-        save_reg, save_ema = _select(cfg, trainer.best, row, epoch + 1)
-        if dist.is_main():
-            if save_reg:
-                save_checkpoint({"arch": trainer.model.arch, "model": trainer.model.state_dict(),
-                                 "epoch": epoch + 1}, run_dir / "best_regular.pt", keep_previous=False)
-            if save_ema:
-                save_checkpoint({"arch": trainer.model.arch, "model": trainer.ema.module.state_dict(),
-                                 "epoch": epoch + 1}, run_dir / "best_ema.pt", keep_previous=False)
-            _write_metrics(run_dir, trainer.metrics)
-            save_checkpoint(trainer.state_dict(), run_dir / "last.pt")
+        save_reg, save_ema = trainer.best.update(row, epoch + 1)      # select
+        best_models = {"regular": trainer.model} if save_reg else {}
+        if save_ema:
+            best_models["ema"] = trainer.ema.module
+        run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # checkpoint
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}",
                         test=f"{row['test_acc']:.3f}")
-        done_here += 1
         if stop_after is not None and done_here >= stop_after and trainer.epoch < cfg.epochs:
-            return run_dir
+            return run.path
     dist.barrier()
     if dist.is_main():
-        final = finalize(run_dir, trainer, device)
-        write_json(run_dir / "provenance.json", {
-            **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed, "profile": profile,
-            "wall_seconds": round(time.time() - t0, 1),
+        run.finish(trainer.final_test(run), {
+            **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
+            "profile": profile, "wall_seconds": round(time.time() - t0, 1),
             "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
-        write_json(run_dir / "final.json", final)
     dist.barrier()
-    return run_dir
-
-
-def finalize(run_dir: Path, trainer: Trainer, device) -> dict:
-    """Full-test-set accuracy of the selected checkpoints (what Table 1 reports)."""
-    bs = trainer.cfg.eval_batch_size
-    test_x, test_y = trainer.eval_sets["test"]
-    last = trainer.metrics[-1]
-    final = {"epochs": trainer.epoch, "best": trainer.best,
-             "train_acc_mixed": last["train_acc_mixed"], "train_acc_clean": last["train_acc_clean"],
-             "test_size": len(test_y)}
-    for kind in ("regular", "ema"):
-        path = run_dir / f"best_{kind}.pt"
-        if path.exists():
-            model = load_model(path, device, expect_arch=trainer.model.arch)
-            final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, bs)
-    return final
+    return run.path

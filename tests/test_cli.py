@@ -23,7 +23,7 @@ from samlib.config import resolve
 from samlib.data import FOLDER
 from samlib.io import CHECKPOINT_FORMAT, save_checkpoint
 from samlib.model import build_model
-from samlib.train import run_dir_for
+from samlib.rundir import RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "samlib"
 TINY = dict(widths="4,8,8", blocks="1,1,1", epochs="1", train_subset="none", test_subset="none",
@@ -55,7 +55,7 @@ def runs(tmp_path_factory, data_dir):
     for config in ("final", "baseline"):
         argv = ["train", "--config", config, "--data-dir", str(data_dir), "--out", str(out), *TINY_ARGS]
         assert cli.main(argv) == 0
-        dirs[config] = run_dir_for(resolve(config, "smoke", **TINY), out)
+        dirs[config] = RunDir.for_config(resolve(config, "smoke", **TINY), out).path
         assert (dirs[config] / "final.json").exists()
     return dirs
 

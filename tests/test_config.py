@@ -1,7 +1,9 @@
 """Configs and profiles: names, overrides, validation, hashing."""
+import importlib
+
 import pytest
 
-from samlib.config import CONFIGS, PROFILES, SWITCHES, TABLE1, Config, from_dict, resolve
+from samlib.config import CONFIGS, PROFILES, SWITCHES, TABLE1, from_dict, resolve
 from samlib.errors import ConfigError
 
 
@@ -70,7 +72,21 @@ def test_bad_settings_raise_one_clear_error(kwargs, words):
 
 def test_config_names_cover_table1_and_switches():
     assert set(TABLE1) <= set(CONFIGS) and len(CONFIGS) == len(TABLE1) + len(SWITCHES)
-    assert isinstance(Config(), Config)
+
+
+@pytest.mark.parametrize("field, owner", [
+    ("se_placement", "samlib.model.SE_PLACEMENTS"), ("norm_std", "samlib.model.NORM_STDS"),
+    ("mix", "samlib.augment.MIX_KINDS"), ("schedule", "samlib.optim.SCHEDULES"),
+    ("amp", "samlib.device.AMP_MODES"), ("selection", "samlib.selection.SELECTIONS"),
+])
+def test_option_settings_accept_exactly_what_the_owning_module_offers(field, owner):
+    """One place for validation: each option list comes from the module that implements it."""
+    module, name = owner.rsplit(".", 1)
+    options = list(getattr(importlib.import_module(module), name))
+    for value in options:
+        assert getattr(resolve("final", "smoke", **{field: value}), field) == value
+    with pytest.raises(ConfigError, match=f"{field} must be one of"):
+        resolve("final", "smoke", **{field: "bogus"})
 
 
 @pytest.mark.parametrize("profile, train_images", [("paper", 45000), ("quick", 7000)])

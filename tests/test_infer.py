@@ -2,16 +2,18 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from samlib.errors import DataError
-from samlib.infer import (AS_RUN_TTA, PAPER_TTA, accuracy, as_run_hpad, as_run_tta,
+from samlib.errors import DataError, SamlibError
+from samlib.infer import (AS_RUN_TTA, PAPER_TTA, STRATEGIES, accuracy, as_run_hpad, as_run_tta,
                           as_run_vshift, brightness, ece, ensemble, evaluate_strategies,
-                          fit_temperature, hflip, identity, model_norm, nll, normalised_brightness,
-                          predict_logits, predict_logits_sequential, reliability_table, shift,
-                          tta_logits, tta_probs)
+                          fit_temperature, get_strategy, hflip, identity, model_norm, nll,
+                          normalised_brightness, predict_logits, predict_logits_sequential, shift,
+                          strategy_probs, tta_logits, tta_probs)
+from samlib.report.tables import reliability_table
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -214,7 +216,7 @@ def test_ece_by_hand_two_bins():
     high = abs(0.5 - 0.85)                          # acc 1/2, mean conf 0.85
     low = abs(0.5 - 0.425)                          # acc 1/2, mean conf 0.425
     assert ece(probs, labels, n_bins=2) == pytest.approx(0.5 * high + 0.5 * low)
-    table = reliability_table(probs, labels, n_bins=2)
+    table = reliability_table(probs, labels, n_bins=2)      # the report's frame of calibration_bins
     assert list(table.columns) == ["bin_lower", "bin_upper", "count", "confidence", "accuracy"]
     assert table["count"].tolist() == [2, 2]
     assert table["confidence"].tolist() == pytest.approx([0.425, 0.85])
@@ -246,31 +248,64 @@ def test_evaluate_strategies_rows_and_ensemble():
     rng = np.random.default_rng(3)
     val = (uint8_images(40, seed=4), rng.integers(0, 4, 40))
     test = (uint8_images(50, seed=5), rng.integers(0, 4, 50))
-    frame = evaluate_strategies(regular, ema, val, test, batch_size=16, norm=(MEAN, STD))
-    base = ["standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta", "ensemble+tta (as run)"]
-    best = frame.attrs["best"]
-    assert frame["strategy"].tolist() == base + [f"{best} T=1.2", f"{best} T=fitted"]
-    assert frame.attrs["selected_on"] == "validation"
-    assert list(frame.columns) == ["strategy", "test_accuracy", "test_nll", "test_ece",
-                                   "val_accuracy", "temperature"]
+    rows, probs, selected_on = evaluate_strategies(regular, ema, val, test, batch_size=16, norm=(MEAN, STD))
+    frame = pd.DataFrame(rows)
+    assert selected_on == "validation"
+    best = frame.loc[frame["selected"], "strategy"].unique().tolist()
+    assert len(best) == 1 and best[0] in STRATEGIES
+    assert frame["strategy"].tolist() == list(STRATEGIES) + best * 2
+    assert frame["temperature_from"].tolist() == ["strategy"] * len(STRATEGIES) + ["paper", "fitted on validation"]
+    assert frame["temperature"].iloc[-2] == 1.2 and set(probs) == set(STRATEGIES)
     assert frame[["test_accuracy", "val_accuracy"]].stack().between(0, 1).all()
+    # the selected strategy has the best validation accuracy of the T = strategy rows
+    own = frame[frame["temperature_from"] == "strategy"].set_index("strategy")
+    assert own.loc[best[0], "val_accuracy"] == own["val_accuracy"].max()
     # independent recomputation of the ensemble row
     x = torch.from_numpy(test[0]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         p = 0.4 * torch.softmax(regular.eval()(x), -1) + 0.6 * torch.softmax(ema.eval()(x), -1)
     acc = (p.argmax(1).numpy() == test[1]).mean()
-    assert frame.set_index("strategy").loc["ensemble", "test_accuracy"] == pytest.approx(acc)
-    assert frame.set_index("strategy").loc["ensemble+tta (as run)", "temperature"] == 1.2
+    assert own.loc["ensemble", "test_accuracy"] == pytest.approx(acc)
+    assert torch.allclose(probs["ensemble"], p, atol=1e-5)
+    # the as-run row: the code's logit average / 1.2 with its own views and weights
+    views = as_run_tta(MEAN, STD)
+    w = torch.tensor([v.weight for v in views]) / sum(v.weight for v in views)
+    with torch.no_grad():
+        z = sum(wv * (0.4 * regular(v.fn(x)) + 0.6 * ema(v.fn(x))) for wv, v in zip(w, views)) / 1.2
+    assert torch.allclose(probs["ensemble+tta (as run)"], torch.softmax(z, -1), atol=1e-5)
+    assert own.loc["ensemble+tta (as run)", "temperature"] == 1.2
 
 
 def test_evaluate_strategies_without_ema_or_val():
     model = Tiny(seed=1)
     test = (uint8_images(20, seed=5), np.arange(20) % 4)
-    frame = evaluate_strategies(model, None, None, test, batch_size=8, norm=(MEAN, STD))
-    best = frame.attrs["best"]
-    assert frame["strategy"].tolist() == ["standard", "tta", f"{best} T=1.2"]
-    assert frame.attrs["selected_on"] == "test"
+    rows, probs, selected_on = evaluate_strategies(model, None, None, test, batch_size=8, norm=(MEAN, STD))
+    frame = pd.DataFrame(rows)
+    best = frame.loc[frame["selected"], "strategy"].iloc[0]
+    assert frame["strategy"].tolist() == ["standard", "tta", best]
+    assert selected_on == "test" and set(probs) == {"standard", "tta"}
     assert frame["val_accuracy"].isna().all()
+
+
+def test_registry_names_models_views_and_combination():
+    """Every strategy's probabilities from the registry equal a hand-written combination."""
+    regular, ema = Tiny(seed=1), Tiny(seed=2)
+    images = uint8_images(12, seed=6)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        def soft(model, views):
+            return sum(torch.softmax(model.eval()(v.fn(x)), -1) for v in views) / len(views)
+        expected = {"standard": soft(regular, PAPER_TTA[:1]), "tta": soft(regular, PAPER_TTA),
+                    "ema": soft(ema, PAPER_TTA[:1]), "ema+tta": soft(ema, PAPER_TTA),
+                    "ensemble": 0.4 * soft(regular, PAPER_TTA[:1]) + 0.6 * soft(ema, PAPER_TTA[:1]),
+                    "ensemble+tta": 0.4 * soft(regular, PAPER_TTA) + 0.6 * soft(ema, PAPER_TTA)}
+    for name, want in expected.items():
+        got = strategy_probs(regular, ema, images, name, batch_size=6)
+        assert torch.allclose(got, want, atol=1e-5), name
+    with pytest.raises(SamlibError, match="EMA"):
+        strategy_probs(regular, None, images, "ensemble")
+    with pytest.raises(SamlibError, match="unknown strategy"):
+        get_strategy("vote")
 
 
 def test_model_norm_reads_normalize_buffers():

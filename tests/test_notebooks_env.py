@@ -1,6 +1,6 @@
 """environment.yml agrees with pyproject.toml, and the report notebooks keep their contract:
 a python3 kernelspec, a `parameters`-tagged first code cell defining the names papermill and
-`make report` pass, defaults that pass samlib.nbparams.check_params, and no stored outputs
+`make report` pass, defaults that pass samlib.report.params.check_params, and no stored outputs
 except those of the `# NBVAL_CHECK_OUTPUT` cells (which nbval compares)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from samlib import nbparams
+from samlib.report import notebooks, params as nbparams
 
 try:
     import tomllib
@@ -113,7 +113,7 @@ def test_stored_notebook_has_outputs_only_in_checked_cells(name):
     for cell in _load(name)["cells"]:
         if cell["cell_type"] != "code":
             continue
-        if nbparams.CHECK_MARK not in "".join(cell["source"]):
+        if notebooks.CHECK_MARK not in "".join(cell["source"]):
             assert cell["outputs"] == [] and cell["execution_count"] is None, \
                 "outputs belong only to # NBVAL_CHECK_OUTPUT cells (make strip)"
         else:   # nbval refuses stored outputs without an execution count ("unrun reference cell")

@@ -2,7 +2,7 @@
 loaded silently, a NaN loss stops the run clearly, and CPU runs are bit-for-bit reproducible.
 
 The kill tests run `python -m samlib train` as a subprocess and SIGKILL it, either mid-epoch
-(after a seeded random delay) or mid-save (samlib.io's test-only SAMLIB_FAULT hook kills the
+(after a seeded random delay) or mid-save (tests/fault_train.py's SAMLIB_FAULT wrapper kills the
 process half-way through writing a named file, before the rename).  The resumed run must end
 with the same metrics (minus wall-clock seconds), final.json and weights as a run that was
 never interrupted.
@@ -28,7 +28,8 @@ from samlib.config import resolve
 from samlib.data import synthetic_cifar10, write_cifar10
 from samlib.errors import CheckpointError
 from samlib.io import load_checkpoint, read_json, save_checkpoint
-from samlib.train import NonFiniteLossError, run_dir_for, train
+from samlib.rundir import RunDir
+from samlib.train import NonFiniteLossError, train
 
 # A run of seconds: 448 training images = 7 steps of 64 per epoch, 3 epochs, EMA + MixUp.
 TINY = dict(widths="4,8,8", blocks="1,1,1", epochs="3", train_subset="none", test_subset="none",
@@ -104,9 +105,10 @@ def _env(fault=None):
     return env
 
 
-def train_cmd(data_dir, out):
-    return [sys.executable, "-m", "samlib", "train", "--data-dir", str(data_dir), "--out", str(out),
-            *TINY_ARGS]
+def train_cmd(data_dir, out, fault=False):
+    """`python -m samlib train ...`, or the same through tests/fault_train.py (SAMLIB_FAULT)."""
+    entry = [str(Path(__file__).with_name("fault_train.py"))] if fault else ["-m", "samlib"]
+    return [sys.executable, *entry, "train", "--data-dir", str(data_dir), "--out", str(out), *TINY_ARGS]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def cli_reference(tmp_path_factory, data_dir):
     done = subprocess.run(train_cmd(data_dir, out), env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    return run_dir_for(CFG, out)
+    return RunDir.for_config(CFG, out).path
 
 
 def assert_checkpoints_loadable(run_dir):
@@ -148,14 +150,14 @@ def rewritten_best(run_dir):
 def test_killed_mid_save_then_resumed_equals_uninterrupted(tmp_path, data_dir, cli_reference):
     """SIGKILL half-way through writing each kind of file, resume each time, compare."""
     best_file, n, epoch = rewritten_best(cli_reference)
-    run_dir = run_dir_for(CFG, tmp_path)
+    run_dir = RunDir.for_config(CFG, tmp_path).path
     plan = [  # (fault, the epoch the last checkpoint on disk holds afterwards)
         (f"kill-during-save:{n}:{best_file}", epoch - 1),  # a new best over the good old one
         ("kill-during-save:1:last.pt", epoch - 1),         # last.pt, after last -> last.prev
         ("kill-during-save:1:final.json", 3),              # all epochs done, finalising
     ]
     for fault, last_epoch in plan:
-        done = subprocess.run(train_cmd(data_dir, tmp_path), env=_env(fault), capture_output=True,
+        done = subprocess.run(train_cmd(data_dir, tmp_path, fault=True), env=_env(fault), capture_output=True,
                               text=True, timeout=300)
         name = fault.split(":")[2]
         assert done.returncode == -signal.SIGKILL, (fault, done.returncode, done.stderr)
@@ -180,7 +182,7 @@ def test_killed_mid_epoch_at_random_points_then_resumed_equals_uninterrupted(tmp
     rng = random.Random(5)
     with open(cli_reference / "metrics.csv", newline="") as f:
         epoch_s = sum(float(r["seconds"]) for r in csv.DictReader(f)) / CFG.epochs
-    run_dir = run_dir_for(CFG, tmp_path)
+    run_dir = RunDir.for_config(CFG, tmp_path).path
     history = []
     for attempt in range(2):
         delay = rng.uniform(0.1, 2.5) * epoch_s
@@ -293,7 +295,7 @@ def test_nan_loss_stops_with_epoch_step_and_last_checkpoint(tmp_path, dataset, r
     monkeypatch.setattr(samlib.train.F, "cross_entropy", NaNLossAt(STEPS + 3))   # epoch 2, step 3
     with pytest.raises(NonFiniteLossError) as e:
         train(CFG, dataset=dataset, out=tmp_path, device="cpu", progress=False)
-    run_dir = run_dir_for(CFG, tmp_path)
+    run_dir = RunDir.for_config(CFG, tmp_path).path
     msg = str(e.value)
     assert "epoch 2, step 3" in msg and f"Last good checkpoint: {run_dir / 'last.pt'}" in msg
     assert "(5 of 7 steps)" in msg   # NaN weights after step 3 and "--set lr=" in msg
@@ -309,7 +311,7 @@ def test_nan_loss_through_the_command_line(tmp_path, data_dir, monkeypatch, caps
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: loss became non-finite at epoch 2, step 5")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert str(run_dir_for(CFG, tmp_path) / "last.pt") in err
+    assert str(RunDir.for_config(CFG, tmp_path).path / "last.pt") in err
 
 
 def test_nonfinite_steps_skipped_by_the_amp_scaler_are_counted(tmp_path, dataset, monkeypatch):

@@ -9,7 +9,9 @@ from samlib.config import resolve
 from samlib.data import synthetic_cifar10
 from samlib.errors import CheckpointError
 from samlib.io import load_checkpoint
-from samlib.train import _select, load_model, mix_alpha_at, run_dir_for, train
+from samlib.rundir import RunDir, load_model
+from samlib.selection import BestCheckpoints
+from samlib.train import mix_alpha_at, train
 
 SMALL = dict(widths="4,8,8", blocks="1,1,1", epochs="3", batch_size="64", val_size="64",
              train_eval_size="64", train_subset="none", test_subset="none")
@@ -56,7 +58,7 @@ def test_finished_runs_are_reused(tmp_path, dataset):
     stamp = (first / "final.json").stat().st_mtime_ns
     assert train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False) == first
     assert (first / "final.json").stat().st_mtime_ns == stamp
-    assert first == run_dir_for(cfg, tmp_path) and cfg.hash() in first.name
+    assert first == RunDir.for_config(cfg, tmp_path).path and cfg.hash() in first.name
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, dataset):
@@ -76,19 +78,22 @@ def test_mixup_alpha_ramp_matches_the_reference_code():
 
 
 def test_selection_on_validation_keeps_each_models_best():
-    cfg = resolve("final", "paper")
-    best = {"regular": -1.0, "ema": -1.0, "regular_epoch": None, "ema_epoch": None}
-    assert _select(cfg, best, {"val_acc": 0.5, "val_acc_ema": 0.4, "test_acc": 0.9, "test_acc_ema": 0.9}, 1) == (True, True)
-    assert _select(cfg, best, {"val_acc": 0.4, "val_acc_ema": 0.6, "test_acc": 0.99, "test_acc_ema": 0.1}, 2) == (False, True)
-    assert (best["regular_epoch"], best["ema_epoch"]) == (1, 2)
+    best = BestCheckpoints("val", ema=True)
+    assert best.update({"val_acc": 0.5, "val_acc_ema": 0.4, "test_acc": 0.9, "test_acc_ema": 0.9}, 1) == (True, True)
+    assert best.update({"val_acc": 0.4, "val_acc_ema": 0.6, "test_acc": 0.99, "test_acc_ema": 0.1}, 2) == (False, True)
+    assert (best.state["regular_epoch"], best.state["ema_epoch"]) == (1, 2)
+    assert (best.state["regular"], best.state["ema"]) == (0.5, 0.6)
+    # without EMA the EMA columns are never read and never saved
+    plain = BestCheckpoints("val", ema=False)
+    assert plain.update({"val_acc": 0.3, "test_acc": 0.9}, 1) == (True, False)
 
 
 def test_selection_as_run_uses_test_and_the_half_point_rule():
-    cfg = resolve("final", "paper", selection="test")
-    best = {"regular": -1.0, "ema": -1.0, "regular_epoch": None, "ema_epoch": None}
+    best = BestCheckpoints("test", ema=True)
     # EMA best so far 0.900; regular saved when within 0.5 points of it.
-    assert _select(cfg, best, {"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.896, "test_acc_ema": 0.900}, 1) == (True, True)
-    assert _select(cfg, best, {"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.894, "test_acc_ema": 0.899}, 2) == (False, False)
+    assert best.update({"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.896, "test_acc_ema": 0.900}, 1) == (True, True)
+    assert best.update({"val_acc": 0, "val_acc_ema": 0, "test_acc": 0.894, "test_acc_ema": 0.899}, 2) == (False, False)
+    assert best.state["ema_epoch"] == 1
 
 
 def test_a_cached_run_is_never_reused_for_other_data(tmp_path, dataset):

@@ -6,17 +6,12 @@ say what it is, name profile/data/device on every table, and update summary.json
     ...
     finish(p, "01_table1_ablation", table1=...)
 
-Also a small command line for notebook upkeep (see `python -m samlib.nbparams -h`): strip
-outputs except the `# NBVAL_CHECK_OUTPUT` cells, write the HTML index, write a small
-Kaggle-format test file for the tests.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import os
-import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
-from .config import PROFILES, SWITCHES
-from .errors import ConfigError
-from .io import atomic_write_text, read_json, write_json
+from .. import data as D
+from ..config import PROFILES, SWITCHES
+from ..errors import ConfigError
+from ..infer import STRATEGIES
+from ..io import atomic_write_text, read_json, write_json
+from ..rundir import provenance
 
 REQUIRED = ("profile", "data_dir", "seeds", "results_dir", "runs_dir", "device")
 DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "paper": [84, 85, 86]}
 DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "paper": list(SWITCHES)}
-STRATEGY_CHOICES = ("best", "standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta")
-CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+STRATEGY_CHOICES = ("best", *STRATEGIES)
 # Notebooks train with progress=False; tqdm.auto's notice about missing ipywidgets is noise.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
@@ -95,7 +91,7 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
     profile: "auto" (paper on CUDA, else quick) or one of PROFILES.  seeds: None (the
     profile's default: DEFAULT_SEEDS) or a non-empty list of ints.  device: "auto" | "cpu" |
     "cuda[:n]".  Extras: switches (None = DEFAULT_SWITCHES[profile], or a list of SWITCHES
-    names), kaggle_file (None or a path), strategy ("best" or a samlib.submit strategy).
+    names), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
     """
     import torch
 
@@ -153,8 +149,6 @@ def load_data(p: Params, download: bool = True):
     """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
     import torch
 
-    from .train import provenance
-
     dataset = D.load_cifar10(p.data_dir, download=download)
     p.data_source = D.describe_source(dataset, p.data_dir)
     p.provenance = provenance(torch.device(p.device), p.data_source)
@@ -189,20 +183,11 @@ def header(p: Params, dataset=None) -> None:
 
 # ---------------------------------------------------------------- tables and summary
 
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:,.2f}" if abs(v) < 1e5 else f"{v:,.0f}"
-    if _is_int(v):
-        return f"{v:,}" if abs(v) >= 10000 else str(v)
-    return str(v).replace("|", "\\|")
-
-
 def markdown_table(frame) -> str:
-    """A GitHub-flavoured markdown table (no tabulate dependency); floats to 2 decimals."""
-    cols = [str(c) for c in frame.columns]
-    rows = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    """A GitHub-flavoured markdown table: floats to 2 decimals, thousands separated, "|" in
+    text escaped (tabulate leaves it as is, which would split the cell)."""
+    text = frame.apply(lambda col: col.str.replace("|", "\\|") if col.dtype == object else col)
+    return text.to_markdown(index=False, floatfmt=",.2f", intfmt=",", missingval="") + "\n"
 
 
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
@@ -264,135 +249,3 @@ def finish(p: Params, notebook: str, **sections) -> None:
     print(f"{notebook}: {seconds} s; summary in {p.results / 'summary.json'}")
 
 
-# ---------------------------------------------------------------- inference helpers
-
-def best_strategy(table) -> str:
-    """The strategy evaluate_run's table picked on validation (the name before ' T=' in its
-    temperature rows; strategies.csv does not keep frame.attrs)."""
-    rows = table["strategy"][table["strategy"].str.contains(" T=", regex=False)]
-    if rows.empty:
-        raise ConfigError("this strategy table has no 'T=' rows; was it written by samlib.report.evaluate_run?")
-    return rows.iloc[0].rsplit(" T=", 1)[0]
-
-
-def cached_test_probs(run_dir, strategy, images, labels, device):
-    """Test probabilities (N, classes) of one strategy: the ones evaluate_run saved with its
-    table (run_dir/strategy_probs.pt) when they are for these labels, else computed now."""
-    import torch
-
-    from .report import strategy_test_probs
-    from .submit import load_run_models, strategy_probs
-
-    saved = strategy_test_probs(run_dir, strategy)
-    if saved is not None and torch.equal(saved[1], torch.as_tensor(np.asarray(labels))):
-        return saved[0]
-    regular, ema = load_run_models(run_dir, device)
-    return strategy_probs(regular, ema, images, strategy, device=device).float().cpu()
-
-
-# ---------------------------------------------------------------- notebook upkeep
-
-def strip_outputs(path) -> int:
-    """Clear outputs and execution counts except in `# NBVAL_CHECK_OUTPUT` cells (whose
-    outputs nbval compares; they are numbered 1, 2, ...); drop papermill metadata.
-    Returns the number of cells kept."""
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    kept = 0
-    nb.metadata.pop("papermill", None)
-    nb.metadata["language_info"] = {"name": "python", "pygments_lexer": "ipython3"}
-    for cell in nb.cells:
-        cell.metadata.pop("papermill", None)
-        cell.metadata.pop("execution", None)
-        if cell.cell_type != "code":
-            continue
-        if CHECK_MARK not in cell.source:
-            cell.outputs, cell.execution_count = [], None
-            continue
-        kept += 1      # nbval needs an execution count on a cell whose outputs it compares
-        cell.execution_count = kept
-        for out in cell.outputs:
-            if out.get("output_type") == "execute_result":
-                out["execution_count"] = kept
-            if "metadata" in out:
-                out["metadata"] = {}
-    nbformat.write(nb, str(path))
-    return kept
-
-
-INDEX_TABLES = (("table1", "Table 1 rebuilt"), ("discrepancies", "Paper/code switches on the final config"),
-                ("figure1_deltas", "Figure 1: the paper's claims and the reproduced numbers"),
-                ("temperature", "Temperature scaling"))
-INDEX_FIGURES = ("training_curves", "lr_schedules", "figure1", "reliability", "confusion")
-
-
-def write_index(results_dir) -> Path:
-    """results/<profile>/html/index.html: provenance, the main tables and figures, links to
-    the notebook pages."""
-    import pandas as pd
-
-    results_dir = Path(results_dir)
-    summary = read_json(results_dir / "summary.json") if (results_dir / "summary.json").exists() else {}
-    esc = html.escape
-    info = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(summary.get(k)))}</td></tr>"
-                   for k in ("profile", "data_source", "device", "commit", "commit_dirty", "torch",
-                             "seeds", "timings", "updated"))
-    links = "".join(f'<li><a href="{p.name}">{esc(p.stem)}</a></li>'
-                    for p in sorted((results_dir / "html").glob("[0-9]*.html")))
-    caption = esc(f"profile {summary.get('profile')} | {summary.get('data_source')} | {summary.get('device')}")
-    tables = "".join(
-        f"<h3>{esc(title)}</h3><p><i>{caption}</i></p>"
-        + pd.read_csv(results_dir / f"{name}.csv").to_html(index=False, na_rep="", float_format="{:.2f}".format)
-        for name, title in INDEX_TABLES if (results_dir / f"{name}.csv").exists())
-    figures = "".join(f'<p><img src="../{name}.png" alt="{name}" style="max-width:100%"></p>'
-                      for name in INDEX_FIGURES if (results_dir / f"{name}.png").exists())
-    warn = "" if summary.get("profile") == "paper" else (
-        "<p><b>Scaled-down profile:</b> these numbers are not the paper's setting and must not be "
-        "compared with the paper's as if they were.</p>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>SAMResNets reproduction "
-            f"({esc(str(summary.get('profile')))})</title><style>body{{font-family:sans-serif;max-width:75em;"
-            f"margin:auto}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px}}"
-            f"</style></head><body><h1>SAMResNets: Small, Accurate and Modern &mdash; reproduction report</h1>"
-            f"{warn}<table>{info}</table><h2>Notebooks</h2><ol>{links}</ol><h2>Results</h2>{tables}{figures}"
-            f"<p>All files: <a href='../summary.json'>summary.json</a>, <a href='../table1.md'>table1.md</a>, "
-            f"<a href='../submission.csv'>submission.csv</a></p></body></html>\n")
-    return atomic_write_text(results_dir / "html" / "index.html", page)
-
-
-def write_kaggle_sample(data_dir, out, n=200) -> Path:
-    """A Kaggle-format file (dict b'data' uint8 (n, 32, 32, 3), b'ids') from the first n test
-    images of data_dir, for exercising the submission path in tests."""
-    ds = D.load_cifar10(data_dir)
-    n = min(n, len(ds.test_labels))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(pickle.dumps({b"data": np.ascontiguousarray(ds.test_images[:n]),
-                                  b"ids": np.arange(1000, 1000 + n)}, protocol=4))
-    return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m samlib.nbparams", description="notebook upkeep")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells")
-    s.add_argument("notebooks", nargs="+")
-    i = sub.add_parser("index", help="write RESULTS/html/index.html")
-    i.add_argument("results")
-    k = sub.add_parser("kaggle-sample", help="write a small Kaggle-format test file")
-    k.add_argument("data_dir")
-    k.add_argument("out")
-    k.add_argument("--n", type=int, default=200)
-    args = ap.parse_args(argv)
-    if args.cmd == "strip":
-        for nb in args.notebooks:
-            print(f"{nb}: kept outputs of {strip_outputs(nb)} checked cell(s)")
-    elif args.cmd == "index":
-        print(write_index(args.results))
-    else:
-        print(write_kaggle_sample(args.data_dir, args.out, args.n))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""samlib.nbparams (parameter checks, tables, summary.json, notebook upkeep) and samlib.plots."""
+"""The report layer: parameter checks, tables, summary.json, notebook upkeep, figures."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,16 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from samlib import nbparams as nb
-from samlib import plots
 from samlib.config import SWITCHES, resolve
 from samlib.data import load_unlabeled
 from samlib.errors import ConfigError
-from samlib.infer import reliability_table
+from samlib.infer import STRATEGIES
 from samlib.io import write_json
-from samlib.report import PAPER_FIGURE1
+from samlib.report import figures as plots
+from samlib.report import notebooks
+from samlib.report import params as nb
+from samlib.report.tables import (PAPER_FIGURE1, best_strategy, figure1_deltas, reliability_table,
+                                  temperature_table)
 
 
 def _params(tmp_path, **kw):
@@ -52,7 +54,10 @@ def test_check_params_names_the_bad_parameter(tmp_path, kw, word):
 def test_markdown_table_and_save_table(tmp_path):
     frame = pd.DataFrame({"a": [1.234, float("nan")], "b": ["x|y", "z"], "n": [4697162, 7]})
     md = nb.markdown_table(frame)
-    assert md.splitlines() == ["| a | b | n |", "|---|---|---|", "| 1.23 | x\\|y | 4,697,162 |", "|  | z | 7 |"]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in md.splitlines()]
+    assert rows[0] == ["a", "b", "n"] and set(md.splitlines()[1]) <= set("|-: ")
+    assert rows[2] == ["1.23", "x\\|y", "4,697,162"]
+    assert rows[3] == ["", "z", "7"]
     p = _params(tmp_path)
     p.data_source = "synthetic"
     nb.save_table(frame, p, "t", "Title", notes="a note")
@@ -79,7 +84,7 @@ def test_strip_outputs_keeps_only_checked_cells(tmp_path):
     book.cells = [checked, plain]
     path = tmp_path / "n.ipynb"
     nbformat.write(book, str(path))
-    assert nb.strip_outputs(path) == 1
+    assert notebooks.strip_outputs(path) == 1
     cells = nbformat.read(str(path), as_version=4).cells
     assert cells[0].outputs[0]["text"] == "4,697,162\n" and cells[1].outputs == []
     assert cells[0].execution_count == 1 and cells[1].execution_count is None
@@ -89,7 +94,7 @@ def test_kaggle_sample_reads_back(tmp_path):
     from samlib.data import synthetic_cifar10, write_cifar10
 
     write_cifar10(tmp_path, synthetic_cifar10(20, 30))
-    path = nb.write_kaggle_sample(tmp_path, tmp_path / "k.pkl", n=12)
+    path = notebooks.write_kaggle_sample(tmp_path, tmp_path / "k.pkl", n=12)
     images, ids = load_unlabeled(path)
     assert images.shape == (12, 32, 32, 3) and list(ids) == list(range(1000, 1012))
     raw = pickle.loads(path.read_bytes())
@@ -99,21 +104,36 @@ def test_kaggle_sample_reads_back(tmp_path):
 # ---------------------------------------------------------------- plots
 
 def _strategy_table():
+    """A strategy table as evaluate_strategies writes it: every strategy at its own
+    temperature, then the selected one (ensemble+tta) at T = 1.2 and at a fitted T."""
     acc = {"standard": 0.90, "tta": 0.91, "ema": 0.905, "ema+tta": 0.915, "ensemble": 0.912,
-           "ensemble+tta": 0.92, "ensemble+tta (as run)": 0.918, "ensemble+tta T=1.2": 0.92}
-    return pd.DataFrame({"strategy": list(acc), "test_accuracy": list(acc.values())})
+           "ensemble+tta": 0.92, "ensemble+tta (as run)": 0.918}
+    rows = [{"strategy": s, "temperature": STRATEGIES[s].temperature, "temperature_from": "strategy",
+             "selected": s == "ensemble+tta", "test_accuracy": a, "test_nll": 0.3, "test_ece": 0.02}
+            for s, a in acc.items()]
+    rows += [{"strategy": "ensemble+tta", "temperature": t, "temperature_from": src, "selected": True,
+              "test_accuracy": 0.921, "test_nll": 0.29, "test_ece": 0.01}
+             for t, src in ((1.2, "paper"), (0.9, "fitted on validation"))]
+    return pd.DataFrame(rows)
 
 
-def test_best_strategy_reads_the_temperature_rows():
-    assert nb.best_strategy(_strategy_table()) == "ensemble+tta"
-    with pytest.raises(ConfigError):
-        nb.best_strategy(_strategy_table().iloc[:3])
+def test_best_strategy_reads_the_selected_rows():
+    assert best_strategy(_strategy_table()) == "ensemble+tta"
+    flipped = _strategy_table().assign(selected=lambda t: t["strategy"].eq("tta"))
+    assert best_strategy(flipped) == "tta"
+
+
+def test_temperature_table_keeps_the_selected_strategy_and_the_as_run_row():
+    t = temperature_table(_strategy_table())
+    assert t["strategy"].tolist() == ["ensemble+tta", "ensemble+tta (as run)", "ensemble+tta", "ensemble+tta"]
+    assert t["temperature"].tolist() == [1.0, 1.2, 1.2, 0.9]
+    assert t["test_accuracy"].iloc[0] == pytest.approx(92.0) and t["test_ece"].iloc[-1] == pytest.approx(1.0)
 
 
 def test_figure1_deltas_by_hand():
-    d = plots.figure1_deltas(_strategy_table(), PAPER_FIGURE1).set_index("claim")
+    d = figure1_deltas(_strategy_table(), PAPER_FIGURE1).set_index("claim")
     assert d["reproduced"].iloc[0] == pytest.approx(1.0)        # 91 - 90
-    assert d["reproduced"].iloc[1] == pytest.approx(1.0)        # 92 - 91
+    assert d["reproduced"].iloc[1] == pytest.approx(1.0)        # 92 - 91, not the T=1.2 row's 92.1
     assert d["reproduced"].iloc[2] == pytest.approx(0.5)        # 91.5 - 91
     assert d["paper"].iloc[0] == 0.31 and d["paper"].iloc[1] == 0.16 and d["paper"].iloc[-1] == 92.99
 

@@ -13,47 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .data import load_unlabeled
-from .errors import DataError, SamlibError
-from .infer import PAPER_TTA, ensemble, predict_logits, tta_probs
-from .io import atomic_write_text
-
-STRATEGIES = ("standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta")
-
-
-def load_run_models(run_dir, device="cpu"):
-    """(regular, ema-or-None) from a run directory's best checkpoints."""
-    from .train import load_model
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "best_regular.pt").exists():
-        raise SamlibError(f"{run_dir} holds no best_regular.pt: is it a finished samlib run directory? "
-                          "(python -m samlib train ... prints the run directory)")
-    regular = load_model(run_dir / "best_regular.pt", device)
-    ema_path = run_dir / "best_ema.pt"
-    ema = load_model(ema_path, device, expect_arch=regular.arch) if ema_path.exists() else None
-    return regular, ema
-
-
-def strategy_probs(regular, ema, images, strategy="ensemble+tta", device=None, batch_size=500,
-                   temperature=1.0, weights=(0.4, 0.6)) -> torch.Tensor:
-    """Class probabilities (N, 10) for one of STRATEGIES (Figure 1's names)."""
-    if strategy not in STRATEGIES:
-        raise SamlibError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    if ema is None and strategy.startswith(("ema", "ensemble")):
-        raise SamlibError(f"strategy {strategy!r} needs an EMA checkpoint; this run trained without EMA "
-                          "(use standard or tta)")
-    views = PAPER_TTA if strategy.endswith("tta") else PAPER_TTA[:1]
-    weights_v = [v.weight for v in views]
-
-    def probs(model):
-        return tta_probs(predict_logits(model, images, views, batch_size, device), weights_v, temperature)
-
-    if strategy.startswith("ensemble"):
-        return ensemble(probs(regular), probs(ema), weights)
-    return probs(ema if strategy.startswith("ema") else regular)
+from ..data import load_unlabeled
+from ..device import resolve_device
+from ..errors import DataError
+from ..infer import strategy_probs
+from ..io import atomic_write_text
+from ..rundir import load_run_models
 
 
 def write_submission(ids, labels, path) -> Path:
@@ -91,8 +57,6 @@ def validate_submission(path, ids=None, num_classes=10) -> dict:
 
 def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
     """Predict a Kaggle-format unlabeled file with a finished run and write the submission."""
-    from .train import resolve_device
-
     device = resolve_device(device)
     images, ids = load_unlabeled(input_path)
     regular, ema = load_run_models(run_dir, device)

@@ -2,7 +2,7 @@
 writes it (PNG).  Figures are built with matplotlib.figure.Figure, not pyplot, so a notebook
 shows each exactly once (as the cell's value) and none pile up in memory.
 
-`caption` is the line naming profile, data source and device (samlib.nbparams.Params.caption);
+`caption` is the line naming profile, data source and device (samlib.report.params.Params.caption);
 every figure carries it under its title.
 """
 from __future__ import annotations
@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .data import CIFAR_MEAN, CLASSES, STD_AS_RUN, STD_TRUE
-
-FIGURE1_ORDER = ("standard", "tta", "ema", "ema+tta", "ensemble", "ensemble+tta", "ensemble+tta (as run)")
+from ..data import CIFAR_MEAN, CLASSES, STD_AS_RUN, STD_TRUE
+from ..infer import STRATEGIES
+from ..optim import schedule_curves
+from .runs import load_run
+from .tables import figure1_deltas, strategy_accuracy
 CHANNELS = ("red", "green", "blue")
 
 
@@ -105,10 +107,8 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
                          save=None) -> Figure:
     """Loss, validation and test accuracy (regular solid, EMA dashed) and LR per epoch.
 
-    `runs`: {config: [run_dir, ...]} as from samlib.report.train_many; the first seed is drawn.
+    `runs`: {config: [run_dir, ...]} as from samlib.report.runs.train_many; the first seed is drawn.
     The per-epoch test curve may use a test subset (config test_eval_size); Table 1 uses all."""
-    from .report import load_run
-
     fig = Figure(figsize=(12, 7), layout="constrained")
     (ax_loss, ax_val), (ax_test, ax_lr) = fig.subplots(2, 2, sharex=True)
     colours = dict(zip(runs, [f"C{i}" for i in range(len(runs))]))
@@ -141,8 +141,6 @@ def plot_lr_schedules(epochs=200, steps_per_epoch=50, title="Learning-rate sched
     """The paper's schedule as written (10-epoch warm-up 0.001 -> 0.1, then OneCycle) and the
     one its code ran (LinearLR overridden by OneCycleLR: plain OneCycle), LR and momentum per
     step, x in epochs.  The shape does not depend on steps_per_epoch (the paper's is 351)."""
-    from .optim import schedule_curves
-
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax_lr, ax_m = fig.subplots(1, 2)
     for kind, style in (("as_written", "-"), ("as_run", "--")):
@@ -163,39 +161,15 @@ def plot_lr_schedules(epochs=200, steps_per_epoch=50, title="Learning-rate sched
 
 # ---------------------------------------------------------------- inference (notebook 02)
 
-def _acc(table: pd.DataFrame, strategy: str) -> float:
-    rows = table.loc[table["strategy"] == strategy, "test_accuracy"]
-    return 100 * float(rows.iloc[0]) if len(rows) else float("nan")
-
-
-def figure1_deltas(table: pd.DataFrame, paper: dict) -> pd.DataFrame:
-    """The paper's Figure 1 claims beside the reproduced numbers (percentage points).
-
-    `table`: samlib.report.evaluate_run's; `paper`: samlib.report.PAPER_FIGURE1.  The paper
-    does not say which model its +0.16 ensemble gain starts from; we take regular + TTA."""
-    a = {s: _acc(table, s) for s in FIGURE1_ORDER}
-    rows = [
-        ("TTA gain: tta - standard", paper["tta_gain"], a["tta"] - a["standard"], ""),
-        ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], a["ensemble+tta"] - a["tta"],
-         "paper: 'a further +0.16'"),
-        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), a["ema+tta"] - a["tta"],
-         "paper: positive, no number"),
-        ("ensemble over EMA: ensemble+tta - ema+tta", float("nan"), a["ensemble+tta"] - a["ema+tta"], ""),
-        ("as-run TTA/ensemble vs samlib's: (as run) - ensemble+tta", float("nan"),
-         a["ensemble+tta (as run)"] - a["ensemble+tta"], "code: logit average, as-run views"),
-        ("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], "absolute, not a delta"),
-    ]
-    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "note"])
-
-
 def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: inference strategies",
                  caption="", save=None) -> Figure:
     """Left: test accuracy of each strategy (reproduced).  Right: the paper's stated gains
     beside the reproduced ones (TTA over standard, ensemble over TTA)."""
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     ax, ax_d = fig.subplots(1, 2, width_ratios=(1.6, 1))
-    names = [s for s in FIGURE1_ORDER if s in set(table["strategy"])]
-    accs = np.array([_acc(table, s) for s in names])
+    acc = strategy_accuracy(table)
+    names = [s for s in STRATEGIES if s in acc.index]
+    accs = acc[names].to_numpy()
     bars = ax.bar(range(len(names)), accs, color=["C0" if "as run" not in s else "C3" for s in names])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=25, ha="right")

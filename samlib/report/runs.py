@@ -1,0 +1,92 @@
+"""The runs behind the report: train (or reuse) them, read them back, evaluate a run's
+inference strategies once and cache the result in its run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import data as D
+from ..config import from_dict, resolve
+from ..device import resolve_device
+from ..errors import SamlibError
+from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
+from ..io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
+from ..rundir import load_run_models
+from ..train import train
+
+CACHE_VERSION = 2   # strategies.csv with temperature_from / selected columns
+
+
+def load_run(run_dir) -> dict:
+    """Everything a finished (or unfinished) run directory holds, as Python objects."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise SamlibError(f"{run_dir} is not a samlib run directory (no config.json); pass the "
+                          "folder that `python -m samlib train` printed")
+    out = {"dir": run_dir, "config": from_dict(read_json(run_dir / "config.json"))}
+    for name in ("final", "provenance", "run"):
+        path = run_dir / f"{name}.json"
+        out[name] = read_json(path) if path.exists() else None
+    metrics = run_dir / "metrics.csv"
+    out["metrics"] = pd.read_csv(metrics) if metrics.exists() else pd.DataFrame()
+    return out
+
+
+def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs", device=None,
+               progress=True, **overrides) -> dict:
+    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}."""
+    return {name: [train(resolve(name, profile, seed=seed, **overrides), data_dir=data_dir,
+                         dataset=dataset, out=out, device=device, profile=profile, progress=progress)
+                   for seed in seeds]
+            for name in configs}
+
+
+def _cache_key(data_id: str) -> dict:
+    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES)}
+
+
+def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True) -> pd.DataFrame:
+    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies).
+
+    Cached in the run directory (strategies.csv, the test probabilities of every strategy in
+    strategy_probs.pt), keyed by the data fingerprint and the strategy registry: other data
+    or another samlib version recomputes instead of reusing.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir)["config"]
+    if dataset is None:
+        dataset = D.load_cifar10(data_dir)
+    key = _cache_key(D.fingerprint(dataset))
+    cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
+    if reuse and cached.exists() and meta.exists() and read_json(meta) == key:
+        return pd.read_csv(cached)
+    device = resolve_device(device) if device is not None else None
+    splits = D.split_data(cfg, dataset)
+    regular, ema = load_run_models(run_dir, device or "cpu")
+    rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
+                                                   batch_size=cfg.eval_batch_size)
+    table = pd.DataFrame(rows)
+    table.attrs["selected_on"] = selected_on
+    # Test probabilities of every strategy, for the reliability diagram, the confusion matrix
+    # and the submission: computed once here, never again.
+    save_checkpoint({"probs": probs, "labels": torch.as_tensor(splits["test"][1])},
+                    run_dir / "strategy_probs.pt", keep_previous=False)
+    atomic_write_text(cached, table.to_csv(index=False))
+    write_json(meta, key)
+    return table
+
+
+def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:
+    """Class probabilities (N, classes) of one strategy of a run on `images`: the test
+    probabilities evaluate_run saved when `labels` are the ones they were saved for, else
+    computed now (e.g. for the Kaggle file)."""
+    path = Path(run_dir) / "strategy_probs.pt"
+    if labels is not None and path.exists():
+        saved = load_checkpoint(path, fallback=False)
+        if strategy in saved["probs"] and torch.equal(saved["labels"], torch.as_tensor(labels)):
+            return saved["probs"][strategy]
+    regular, ema = load_run_models(run_dir, device or "cpu")
+    return strategy_probs(regular, ema, images, strategy, device=device)
