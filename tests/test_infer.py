@@ -1,4 +1,4 @@
-"""samlib.infer against hand-made images, hand-computed metrics and independent formulas."""
+"""samlib.infer and samlib.views against hand-made images, hand-computed metrics and independent formulas."""
 import math
 
 import numpy as np
@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from samlib.errors import DataError, SamlibError
-from samlib.infer import (AS_RUN_TTA, PAPER_TTA, STRATEGIES, accuracy, as_run_hpad, as_run_tta,
-                          as_run_vshift, brightness, ece, ensemble, evaluate_strategies,
-                          fit_temperature, get_strategy, hflip, identity, model_norm, nll,
-                          normalised_brightness, predict_logits, predict_logits_sequential, shift,
-                          strategy_probs, tta_logits, tta_probs)
+from samlib.infer import (PAPER_TTA, STRATEGIES, accuracy, ece, ensemble, evaluate_strategies,
+                          fit_temperature, get_strategy, model_norm, nll, predict_logits,
+                          predict_logits_sequential, strategy_probs, tta_logits, tta_probs)
 from samlib.report.tables import reliability_table
+from samlib.views import (AS_RUN_TTA, as_run_hpad, as_run_tta, as_run_vshift, brightness, hflip, identity,
+                          normalised_brightness, shift)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

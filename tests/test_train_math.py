@@ -187,31 +187,28 @@ def test_train_step_is_clipped_nesterov_sgd_with_decay_onecycle_and_ema(dataset)
 
 
 def test_train_step_with_lookahead_matches_hand_lookahead(dataset):
-    """Lookahead k=2, alpha=0.5: 5 steps (syncs after steps 2 and 4, step 5 unsynced)."""
-    trainer, hand = replay_train_steps(dataset, 5, lookahead_k=2, lookahead_alpha=0.5)
+    """Lookahead k=2: 5 steps (syncs after steps 2 and 4, step 5 unsynced).  alpha=0.6, not
+    the paper's 0.5, so that alpha and 1 - alpha cannot be confused unnoticed."""
+    trainer, hand = replay_train_steps(dataset, 5, lookahead_k=2, lookahead_alpha=0.6)
     assert hand.steps == 5
 
 
 # ---------------------------------------------------------------- replaying an epoch's draws
 
 def replay_mixup_epoch(trainer, alpha, chunk):
-    """The epoch's batches rebuilt from cloned generators: for each step the pre-mix pixels,
-    the labels y_a, lam and the partner permutation (so y_b = y_a[perm])."""
+    """The epoch's MixUp draws replayed on cloned generators: for each step the labels y_a,
+    lam and the partner permutation (so y_b = y_a[perm])."""
     g, h = clone_generator(trainer.gen_aug), clone_generator(trainer.gen_host)
     bs, steps = trainer.cfg.batch_size, trainer.steps_per_epoch
     order = torch.randperm(len(trainer.train_y), generator=g)[:steps * bs]
-    x_epoch = torch.cat([trainer.transform(c, g) for c in order.split(chunk)])
+    for c in order.split(chunk):                      # the augmentation's draws, to advance g
+        trainer.transform(c, g)
     y_epoch = trainer.train_y[order]
     out = []
     for step in range(steps):
-        sl = slice(step * bs, (step + 1) * bs)
-        x = x_epoch[sl].float() / 255
-        if alpha == 0:
-            out.append(dict(x=x, y_a=y_epoch[sl], lam=1.0, perm=torch.arange(bs)))
-            continue
         lam = sample_lambda(alpha, h)                 # one lambda per batch, host generator
         perm = torch.randperm(bs, generator=g)        # one partner permutation per batch
-        out.append(dict(x=x, y_a=y_epoch[sl], lam=lam, perm=perm))
+        out.append(dict(y_a=y_epoch[step * bs:(step + 1) * bs], lam=lam, perm=perm))
     return out
 
 
@@ -221,6 +218,9 @@ def augment_chunk():
 
 
 def test_train_acc_mixed_and_loss_are_the_lambda_weighted_hand_formulas(dataset, monkeypatch):
+    """Two MixUp epochs: train_acc_mixed = mean of lam*[pred == y_a] + (1-lam)*[pred == y_b] and
+    train_loss = mean of lam*CE(y_a) + (1-lam)*CE(y_b), with lam, y_a, y_b from a replay of the
+    epoch's draws and pred / logits recorded from each train_step."""
     # alpha 1 without the ramp: lambda ~ U(0, 1), far from 0/1, so the weighting shows.
     trainer = make_trainer(dataset, mix="mixup", mix_alpha=1.0, alpha_ramp=False, epochs=3,
                            batch_size=16, lr=0.2, lookahead_k=0)
@@ -264,6 +264,8 @@ def test_train_acc_mixed_and_loss_are_the_lambda_weighted_hand_formulas(dataset,
 
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
 def test_epoch_batches_are_mixup_of_the_transformed_permutation(dataset, monkeypatch, alpha):
+    """Every batch equals: permutation -> train transform per chunk -> x/255 -> MixUp (out of
+    place, cloned generators); with alpha 0 the plain transformed batch and one-hot labels."""
     trainer = make_trainer(dataset, mix="mixup", batch_size=20, epochs=2, cutout=8)
     # several chunks, one ragged, so the chunk boundaries are exercised
     monkeypatch.setattr(sys.modules[Trainer.__module__], "AUGMENT_CHUNK", 35)
