@@ -97,22 +97,15 @@ notebook-outputs: venv
 report: venv
 	@$(pick_profile); \
 	start=$$SECONDS; \
-	$(MAKE) --no-print-directory report-notebooks html PROFILE=$$profile || exit 1; \
+	$(MAKE) --no-print-directory report-notebooks PROFILE=$$profile || exit $$?; \
+	$(MAKE) --no-print-directory html PROFILE=$$profile || exit $$?; \
 	echo "report ($$profile) took $$((SECONDS - start)) s: $(RESULTS)/$$profile/html/index.html"
 
 report-notebooks: venv
 	@test -n "$(PROFILE)" || { echo "report-notebooks needs PROFILE (or use make report)"; exit 2; }
-	@mkdir -p $(RESULTS)/$(PROFILE)
-	@for nb in $(NOTEBOOKS); do \
-	  case $$nb in 00_*|03_*) extra='$(if $(KAGGLE_FILE),-p kaggle_file $(abspath $(KAGGLE_FILE)))';; \
-	               01_*) extra='$(if $(SWITCHES),-y "switches: [$(SWITCHES)]")';; *) extra='';; esac; \
-	  echo "== $$nb (profile $(PROFILE)) -> $(RESULTS)/$(PROFILE)/$$nb.ipynb"; start=$$SECONDS; \
-	  eval $(PY) -m papermill --no-progress-bar --cwd notebooks notebooks/$$nb.ipynb $(RESULTS)/$(PROFILE)/$$nb.ipynb \
-	    -p profile $(PROFILE) -p data_dir $(abspath $(DATA_DIR)) -p results_dir $(abspath $(RESULTS)) \
-	    -p runs_dir $(abspath $(RUNS)) -p device $(DEVICE) $(if $(SEEDS),-y "'seeds: [$(SEEDS)]'") $$extra \
-	    || { echo "$$nb failed: see $(RESULTS)/$(PROFILE)/$$nb.ipynb; rerun make report to resume"; exit 1; }; \
-	  echo "   $$nb: $$((SECONDS - start)) s"; \
-	done
+	@$(PY) -m samlib.report.runner --profile $(PROFILE) --data-dir $(DATA_DIR) --device $(DEVICE) \
+	  --results $(RESULTS) --runs $(RUNS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SWITCHES),--switches $(SWITCHES)) \
+	  $(if $(KAGGLE_FILE),--kaggle-file $(KAGGLE_FILE))
 
 html: venv
 	@$(pick_profile); \

@@ -8,11 +8,15 @@ run trained on other data (run.json's fingerprint) is refused, never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
 import platform
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +27,11 @@ from .config import Config
 from .errors import CheckpointError, SamlibError
 from .io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
 from .model import build_model
+
+try:
+    import fcntl                      # POSIX; elsewhere runs are not locked
+except ImportError:
+    fcntl = None
 
 METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean",
                  "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "seconds")
@@ -90,6 +99,41 @@ class RunDir:
         if dist.is_main():
             write_json(self / "provenance.json", provenance)
             write_json(self / "final.json", final)
+
+
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False):
+        """Hold the run's advisory lock (`.lock`) while training it: one writer per run.
+
+        The operating system releases it when the process ends, crash or kill included.  A
+        second trainer of the same run is refused (or, with `wait`, blocks until it is free).
+        Only rank 0 of a data-parallel run locks: the other ranks never write.
+        """
+        if not dist.is_main() or fcntl is None:
+            yield
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self / ".lock", "a+")
+        except OSError as e:
+            raise SamlibError(f"cannot write to {self.path}: {e.strerror}; choose a writable --out folder") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise SamlibError(f"{self.path} is being trained by {holder}; wait for it to finish "
+                                  "(or pass --wait), or stop that process first") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- provenance

@@ -246,10 +246,11 @@ class Trainer:
 
 def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs",
           device=None, profile: str | None = None, progress: bool = True,
-          stop_after: int | None = None):
+          stop_after: int | None = None, wait: bool = False):
     """Train `cfg` (or reuse / resume its run) and return the run directory's path.
 
     data_dir: parent of cifar-10-batches-py; or pass `dataset` directly (tests, synthetic).
+    wait: when another process is training the same run, wait for it instead of refusing.
     stop_after: end the process's work after this many epochs of *this call* (to test resume).
     """
     t0 = time.time()
@@ -261,26 +262,40 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
         dataset = D.load_cifar10(data_dir)
     data_id = D.fingerprint(dataset)
     run.check_data(data_id)
-    if run.finished:
+    with run.lock(wait=wait):                    # one writer per run directory
+        if run.finished:                         # (perhaps finished while we waited)
+            if dist.is_main():
+                print(f"reusing finished run {run.path}")
+            return run.path
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
+        run.start(cfg, profile, data_id)
+        state = run.resume_state(device)
+        if state is not None:
+            trainer.load_state_dict(state)
+            if dist.is_main():
+                print(f"resuming {run.path} after epoch {trainer.epoch}")
         if dist.is_main():
-            print(f"reusing finished run {run.path}")
-        return run.path
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
-    run.start(cfg, profile, data_id)
-    state = run.resume_state(device)
-    if state is not None:
-        trainer.load_state_dict(state)
-        if dist.is_main():
-            print(f"resuming {run.path} after epoch {trainer.epoch}")
-    if dist.is_main():
-        print(f"run directory: {run.path}")
-    show = progress and dist.is_main()
-    bar = tqdm(range(trainer.epoch, cfg.epochs), desc=cfg.name, disable=not show)
+            print(f"run directory: {run.path}")
+        if fit(trainer, run, progress and dist.is_main(), stop_after):
+            dist.barrier()
+            if dist.is_main():
+                run.finish(trainer.final_test(run), {
+                    **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
+                    "profile": profile, "wall_seconds": round(time.time() - t0, 1),
+                    "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
+            dist.barrier()
+    return run.path
+
+
+def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None) -> bool:
+    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done."""
+    cfg = trainer.cfg
+    bar = tqdm(range(trainer.epoch, cfg.epochs), desc=cfg.name, disable=not progress)
     for done_here, epoch in enumerate(bar, start=1):
         t_epoch = time.time()
-        row = {"epoch": epoch + 1, **trainer.train_epoch(show)}       # data, mix, steps, EMA
+        row = {"epoch": epoch + 1, **trainer.train_epoch(progress)}   # data, mix, steps, EMA
         trainer.check_finite(row, last_good=epoch and run / "last.pt")
         row.update(trainer.evaluate(), lr=trainer.optimizer.param_groups[0]["lr"],
                    seconds=round(time.time() - t_epoch, 3))
@@ -293,13 +308,6 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
         run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # checkpoint
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}",
                         test=f"{row['test_acc']:.3f}")
-        if stop_after is not None and done_here >= stop_after and trainer.epoch < cfg.epochs:
-            return run.path
-    dist.barrier()
-    if dist.is_main():
-        run.finish(trainer.final_test(run), {
-            **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
-            "profile": profile, "wall_seconds": round(time.time() - t0, 1),
-            "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
-    dist.barrier()
-    return run.path
+        if stop_after is not None and done_here >= stop_after:
+            break
+    return trainer.epoch == cfg.epochs

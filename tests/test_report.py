@@ -165,3 +165,25 @@ def test_plots_return_and_save_figures(tmp_path):
     path = tmp_path / "out" / "f.png"
     plots.plot_confusion(np.eye(10, dtype=int), title="t", caption="profile smoke", save=path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_run_refuses_other_data_and_keys_its_cache_by_data(tmp_path):
+    from samlib.data import fingerprint, synthetic_cifar10
+    from samlib.errors import SamlibError
+    from samlib.io import read_json
+    from samlib.report.runs import evaluate_run
+    from samlib.train import train
+
+    data_a, data_b = synthetic_cifar10(256, 64, seed=1), synthetic_cifar10(256, 64, seed=2)
+    cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs=1, val_size=64,
+                  train_subset=None, test_subset=None, train_eval_size=32)
+    run = train(cfg, dataset=data_a, out=tmp_path, device="cpu", progress=False)
+    on_a = evaluate_run(run, dataset=data_a)
+    assert read_json(run / "strategies.json")["data"] == fingerprint(data_a)
+    with pytest.raises(SamlibError, match="trained on other data"):
+        evaluate_run(run, dataset=data_b)
+    evaluate_run(run, dataset=data_b, allow_other_data=True)
+    assert read_json(run / "strategies.json")["data"] == fingerprint(data_b)   # not A's table
+    again = evaluate_run(run, dataset=data_a)                                   # recomputed for A
+    assert read_json(run / "strategies.json")["data"] == fingerprint(data_a)
+    pd.testing.assert_frame_equal(again, on_a)

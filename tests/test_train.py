@@ -104,3 +104,28 @@ def test_a_cached_run_is_never_reused_for_other_data(tmp_path, dataset):
     other = synthetic_cifar10(n_train=512, n_test=128, seed=2)
     with pytest.raises(SamlibError, match="trained on other data"):
         train(cfg, dataset=other, out=tmp_path, device="cpu", progress=False)
+
+
+def test_a_second_trainer_of_the_same_run_is_refused_while_the_first_holds_it(tmp_path, dataset):
+    """One writer per run directory: the lock is held by another process (a child here)."""
+    import subprocess
+    import sys
+
+    from samlib.errors import SamlibError
+
+    cfg = resolve("baseline", "smoke", **dict(SMALL, epochs="1"))
+    run = RunDir.for_config(cfg, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom samlib.rundir import RunDir\n"
+         f"with RunDir({str(run.path)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SamlibError, match=f"being trained by process {holder.pid}"):
+            train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
+        assert not (run / "final.json").exists() and not (run / "metrics.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the operating system released the killed holder's lock: training goes ahead now
+    assert (train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False) / "final.json").exists()

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import data as D
 from ..config import PROFILES, SWITCHES
-from ..errors import ConfigError
+from ..errors import ConfigError, SamlibError
 from ..infer import STRATEGIES
 from ..io import atomic_write_text, read_json, write_json
 from ..rundir import provenance
@@ -32,6 +32,26 @@ DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "paper": list(SWITCHES)}
 STRATEGY_CHOICES = ("best", *STRATEGIES)
 # Notebooks train with progress=False; tqdm.auto's notice about missing ipywidgets is noise.
 warnings.filterwarnings("ignore", message="IProgress not found")
+
+
+def _one_line_user_errors() -> None:
+    """In a notebook kernel, show a samlib error (a user mistake: a bad parameter, missing
+    data) as one `error:` line instead of a traceback; the cell still fails, so papermill
+    and nbval still stop there.  Any other exception keeps its traceback."""
+    try:
+        shell = get_ipython()  # noqa: F821 - defined inside IPython only
+    except NameError:
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        stb = [f"error: {value}"]                  # the cell's whole "traceback"
+        shell._showtraceback(etype, value, stb)    # as IPython shows any error (kernel: an error output)
+        return stb
+
+    shell.set_custom_exc((SamlibError,), show)
+
+
+_one_line_user_errors()
 
 
 @dataclass

@@ -48,18 +48,27 @@ def _cache_key(data_id: str) -> dict:
     return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES)}
 
 
-def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True) -> pd.DataFrame:
+def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
+                 allow_other_data: bool = False) -> pd.DataFrame:
     """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies).
 
-    Cached in the run directory (strategies.csv, the test probabilities of every strategy in
-    strategy_probs.pt), keyed by the data fingerprint and the strategy registry: other data
-    or another samlib version recomputes instead of reusing.
+    Refuses data other than the run was trained on (run.json's fingerprint) unless
+    `allow_other_data`.  Cached in the run directory (strategies.csv, the test probabilities
+    of every strategy in strategy_probs.pt), keyed by the data fingerprint and the strategy
+    registry: other data or another samlib version recomputes instead of reusing.
     """
     run_dir = Path(run_dir)
-    cfg = load_run(run_dir)["config"]
+    run = load_run(run_dir)
+    cfg = run["config"]
     if dataset is None:
         dataset = D.load_cifar10(data_dir)
-    key = _cache_key(D.fingerprint(dataset))
+    data_id = D.fingerprint(dataset)
+    trained_on = (run["run"] or {}).get("data")
+    if trained_on not in (None, data_id) and not allow_other_data:
+        raise SamlibError(f"{run_dir} was trained on other data (fingerprint {trained_on}) than "
+                          f"{data_dir or 'the data given'} (fingerprint {data_id}); pass the run's own "
+                          "data, or --allow-other-data to evaluate it on this data anyway")
+    key = _cache_key(data_id)
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists() and read_json(meta) == key:
         return pd.read_csv(cached)

@@ -1,0 +1,101 @@
+"""`make report`'s notebook runner: every report notebook, in order, through papermill.
+
+    python -m samlib.report.runner --profile quick --data-dir data [--seeds 84,85]
+        [--switches schedule,cutout] [--kaggle-file F] [--device auto] [--results results] [--runs runs]
+
+The parameters are checked here, once, before anything is written (a bad profile never
+creates results/<profile>/).  A notebook that stops on a user mistake (a samlib error in a
+cell) ends the run with one `error:` line and exit status 2; anything else is a bug and
+keeps its traceback.  An interrupted report resumes: finished runs are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .. import errors
+from ..errors import ConfigError, SamlibError
+from .params import check_params
+
+NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
+EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("switches",),
+                    "03_submission": ("kaggle_file",)}
+USER_ERRORS = {name for name in dir(errors) if isinstance(getattr(errors, name), type)
+               and issubclass(getattr(errors, name), SamlibError)}
+
+
+def _names(text: str | None, what: str, parse=str) -> list | None:
+    if text is None or text == "":
+        return None
+    try:
+        return [parse(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma-separated list, e.g. --{what} 84,85; got {text!r}") from None
+
+
+def parameters(args) -> dict:
+    """The notebooks' parameters, checked (check_params raises ConfigError on the first bad one)."""
+    values = dict(profile=args.profile, data_dir=str(Path(args.data_dir).resolve()),
+                  seeds=_names(args.seeds, "seeds", int), results_dir=str(Path(args.results).resolve()),
+                  runs_dir=str(Path(args.runs).resolve()), device=args.device,
+                  switches=_names(args.switches, "switches"),
+                  kaggle_file=str(Path(args.kaggle_file).resolve()) if args.kaggle_file else None)
+    checked = check_params(**values)
+    values["profile"] = checked.profile          # "auto" resolved once, for every notebook
+    return values
+
+
+def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Path:
+    import papermill
+
+    wanted = {"profile", "data_dir", "seeds", "results_dir", "runs_dir", "device", *EXTRA_PARAMETERS.get(name, ())}
+    out = results / f"{name}.ipynb"
+    papermill.execute_notebook(str(notebooks / f"{name}.ipynb"), str(out), cwd=str(notebooks),
+                               parameters={k: v for k, v in values.items() if k in wanted and v is not None},
+                               progress_bar=False, log_output=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m samlib.report.runner", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="auto")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seeds")
+    ap.add_argument("--switches")
+    ap.add_argument("--kaggle-file")
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[2] / "notebooks"))
+    args = ap.parse_args(argv)
+    try:
+        values = parameters(args)
+    except SamlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = Path(values["results_dir"]) / values["profile"]
+    results.mkdir(parents=True, exist_ok=True)
+    from papermill.exceptions import PapermillExecutionError
+
+    for name in NOTEBOOKS:
+        start = time.time()
+        try:
+            out = run_notebook(name, values, Path(args.notebooks), results)
+        except PapermillExecutionError as e:
+            if e.ename not in USER_ERRORS:
+                raise
+            print(f"error: {name}: {e.evalue} (the notebook as far as it ran: {results / name}.ipynb)",
+                  file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"interrupted in {name}; run make report again to resume (finished runs are reused)",
+                  file=sys.stderr)
+            return 130
+        print(f"{name}: {time.time() - start:.0f} s -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""User mistakes at the report's entry points end in one `error:` line: a notebook cell that
+raises a samlib error, and `make report`'s runner with bad parameters."""
+from __future__ import annotations
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from samlib.report import runner
+
+
+def _run_cell(source: str):
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell(source)]
+    NotebookClient(book, kernel_name="python3", allow_errors=True, timeout=120).execute()
+    return [o for o in book.cells[0].outputs if o["output_type"] == "error"]
+
+
+@pytest.mark.slow
+def test_a_samlib_error_in_a_notebook_cell_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    errors = _run_cell(
+        "from samlib.report import params\n"
+        f"params.check_params(profile='smoke', data_dir={str(tmp_path)!r}, seeds='84', "
+        f"results_dir={str(tmp_path)!r}, runs_dir={str(tmp_path)!r}, device='cpu')")
+    assert len(errors) == 1 and errors[0]["ename"] == "ConfigError"
+    assert errors[0]["traceback"] == [f"error: {errors[0]['evalue']}"]
+    assert "notebook parameter seeds" in errors[0]["evalue"]
+    bug = _run_cell("from samlib.report import params\n{}['missing']")
+    assert bug[0]["ename"] == "KeyError" and len(bug[0]["traceback"]) > 1   # the full traceback
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--profile", "bogus"], "profile must be"),
+    (["--profile", "smoke", "--seeds", "84,x"], "seeds must be a comma-separated list"),
+    (["--profile", "smoke", "--switches", "warmup"], "switches"),
+    (["--profile", "smoke", "--device", "cuda:7"], "device"),
+])
+def test_the_report_runner_checks_parameters_before_writing_anything(tmp_path, capsys, args, words):
+    code = runner.main([*args, "--data-dir", str(tmp_path), "--results", str(tmp_path / "results"),
+                        "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
