@@ -155,11 +155,17 @@ def provenance(device: torch.device, data_source: str) -> dict:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_device(device),
         "data_source": data_source,
         "world_size": dist.world_size(),
     }
+
+
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:

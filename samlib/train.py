@@ -10,6 +10,7 @@ data check, provenance) lives in samlib.rundir; selection in samlib.selection.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -246,11 +247,12 @@ class Trainer:
 
 def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs",
           device=None, profile: str | None = None, progress: bool = True,
-          stop_after: int | None = None, wait: bool = False):
+          stop_after: int | None = None, wait: bool = False, later_seconds: float = 0.0):
     """Train `cfg` (or reuse / resume its run) and return the run directory's path.
 
     data_dir: parent of cifar-10-batches-py; or pass `dataset` directly (tests, synthetic).
     wait: when another process is training the same run, wait for it instead of refusing.
+    later_seconds: the estimated time of the runs queued after this one (for the progress line).
     stop_after: end the process's work after this many epochs of *this call* (to test resume).
     """
     t0 = time.time()
@@ -278,7 +280,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
                 print(f"resuming {run.path} after epoch {trainer.epoch}")
         if dist.is_main():
             print(f"run directory: {run.path}")
-        if fit(trainer, run, progress and dist.is_main(), stop_after):
+        if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
             dist.barrier()
             if dist.is_main():
                 run.finish(trainer.final_test(run), {
@@ -289,11 +291,16 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     return run.path
 
 
-def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None) -> bool:
-    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done."""
+def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None,
+        later_seconds: float = 0.0) -> bool:
+    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done.
+
+    progress: a step bar within each epoch and one line per epoch with the time left for the
+    run, and for the whole plan when `later_seconds` (the estimate of the runs after this
+    one) is given.
+    """
     cfg = trainer.cfg
-    bar = tqdm(range(trainer.epoch, cfg.epochs), desc=cfg.name, disable=not progress)
-    for done_here, epoch in enumerate(bar, start=1):
+    for done_here, epoch in enumerate(range(trainer.epoch, cfg.epochs), start=1):
         t_epoch = time.time()
         row = {"epoch": epoch + 1, **trainer.train_epoch(progress)}   # data, mix, steps, EMA
         trainer.check_finite(row, last_good=epoch and run / "last.pt")
@@ -306,8 +313,30 @@ def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = 
         if save_ema:
             best_models["ema"] = trainer.ema.module
         run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # checkpoint
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}",
-                        test=f"{row['test_acc']:.3f}")
+        if progress:
+            print(epoch_line(trainer, later_seconds), flush=True)
         if stop_after is not None and done_here >= stop_after:
             break
     return trainer.epoch == cfg.epochs
+
+
+def epoch_line(trainer: Trainer, later_seconds: float = 0.0) -> str:
+    """`final seed 84: epoch 3/8  loss 1.912  val 41.2% (EMA 40.1%)  24.1 s/epoch  left ...`."""
+    cfg, row = trainer.cfg, trainer.metrics[-1]
+    per_epoch = sum(r["seconds"] for r in trainer.metrics[-3:]) / len(trainer.metrics[-3:])
+    run_left = per_epoch * (cfg.epochs - trainer.epoch)
+    ema = f" (EMA {100 * row['val_acc_ema']:.1f}%)" if "val_acc_ema" in row else ""
+    plan = f", plan {format_duration(run_left + later_seconds)}" if later_seconds else ""
+    return (f"{cfg.name} seed {cfg.seed}: epoch {trainer.epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  "
+            f"val {100 * row['val_acc']:.1f}%{ema}  {row['seconds']:.1f} s/epoch  "
+            f"left: run {format_duration(run_left)}{plan}")
+
+
+def format_duration(seconds: float) -> str:
+    """7 h 01 min, 1 min 01 s, 59 s."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

@@ -37,7 +37,9 @@ def test_check_params_resolves(tmp_path):
     assert _params(tmp_path, profile="auto").profile == "quick"      # device cpu -> quick
     assert _params(tmp_path, profile="paper").scale_note == ""
     assert "scaled-down" in p.scale_note and "smoke" in p.caption
-    assert _params(tmp_path, profile="paper", switches=None).switches == list(SWITCHES)
+    paper = _params(tmp_path, profile="paper", seeds=None, switches=None)
+    assert paper.seeds == [84] and paper.switches == []          # the paper's protocol: 4 runs
+    assert _params(tmp_path, profile="paper", switches="all").switches == list(SWITCHES)
 
 
 @pytest.mark.parametrize("kw, word", [

@@ -40,7 +40,7 @@ def parameters(args) -> dict:
     values = dict(profile=args.profile, data_dir=str(Path(args.data_dir).resolve()),
                   seeds=_names(args.seeds, "seeds", int), results_dir=str(Path(args.results).resolve()),
                   runs_dir=str(Path(args.runs).resolve()), device=args.device,
-                  switches=_names(args.switches, "switches"),
+                  switches="all" if args.switches == "all" else _names(args.switches, "switches"),
                   kaggle_file=str(Path(args.kaggle_file).resolve()) if args.kaggle_file else None)
     checked = check_params(**values)
     values["profile"] = checked.profile          # "auto" resolved once, for every notebook

@@ -14,7 +14,8 @@ from ..device import resolve_device
 from ..errors import SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
 from ..io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
-from ..rundir import load_run_models
+from ..plan import estimate, format_plan, plan_runs
+from ..rundir import RunDir, describe_device, load_run_models
 from ..train import train
 
 CACHE_VERSION = 2   # strategies.csv with temperature_from / selected columns
@@ -37,11 +38,33 @@ def load_run(run_dir) -> dict:
 
 def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs", device=None,
                progress=True, **overrides) -> dict:
-    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}."""
-    return {name: [train(resolve(name, profile, seed=seed, **overrides), data_dir=data_dir,
-                         dataset=dataset, out=out, device=device, profile=profile, progress=progress)
-                   for seed in seeds]
-            for name in configs}
+    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}.
+
+    With `progress`, first prints the plan (each run's state and an estimate from a timing
+    probe on this device), then one line per epoch with the time left for the run and the plan.
+    """
+    plan = plan_runs(configs, seeds, profile, out, **overrides)
+    if progress:
+        estimate(plan, profile, device, **overrides)
+        print(format_plan(plan, describe_device(resolve_device(device))), flush=True)
+    runs = {name: [] for name in configs}
+    for i, item in enumerate(plan):
+        later = sum(p.seconds for p in plan[i + 1:]) if progress else 0.0
+        runs[item.config].append(train(resolve(item.config, profile, seed=item.seed, **overrides),
+                                       data_dir=data_dir, dataset=dataset, out=out, device=device,
+                                       profile=profile, progress=progress, later_seconds=later))
+    return runs
+
+
+def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> Path:
+    """The finished run directory of `config` at `profile` and `seed`, never training it: a
+    notebook that only reads runs says which notebook makes them instead of training silently."""
+    run = RunDir.for_config(resolve(config, profile, seed=seed), out)
+    if not run.finished:
+        state = "is not finished" if (run / "config.json").exists() else "does not exist"
+        raise SamlibError(f"{needed_by} needs the finished {config!r} run ({profile} profile, seed {seed}); "
+                          f"{run.path} {state}: run notebook 01_table1_ablation (or make report) first")
+    return run.path
 
 
 def _cache_key(data_id: str) -> dict:

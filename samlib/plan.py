@@ -1,0 +1,125 @@
+"""The plan shown before any training: each run (config x seed), its epochs, whether it is
+finished, partly done or new, and an estimate of the time it takes on *this* device.
+
+The estimate comes from a timing probe of the real training step (the run's own model,
+batch size and augmentation, a few steps after an untimed warm-up) plus the per-epoch
+evaluation, so a user can stop before a plan of many hours starts, change the parameters
+and rerun.  Finished runs cost nothing; a partly done run costs only its remaining epochs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .config import Config, resolve
+from .device import resolve_device
+from .rundir import RunDir
+from .train import Trainer, format_duration
+
+PROBE_STEPS, PROBE_WARMUP = 5, 2
+
+
+@dataclass
+class PlannedRun:
+    config: str
+    seed: int
+    run_dir: Path
+    epochs: int
+    done: int                 # epochs already in metrics.csv
+    finished: bool
+    seconds: float = float("nan")   # estimated time still to train
+
+    @property
+    def status(self) -> str:
+        if self.finished:
+            return "finished (reused)"
+        return f"resumes after epoch {self.done}" if self.done else "new"
+
+    @property
+    def remaining(self) -> int:
+        return 0 if self.finished else self.epochs - self.done
+
+
+def _epochs_done(run: RunDir) -> int:
+    """Epochs an unfinished run has recorded (metrics.csv is written just before last.pt)."""
+    try:
+        lines = (run / "metrics.csv").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return max(0, len([line for line in lines if line.strip()]) - 1)
+
+
+def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun]:
+    """Every config x seed, in training order, with its state on disk."""
+    plan = []
+    for name in configs:
+        for seed in seeds:
+            cfg = resolve(name, profile, seed=seed, **overrides)
+            run = RunDir.for_config(cfg, out)
+            plan.append(PlannedRun(name, seed, run.path, cfg.epochs, _epochs_done(run), run.finished))
+    return plan
+
+
+def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
+    """Seconds one epoch of `cfg` takes here: a probe of train_step on synthetic images of the
+    run's shape (PROBE_WARMUP untimed steps, then PROBE_STEPS timed), scaled to the epoch's
+    steps, plus evaluation at the same per-image cost as a forward pass (a third of a step)."""
+    device = resolve_device(device)
+    n_probe = (PROBE_STEPS + PROBE_WARMUP) * cfg.batch_size
+    ds = D.synthetic_cifar10(n_probe, 16, seed=0)
+    splits = {"train": (ds.train_images, ds.train_labels), "val": (ds.test_images, ds.test_labels),
+              "test": (ds.test_images, ds.test_labels)}
+    trainer = Trainer(cfg, splits, device)
+    trainer.net.train()
+    batches = trainer.epoch_batches(cfg.mix_alpha if cfg.mix != "none" else 0.0)
+    for _ in range(PROBE_WARMUP):
+        trainer.train_step(*next(batches))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        trainer.train_step(*next(batches))
+    _sync(device)
+    step = (time.perf_counter() - t0) / PROBE_STEPS
+    if train_images is None:
+        train_images = (cfg.train_subset or 50_000) - cfg.val_size
+    eval_images = cfg.val_size * (2 if cfg.ema else 1) + min(cfg.train_eval_size, train_images) \
+        + (cfg.test_eval_size or 10_000) * (2 if cfg.ema else 1)
+    return (train_images // cfg.batch_size) * step + eval_images * step / cfg.batch_size / 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate(plan: list[PlannedRun], profile: str, device=None, **overrides) -> list[PlannedRun]:
+    """Fill in each unfinished run's estimated seconds (one probe per architecture)."""
+    probes: dict = {}
+    for item in plan:
+        if item.finished:
+            item.seconds = 0.0
+            continue
+        cfg = resolve(item.config, profile, seed=item.seed, **overrides)
+        key = (cfg.se, cfg.se_placement, cfg.widths, cfg.blocks, cfg.batch_size, cfg.mix)
+        if key not in probes:
+            probes[key] = epoch_seconds(cfg, device)
+        item.seconds = probes[key] * item.remaining
+    return plan
+
+
+def format_plan(plan: list[PlannedRun], device_name: str = "") -> str:
+    """A plain-text table of the plan and its total (notebooks, make report and sweep print it)."""
+    lines = [f"{'run':<34}{'epochs':>8}  {'state':<24}{'estimate':>12}"]
+    for item in plan:
+        lines.append(f"{item.config + ' seed ' + str(item.seed):<34}{item.epochs:>8}  {item.status:<24}"
+                     f"{format_duration(item.seconds):>12}")
+    todo = [i for i in plan if not i.finished]
+    total = sum(i.seconds for i in todo)
+    where = f" on {device_name}" if device_name else ""
+    lines.append(f"{len(plan)} runs, {len(todo)} to train, about {format_duration(total)}{where} "
+                 "(an estimate from a short timing probe)")
+    return "\n".join(lines)

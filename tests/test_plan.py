@@ -1,0 +1,59 @@
+"""The plan before training: each run's state on disk, the probe's arithmetic, the totals."""
+import pytest
+
+import samlib.plan as P
+from samlib.config import resolve
+from samlib.io import write_json
+from samlib.rundir import RunDir
+from samlib.train import format_duration
+
+
+def _fake_runs(tmp_path):
+    """baseline: finished; se: 3 of 8 epochs in metrics.csv; final: nothing yet."""
+    finished = RunDir.for_config(resolve("baseline", "quick", seed=84), tmp_path)
+    write_json(finished / "final.json", {"epochs": 8})
+    partial = RunDir.for_config(resolve("se", "quick", seed=84), tmp_path)
+    partial.path.mkdir(parents=True)
+    (partial / "metrics.csv").write_text("epoch,lr\n1,0.1\n2,0.1\n3,0.1\n")
+    return P.plan_runs(["baseline", "se", "final"], [84], "quick", tmp_path)
+
+
+def test_plan_reads_finished_partial_and_new_runs(tmp_path):
+    plan = _fake_runs(tmp_path)
+    assert [(i.config, i.status, i.remaining) for i in plan] == [
+        ("baseline", "finished (reused)", 0), ("se", "resumes after epoch 3", 5), ("final", "new", 8)]
+
+
+def test_estimate_is_remaining_epochs_times_the_probed_epoch(tmp_path, monkeypatch):
+    per_epoch = {True: 30.0, False: 20.0}            # seconds, by SE or not
+    monkeypatch.setattr(P, "epoch_seconds", lambda cfg, device=None: per_epoch[cfg.se])
+    plan = P.estimate(_fake_runs(tmp_path), "quick", "cpu")
+    assert [i.seconds for i in plan] == [0.0, 5 * 30.0, 8 * 30.0]
+    text = P.format_plan(plan, "test cpu")
+    assert "3 runs, 2 to train, about 6 min 30 s on test cpu" in text        # 150 + 240 s
+    assert "resumes after epoch 3" in text and "finished (reused)" in text
+
+
+def test_probe_scales_the_timed_steps_to_an_epoch_plus_evaluation(monkeypatch):
+    """A fake clock: every train_step takes exactly 0.25 s, so the arithmetic is exact."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock["t"])
+    import samlib.train
+    real_step = samlib.train.Trainer.train_step
+
+    def step(self, x, y):
+        clock["t"] += 0.25
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(samlib.train.Trainer, "train_step", step)
+    cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1))
+    seconds = P.epoch_seconds(cfg, "cpu", train_images=640)
+    steps = 640 // cfg.batch_size
+    evaluated = 2 * cfg.val_size + min(cfg.train_eval_size, 640) + 2 * (cfg.test_eval_size or 10_000)
+    assert seconds == pytest.approx(steps * 0.25 + evaluated * 0.25 / cfg.batch_size / 3)
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0 s"), (59.4, "59 s"), (61, "1 min 01 s"),
+                                           (3600 * 7 + 65, "7 h 01 min"), (float("nan"), "?")])
+def test_durations_read_as_people_write_them(seconds, text):
+    assert format_duration(seconds) == text
