@@ -127,6 +127,10 @@ class Trainer:
         if cfg.test_eval_size:
             x, y = self.eval_sets["test"]
             self.eval_sets["test_curve"] = (x[:cfg.test_eval_size], y[:cfg.test_eval_size])
+        world = dist.world_size()
+        if cfg.batch_size % world:       # every rank must train on an equal slice of each batch
+            raise SamlibError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes; "
+                              f"use a multiple of {world} (--set batch_size=...)")
         self.steps_per_epoch = len(self.train_y) // cfg.batch_size   # drop the ragged last batch
         if self.steps_per_epoch == 0:
             raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
@@ -138,20 +142,34 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
+                "scaler": self.scaler.state_dict(), "precision": self.precision,
                 "rng": {"aug": self.gen_aug.get_state(), "host": self.gen_host.get_state()},
                 "metrics": self.metrics, "best": self.best.state}
 
+    @property
+    def precision(self) -> str:
+        """"fp32", "bf16" or "fp16": recorded in checkpoints, never switched mid-run."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
     def load_state_dict(self, ckpt: dict) -> None:
+        """Continue from a checkpoint read on the CPU (load_state_dict moves each part to its
+        device; generator states must stay CPU ByteTensors, whatever device trains)."""
         check_arch(ckpt, self.model.arch)
+        saved = ckpt.get("precision", self.precision)      # absent in checkpoints before it was kept
+        if saved != self.precision:
+            raise SamlibError(
+                f"{ckpt.get('_path', 'this checkpoint')} was trained in {saved}, but this device would "
+                f"continue in {self.precision}: a run must not switch precision half-way. Resume it on a "
+                f"device with {saved} support, or start it again (another --out folder).")
         self.model.load_state_dict(ckpt["model"])
         if self.ema:
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.gen_aug.set_state(ckpt["rng"]["aug"])
-        self.gen_host.set_state(ckpt["rng"]["host"])
+        if self.scaler.is_enabled():                       # fp16 only; bf16/fp32 have no scaler state
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.gen_aug.set_state(ckpt["rng"]["aug"].cpu())
+        self.gen_host.set_state(ckpt["rng"]["host"].cpu())
         self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
         self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
 
@@ -223,9 +241,11 @@ class Trainer:
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
-        """fp16's GradScaler skips overflowing steps by design (counted in the metrics); without
-        it a NaN/inf loss has already spoiled the weights: stop, keep the last checkpoint."""
-        if row["nonfinite_steps"] and not self.scaler.is_enabled():
+        """fp16's GradScaler skips overflowing steps by design (counted in the metrics), but a
+        whole epoch of skipped steps means the run diverged; without a scaler a NaN/inf loss
+        has already spoiled the weights.  Either way: stop, keep the last checkpoint."""
+        skipped_all = row["nonfinite_steps"] == self.steps_per_epoch
+        if row["nonfinite_steps"] and (skipped_all or not self.scaler.is_enabled()):
             raise NonFiniteLossError(
                 f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
                 f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
@@ -270,10 +290,11 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
                 print(f"reusing finished run {run.path}")
             return run.path
         if device.type == "cuda":
+            torch.cuda.set_device(device)        # so device queries (bf16 support, name) read this GPU
             torch.backends.cudnn.benchmark = True
         trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
         run.start(cfg, profile, data_id)
-        state = run.resume_state(device)
+        state = run.resume_state("cpu")          # parts move to their devices as they load
         if state is not None:
             trainer.load_state_dict(state)
             if dist.is_main():
