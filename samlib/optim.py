@@ -7,10 +7,12 @@ sets the LR outright, so what ran is plain OneCycle (0.004 -> 0.1 -> ~4e-7).  Bo
 are here: ``kind="as_run"`` and ``kind="as_written"``.
 """
 
+import copy
+import itertools
+
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import LinearLR, OneCycleLR, SequentialLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from samlib.errors import ConfigError
 
@@ -195,22 +197,61 @@ def lr_curve(kind: str, epochs: int, steps_per_epoch: int, **kwargs) -> np.ndarr
 
 # ---------------------------------------------------------------- EMA
 
-def build_ema(model: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
+class EMA(torch.nn.Module):
     """EMA of the weights *and* buffers (paper: decay 0.999, updated every step).
 
-    Call ``ema.update_parameters(model)`` after each optimizer step; evaluate ``ema`` (or
-    ``ema.module``).  torch's AveragedModel semantics, checked in tests/test_optim.py:
-    - the first update copies the model (e_1 = w_1); later ones e = d*e + (1-d)*w.  The
+    The same numbers as torch's ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d),
+    use_buffers=True)`` (tests/test_optim.py checks it bit for bit) and the same state_dict
+    (``module.*`` and ``n_averaged``), without its per-step host-to-device copy of the step
+    counter: the count lives on the host, so a GPU step never waits on it.
+    - the first update copies the model (e_1 = w_1); later ones e = d*e + (1-d)*w, as one
+      ``_foreach_lerp_`` over every floating-point parameter and buffer (BN statistics
+      included, like the reference's EMA over every floating-point state_dict entry).  The
       reference code starts from the initial weights instead (e_1 = d*w_0 + (1-d)*w_1); the
-      difference decays as d**t (2% after 10 epochs of 391 steps).
-    - ``use_buffers=True`` averages BN running_mean/var like the reference's EMA over every
-      floating-point state_dict entry.
-    - integer buffers (BN num_batches_tracked) go through d*e + (1-d)*w cast back to int64,
-      i.e. truncated: the count stays at its first value until the model's count is ~1000
-      ahead, then lags it by ~1000 (the reference leaves it at its initial 0).  It only
-      matters for BatchNorm(momentum=None), which samlib does not use.
-    - the state_dict keys carry a ``module.`` prefix plus ``n_averaged``.
+      difference decays as d**t.
+    - integer buffers (BN num_batches_tracked) get d*e + (1-d)*w cast back to int64, i.e.
+      truncated, as AveragedModel does; it only matters for BatchNorm(momentum=None).
     """
-    if not 0.0 < float(decay) < 1.0:
-        raise InvalidSetting(f"EMA decay must satisfy 0 < decay < 1, got {decay!r}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 < float(decay) < 1.0:
+            raise InvalidSetting(f"EMA decay must satisfy 0 < decay < 1, got {decay!r}")
+        self.module = copy.deepcopy(model)
+        self.decay = float(decay)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))   # for the state_dict
+        self.updates = 0                                                        # the host's count
+
+    def _pairs(self, model: torch.nn.Module):
+        ours = itertools.chain(self.module.parameters(), self.module.buffers())
+        theirs = itertools.chain(model.parameters(), model.buffers())
+        return [(e.detach(), w.detach()) for e, w in zip(ours, theirs)]
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        pairs = self._pairs(model)
+        if self.updates == 0:
+            for e, w in pairs:
+                e.copy_(w)
+        else:
+            floats = [(e, w) for e, w in pairs if e.is_floating_point()]
+            torch._foreach_lerp_([e for e, _ in floats], [w for _, w in floats], 1 - self.decay)
+            for e, w in pairs:
+                if not e.is_floating_point():
+                    e.copy_(e * self.decay + w * (1 - self.decay))
+        self.updates += 1
+        self.n_averaged += 1                     # a CPU tensor: no device sync
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.updates = int(self.n_averaged)
+        return result
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def build_ema(model: torch.nn.Module, decay: float = 0.999) -> EMA:
+    """The paper's EMA of `model` (see EMA); call ``ema.update_parameters(model)`` after each
+    optimizer step and evaluate ``ema.module``."""
+    return EMA(model, decay)

@@ -95,7 +95,6 @@ class Trainer:
                                  blocks=cfg.blocks, norm_std=cfg.norm_std).to(device)
         if device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # AveragedModel keeps its step counter on the host: its first-update test costs no sync.
         self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema else None
         self._place_data(splits)
         self.net = dist.wrap(self.model, device)

@@ -239,3 +239,60 @@ def test_ema_decay_validation():
     for bad in (0.0, 1.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="decay"):
             build_ema(nn.Linear(1, 1), bad)
+
+
+def test_ema_equals_torchs_averaged_model_bit_for_bit_and_loads_its_state():
+    """samlib's EMA keeps AveragedModel's numbers and state_dict (old checkpoints load)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    ours = build_ema(model, decay=0.9)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(6):
+        model(torch.randn(8, 3, 6, 6)).square().mean().backward()   # train mode: BN stats move too
+        opt.step()
+        opt.zero_grad()
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    fresh = build_ema(model, decay=0.9)
+    fresh.load_state_dict(reference.state_dict())                 # a checkpoint written before
+    assert fresh.updates == 6
+
+
+def test_ema_update_copies_nothing_from_host_to_device():
+    """The step counter stays on the host: no host-to-device copy per update (on a GPU each
+    one would block the queue).  Checked by recording every copy the update dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.to_other_devices = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                dst_device = kwargs.get("device") or (args[0].device if func is torch.ops.aten.copy_.default else src.device)
+                if torch.device(dst_device) != src.device:
+                    self.to_other_devices.append(func)
+            return func(*args, **kwargs)
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = build_ema(model, decay=0.9)
+    with Copies() as copies:
+        for _ in range(3):
+            ema.update_parameters(model)
+    assert copies.to_other_devices == []
+    # the same probe sees AveragedModel's copy of its counter to the parameters' device
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    reference = AveragedModel(model.to("meta"), multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    with Copies() as copies:
+        for _ in range(2):
+            reference.update_parameters(model)
+    assert copies.to_other_devices                        # cpu -> meta: what a GPU would wait on
