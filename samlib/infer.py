@@ -316,7 +316,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     and there is no fitted row.  Returns (rows, test probabilities of each strategy at its
     own temperature, selected_on); every row has strategy, temperature, temperature_from
     ("strategy" | "paper" | "fitted on validation"), selected (the best strategy's rows),
-    test_accuracy, test_nll, test_ece, val_accuracy.
+    test_images, test_accuracy, test_nll, test_ece, val_accuracy.
     """
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
@@ -345,7 +345,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
         p = probs(s, "test", t)
         val_acc = accuracy(probs(s, "val", t), val[1]) if "val" in splits else float("nan")
         rows.append({"strategy": s.name, "temperature": float(t), "temperature_from": source,
-                     "selected": s is best, "test_accuracy": accuracy(p, test[1]),
+                     "selected": s is best, "test_images": len(test[1]), "test_accuracy": accuracy(p, test[1]),
                      "test_nll": nll(p, test[1]), "test_ece": ece(p, test[1]), "val_accuracy": val_acc})
         return p
 

@@ -189,3 +189,41 @@ def test_evaluate_run_refuses_other_data_and_keys_its_cache_by_data(tmp_path):
     again = evaluate_run(run, dataset=data_a)                                   # recomputed for A
     assert read_json(run / "strategies.json")["data"] == fingerprint(data_a)
     pd.testing.assert_frame_equal(again, on_a)
+
+
+def test_binomial_interval_matches_the_wilson_formula_by_hand():
+    from samlib.report.tables import binomial_interval
+
+    lo, hi = binomial_interval(0.9, 100)        # Wilson: centre 0.8847, half-width 0.0634
+    assert (lo, hi) == pytest.approx((0.8256, 0.9448), abs=1e-4)
+    lo, hi = binomial_interval(0.9299, 10_000)  # the paper's final on the full test set: +-0.5 points
+    assert hi - lo == pytest.approx(0.0100, abs=2e-4)
+
+
+def test_paired_bootstrap_interval_of_a_known_difference():
+    from samlib.report.tables import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.random(4000) < 0.9
+    b = a.copy()
+    flip = rng.choice(4000, 40, replace=False)     # b loses 40 images a gets right: exactly +1 point
+    b[flip] = False
+    a[flip] = True
+    diff, lo, hi = paired_bootstrap(a, b)
+    assert diff == pytest.approx(1.0) and 0.6 < lo < 1.0 < hi < 1.4
+    same = paired_bootstrap(a, a)
+    assert same == (0.0, 0.0, 0.0)                 # identical predictions: no spread at all
+
+
+def test_table1_view_shows_sd_for_seeds_and_an_interval_for_one_seed():
+    from samlib.report.tables import table1_view
+
+    t1 = pd.DataFrame({"paper_row": ["a", "b"], "seeds": [1, 3], "paper_train_acc": [1.0, 1.0],
+                       "train_acc_mixed": [1.0, 1.0], "train_acc_clean": [1.0, 1.0], "paper_test_acc": [91.0, 92.0],
+                       "test_acc": [90.0, 91.0], "test_acc_sd": [float("nan"), 0.2],
+                       "test_acc_ci_low": [89.4, float("nan")], "test_acc_ci_high": [90.6, float("nan")],
+                       "delta_test": [-1.0, -1.0], "paper_params": ["x", "y"], "params_paper_width": [1, 2],
+                       "params_profile": [1, 2]})
+    view = table1_view(t1)
+    assert view["test % 95% interval (1 seed)"].tolist() == ["89.40 - 90.60", ""]
+    assert view["test % sd (>= 2 seeds)"].isna().tolist() == [True, False]

@@ -17,8 +17,9 @@ from ..data import CIFAR_MEAN, CLASSES, STD_AS_RUN, STD_TRUE
 from ..infer import STRATEGIES
 from ..optim import schedule_curves
 from .runs import load_run
-from .tables import figure1_deltas, strategy_accuracy
+from .tables import figure1_deltas, strategy_intervals
 CHANNELS = ("red", "green", "blue")
+MARKERS = ("o", "s", "^", "x", "D", "v", "+")
 
 
 def _finish(fig: Figure, title: str, caption: str, save) -> Figure:
@@ -116,13 +117,18 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
         m = load_run(dirs[0])["metrics"]
         if m.empty:
             continue
-        c = colours[name]
-        ax_loss.plot(m["epoch"], m["train_loss"], ".-", color=c, label=name)
+        # Configs that train identically (final = se_mixup + an EMA, which does not change
+        # training) draw the same regular curve: markers of different shape and size and a
+        # thinner line on top keep every one of them visible.
+        c, k = colours[name], list(runs).index(name)
+        style = dict(color=c, marker=MARKERS[k % len(MARKERS)], markersize=8 - 1.5 * k, lw=2.2 - 0.4 * k,
+                     alpha=0.85)
+        ax_loss.plot(m["epoch"], m["train_loss"], label=name, **style)
         for ax, col in ((ax_val, "val_acc"), (ax_test, "test_acc")):
-            ax.plot(m["epoch"], 100 * m[col], color=c, label=f"{name} regular")
+            ax.plot(m["epoch"], 100 * m[col], label=f"{name} regular", **style)
             if m[f"{col}_ema"].notna().any():
-                ax.plot(m["epoch"], 100 * m[f"{col}_ema"], color=c, ls="--", label=f"{name} EMA")
-        ax_lr.plot(m["epoch"], m["lr"], color=c, label=name)
+                ax.plot(m["epoch"], 100 * m[f"{col}_ema"], ls="--", label=f"{name} EMA", **style)
+        ax_lr.plot(m["epoch"], m["lr"], label=name, **style)
     ax_loss.set_ylabel("train loss (mixed targets for MixUp)")
     ax_val.set_ylabel("validation accuracy (%)")
     ax_test.set_ylabel("test accuracy (%), per-epoch curve")
@@ -136,7 +142,7 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
     return _finish(fig, title, caption, save)
 
 
-def plot_lr_schedules(epochs=200, steps_per_epoch=50, title="Learning-rate schedule: as written vs as run",
+def plot_lr_schedules(epochs=200, steps_per_epoch=50, title=None,
                       caption="", save=None, **kwargs) -> Figure:
     """The paper's schedule as written (10-epoch warm-up 0.001 -> 0.1, then OneCycle) and the
     one its code ran (LinearLR overridden by OneCycleLR: plain OneCycle), LR and momentum per
@@ -156,37 +162,50 @@ def plot_lr_schedules(epochs=200, steps_per_epoch=50, title="Learning-rate sched
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    title = title or f"Learning-rate schedule as written vs as run, drawn for the paper's {epochs} epochs"
     return _finish(fig, title, caption, save)
 
 
 # ---------------------------------------------------------------- inference (notebook 02)
 
 def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: inference strategies",
-                 caption="", save=None) -> Figure:
-    """Left: test accuracy of each strategy (reproduced).  Right: the paper's stated gains
-    beside the reproduced ones (TTA over standard, ensemble over TTA)."""
+                 caption="", save=None, deltas: pd.DataFrame | None = None) -> Figure:
+    """Left: test accuracy of each strategy with its 95% binomial interval, on an axis at
+    least as tall as a few intervals, so that gaps smaller than the noise look small.
+    Right: the paper's stated gains beside the reproduced ones, with their 95% paired
+    bootstrap intervals when `deltas` (tables.figure1_deltas with probabilities) has them."""
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     ax, ax_d = fig.subplots(1, 2, width_ratios=(1.6, 1))
-    acc = strategy_accuracy(table)
+    acc = strategy_intervals(table)
     names = [s for s in STRATEGIES if s in acc.index]
-    accs = acc[names].to_numpy()
-    bars = ax.bar(range(len(names)), accs, color=["C0" if "as run" not in s else "C3" for s in names])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
-    lo, hi = np.nanmin(accs), np.nanmax(accs)
-    ax.set_ylim(max(0, lo - max(1.0, 0.5 * (hi - lo))), min(100, hi + max(1.0, 0.3 * (hi - lo))))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"reproduced (paper's final: {paper['final']:.2f}% - "
-                 "not drawn unless on this scale)", fontsize=9)
+    acc = acc.loc[names]
+    x = np.arange(len(names))
+    err = np.vstack([acc["test_acc"] - acc["ci_low"], acc["ci_high"] - acc["test_acc"]])
+    colours = ["C3" if "as run" in s else "C0" for s in names]
+    for i, (name, row) in enumerate(acc.iterrows()):
+        ax.errorbar(i, row["test_acc"], yerr=err[:, i:i + 1], fmt="o", color=colours[i], capsize=4)
+        ax.annotate(f"{row['test_acc']:.2f}", (i, row["ci_high"]), textcoords="offset points",
+                    xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_xticks(x, names, rotation=25, ha="right")
+    width = np.nanmax(acc["ci_high"] - acc["ci_low"]) if acc["ci_low"].notna().any() else 1.0
+    lo, hi = np.nanmin(acc["ci_low"].fillna(acc["test_acc"])), np.nanmax(acc["ci_high"].fillna(acc["test_acc"]))
+    pad = max(width, 0.5)
+    ax.set_ylim(max(0, lo - pad), min(100, hi + pad))
+    ax.set_ylabel("test accuracy (%), 95% interval")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"reproduced; the paper's final {paper['final']:.2f}% is drawn when it falls on this axis",
+                 fontsize=9)
     if ax.get_ylim()[0] <= paper["final"] <= ax.get_ylim()[1]:
         ax.axhline(paper["final"], color="k", ls="--", lw=1, label=f"paper final {paper['final']:.2f}%")
         ax.legend(fontsize=8)
-    deltas = figure1_deltas(table, paper).iloc[:2]
+    deltas = (deltas if deltas is not None else figure1_deltas(table, paper)).iloc[:2]
     x = np.arange(len(deltas))
     b1 = ax_d.bar(x - 0.2, deltas["paper"], 0.4, label="paper", color="0.6")
-    b2 = ax_d.bar(x + 0.2, deltas["reproduced"], 0.4, label="reproduced", color="C0")
+    yerr = np.vstack([deltas["reproduced"] - deltas["ci95_low"], deltas["ci95_high"] - deltas["reproduced"]])
+    b2 = ax_d.bar(x + 0.2, deltas["reproduced"], 0.4, label="reproduced (95% interval)", color="C0",
+                  yerr=None if np.isnan(yerr).all() else yerr, capsize=4)
     ax_d.bar_label(b1, fmt="%+.2f", fontsize=8)
-    ax_d.bar_label(b2, fmt="%+.2f", fontsize=8)
+    ax_d.bar_label(b2, fmt="%+.2f", fontsize=8, padding=2)
     ax_d.axhline(0, color="k", lw=0.8)
     ax_d.set_xticks(x, ["TTA - standard", "ensemble+TTA - TTA"])
     ax_d.set_ylabel("gain (percentage points)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -111,14 +112,21 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     return table
 
 
+def saved_test_probs(run_dir) -> tuple:
+    """({strategy: test probabilities}, labels) that evaluate_run saved, or (None, None)."""
+    path = Path(run_dir) / "strategy_probs.pt"
+    if not path.exists():
+        return None, None
+    saved = load_checkpoint(path, fallback=False)
+    return saved["probs"], saved["labels"].numpy()
+
+
 def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:
     """Class probabilities (N, classes) of one strategy of a run on `images`: the test
     probabilities evaluate_run saved when `labels` are the ones they were saved for, else
     computed now (e.g. for the Kaggle file)."""
-    path = Path(run_dir) / "strategy_probs.pt"
-    if labels is not None and path.exists():
-        saved = load_checkpoint(path, fallback=False)
-        if strategy in saved["probs"] and torch.equal(saved["labels"], torch.as_tensor(labels)):
-            return saved["probs"][strategy]
+    probs, saved_labels = saved_test_probs(run_dir) if labels is not None else (None, None)
+    if probs is not None and strategy in probs and np.array_equal(saved_labels, np.asarray(labels)):
+        return probs[strategy]
     regular, ema = load_run_models(run_dir, device or "cpu")
     return strategy_probs(regular, ema, images, strategy, device=device)

@@ -23,6 +23,24 @@ PAPER_TABLE1 = pd.DataFrame([
 PAPER_FIGURE1 = {"tta_gain": 0.31, "ensemble_gain": 0.16, "final": 92.99}
 
 
+def binomial_interval(accuracy: float, n: int, z: float = 1.96) -> tuple:
+    """Wilson 95% interval of an accuracy (a fraction) measured on n independent images."""
+    if not n:
+        return float("nan"), float("nan")
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def paired_bootstrap(correct_a, correct_b, samples: int = 2000, seed: int = 0) -> tuple:
+    """Accuracy difference a - b (points) on the same images, and its 95% percentile interval
+    from resampling the images (paired: both strategies see the same resample)."""
+    diff = np.asarray(correct_a, dtype=float) - np.asarray(correct_b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(axis=1)
+    return 100 * diff.mean(), 100 * np.quantile(means, 0.025), 100 * np.quantile(means, 0.975)
+
+
 def _mean_sd(values) -> tuple:
     s = pd.Series(values, dtype=float)
     return s.mean(), (s.std(ddof=1) if len(s) > 1 else float("nan"))
@@ -43,15 +61,36 @@ def table1(runs: dict) -> pd.DataFrame:
         test = _mean_sd([100 * r["final"][key] for r in loaded])
         mixed = _mean_sd([100 * r["final"]["train_acc_mixed"] for r in loaded])
         clean = _mean_sd([100 * r["final"]["train_acc_clean"] for r in loaded])
+        # noise: sd over seeds when there are several, else the 95% binomial interval
+        n_test = loaded[0]["final"].get("test_size", 0)
+        lo, hi = binomial_interval(test[0] / 100, n_test) if len(loaded) == 1 else (float("nan"),) * 2
         rows.append({"config": name, "seeds": len(loaded),
                      "train_acc_mixed": mixed[0], "train_acc_clean": clean[0],
                      "test_acc": test[0], "test_acc_sd": test[1],
+                     "test_acc_ci_low": 100 * lo, "test_acc_ci_high": 100 * hi,
                      "params_profile": count_parameters(build_model(se=cfg.se, widths=cfg.widths,
                                                                     blocks=cfg.blocks)),
                      "params_paper_width": count_parameters(build_model(se=cfg.se))})
     table = PAPER_TABLE1.merge(pd.DataFrame(rows), on="config", how="right")
     table["delta_test"] = table["test_acc"] - table["paper_test_acc"]
     return table
+
+
+def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as the report shows it: paper and reproduced columns side by side, the noise
+    (sd over seeds, or the 95% binomial interval of a single seed) and the delta."""
+    def interval(row):
+        return "" if row["seeds"] != 1 else f"{row['test_acc_ci_low']:.2f} - {row['test_acc_ci_high']:.2f}"
+
+    return pd.DataFrame({
+        "configuration": t1["paper_row"], "seeds": t1["seeds"],
+        "paper train %": t1["paper_train_acc"], "train % (mixed batches, as paper)": t1["train_acc_mixed"],
+        "train % (clean)": t1["train_acc_clean"],
+        "paper test %": t1["paper_test_acc"], "test %": t1["test_acc"],
+        "test % sd (>= 2 seeds)": t1["test_acc_sd"], "test % 95% interval (1 seed)": t1.apply(interval, axis=1),
+        "test - paper": t1["delta_test"],
+        "paper params": t1["paper_params"], "params (code, paper width)": t1["params_paper_width"],
+        "params (this profile)": t1["params_profile"]})
 
 
 def discrepancy_table(reference: list, variants: dict) -> pd.DataFrame:
@@ -74,30 +113,51 @@ def strategy_accuracy(table: pd.DataFrame) -> pd.Series:
     return 100 * rows.set_index("strategy")["test_accuracy"]
 
 
+def strategy_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy (own temperature): test accuracy and its 95% binomial interval, in %."""
+    rows = table[table["temperature_from"] == "strategy"].set_index("strategy")
+    n = rows["test_images"] if "test_images" in rows else pd.Series(np.nan, index=rows.index)
+    ci = [binomial_interval(a, int(k)) if k == k else (np.nan, np.nan)
+          for a, k in zip(rows["test_accuracy"], n)]
+    return pd.DataFrame({"test_acc": 100 * rows["test_accuracy"], "ci_low": [100 * c[0] for c in ci],
+                         "ci_high": [100 * c[1] for c in ci]}, index=rows.index)
+
+
 def best_strategy(table: pd.DataFrame) -> str:
     """The strategy the table selected on validation (its `selected` rows)."""
     return str(table.loc[table["selected"].astype(bool), "strategy"].iloc[0])
 
 
-def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1) -> pd.DataFrame:
-    """The paper's Figure 1 claims beside the reproduced numbers (percentage points).
+def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict | None = None,
+                   labels=None) -> pd.DataFrame:
+    """The paper's Figure 1 claims beside the reproduced numbers (percentage points), with a
+    95% paired-bootstrap interval of each reproduced difference when the strategies' test
+    probabilities (`probs`, {strategy: (N, classes)}) and `labels` are given.
 
     The paper does not say which model its +0.16 ensemble gain starts from; we take
     regular + TTA."""
     a = strategy_accuracy(table).reindex(["standard", "tta", "ema+tta", "ensemble+tta",
                                           "ensemble+tta (as run)"])
-    rows = [
-        ("TTA gain: tta - standard", paper["tta_gain"], a["tta"] - a["standard"], ""),
-        ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], a["ensemble+tta"] - a["tta"],
+    claims = [
+        ("TTA gain: tta - standard", paper["tta_gain"], ("tta", "standard"), ""),
+        ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], ("ensemble+tta", "tta"),
          "paper: 'a further +0.16'"),
-        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), a["ema+tta"] - a["tta"],
+        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), ("ema+tta", "tta"),
          "paper: positive, no number"),
-        ("ensemble over EMA: ensemble+tta - ema+tta", float("nan"), a["ensemble+tta"] - a["ema+tta"], ""),
+        ("ensemble over EMA: ensemble+tta - ema+tta", float("nan"), ("ensemble+tta", "ema+tta"), ""),
         ("as-run TTA/ensemble vs samlib's: (as run) - ensemble+tta", float("nan"),
-         a["ensemble+tta (as run)"] - a["ensemble+tta"], "code: logit average, as-run views"),
-        ("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], "absolute, not a delta"),
+         ("ensemble+tta (as run)", "ensemble+tta"), "code: logit average, as-run views"),
     ]
-    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "note"])
+    rows = []
+    for claim, stated, (x, y), note in claims:
+        lo = hi = float("nan")
+        if probs is not None and x in probs and y in probs:
+            right = {k: (np.asarray(probs[k].argmax(1)) == np.asarray(labels)) for k in (x, y)}
+            _, lo, hi = paired_bootstrap(right[x], right[y])
+        rows.append((claim, stated, a[x] - a[y], lo, hi, note))
+    rows.append(("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], float("nan"),
+                 float("nan"), "absolute, not a delta"))
+    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "ci95_low", "ci95_high", "note"])
 
 
 def temperature_table(table: pd.DataFrame) -> pd.DataFrame:
