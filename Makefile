@@ -110,7 +110,7 @@ report-notebooks: venv
 html: venv
 	@$(pick_profile); \
 	ls $(RESULTS)/$$profile/[0-9]*.ipynb >/dev/null 2>&1 || { echo "no executed notebooks in $(RESULTS)/$$profile: run make report PROFILE=$$profile"; exit 2; }; \
-	$(PY) -m nbconvert --to html --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
+	$(PY) -m nbconvert --to html --template samlib --TemplateExporter.extra_template_basedirs=samlib/report/templates/nbconvert --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
 	$(PY) -m samlib.report.notebooks index $(RESULTS)/$$profile
 
 strip: venv

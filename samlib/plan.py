@@ -2,7 +2,7 @@
 finished, partly done or new, and an estimate of the time it takes on *this* device.
 
 The estimate comes from a timing probe of the real training step (the run's own model,
-batch size and augmentation, a few steps after an untimed warm-up) plus the per-epoch
+batch size and augmentation, a few steps after an untimed warm-up) and of the per-epoch
 evaluation, so a user can stop before a plan of many hours starts, change the parameters
 and rerun.  Finished runs cost nothing; a partly done run costs only its remaining epochs.
 """
@@ -18,7 +18,7 @@ from . import data as D
 from .config import Config, resolve
 from .device import resolve_device
 from .rundir import RunDir
-from .train import Trainer, format_duration
+from .train import Trainer, accuracy_of, format_duration
 
 PROBE_STEPS, PROBE_WARMUP = 5, 2
 
@@ -65,30 +65,38 @@ def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun
 
 
 def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
-    """Seconds one epoch of `cfg` takes here: a probe of train_step on synthetic images of the
-    run's shape (PROBE_WARMUP untimed steps, then PROBE_STEPS timed), scaled to the epoch's
-    steps, plus evaluation at the same per-image cost as a forward pass (a third of a step)."""
+    """Seconds one epoch of `cfg` takes here, from a probe on synthetic images of the run's
+    shape: train_step (PROBE_WARMUP untimed steps, then PROBE_STEPS timed) scaled to the
+    epoch's steps, plus the epoch's evaluation timed per image the same way."""
     device = resolve_device(device)
     n_probe = (PROBE_STEPS + PROBE_WARMUP) * cfg.batch_size
-    ds = D.synthetic_cifar10(n_probe, 16, seed=0)
+    ds = D.synthetic_cifar10(n_probe, cfg.eval_batch_size, seed=0)
     splits = {"train": (ds.train_images, ds.train_labels), "val": (ds.test_images, ds.test_labels),
               "test": (ds.test_images, ds.test_labels)}
     trainer = Trainer(cfg, splits, device)
     trainer.net.train()
     batches = trainer.epoch_batches(cfg.mix_alpha if cfg.mix != "none" else 0.0)
-    for _ in range(PROBE_WARMUP):
-        trainer.train_step(*next(batches))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(PROBE_STEPS):
-        trainer.train_step(*next(batches))
-    _sync(device)
-    step = (time.perf_counter() - t0) / PROBE_STEPS
+    step = _timed(lambda: trainer.train_step(*next(batches)), PROBE_WARMUP, PROBE_STEPS, device)
+    x, y = trainer.eval_sets["test"]
+    per_image = _timed(lambda: accuracy_of(trainer.model, x, y, cfg.eval_batch_size), 1, 2, device) / len(y)
     if train_images is None:
         train_images = (cfg.train_subset or 50_000) - cfg.val_size
-    eval_images = cfg.val_size * (2 if cfg.ema else 1) + min(cfg.train_eval_size, train_images) \
-        + (cfg.test_eval_size or 10_000) * (2 if cfg.ema else 1)
-    return (train_images // cfg.batch_size) * step + eval_images * step / cfg.batch_size / 3
+    test_images = min(cfg.test_eval_size or 10_000, cfg.test_subset or 10_000)
+    models = 2 if cfg.ema else 1                  # the EMA model is evaluated too
+    eval_images = min(cfg.train_eval_size, train_images) + models * (cfg.val_size + test_images)
+    return (train_images // cfg.batch_size) * step + eval_images * per_image
+
+
+def _timed(fn, warmup: int, repeats: int, device) -> float:
+    """Mean seconds of `fn` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / repeats
 
 
 def _sync(device: torch.device) -> None:

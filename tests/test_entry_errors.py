@@ -41,3 +41,27 @@ def test_the_report_runner_checks_parameters_before_writing_anything(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.count("error:") == 1 and words in err and "Traceback" not in err
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_terminal_shows_the_plan_and_the_epoch_lines_and_nothing_else(tmp_path):
+    """make report's terminal: the runner's filter passes exactly what samlib.plan and
+    samlib.train print as progress (both generated here by the real functions)."""
+    import io
+    import types
+
+    from samlib.plan import PlannedRun, format_plan
+    from samlib.train import epoch_line
+
+    plan = format_plan([PlannedRun("final+schedule=as_written", 84, tmp_path, 200, 3, False, 95.0),
+                        PlannedRun("baseline", 85, tmp_path, 200, 200, True, 0.0)], "NVIDIA T4")
+    trainer = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(name="final", seed=84, epochs=200), epoch=3,
+        metrics=[{"seconds": 4.0, "train_loss": 1.5, "val_acc": 0.5, "val_acc_ema": 0.6}] * 3)
+    epoch = epoch_line(trainer, later_seconds=600)
+    chatter = "profile    : paper\nrun directory: /x/final-s84-abc\nnote: cifar-10-batches-py does not carry"
+    out = io.StringIO()
+    stream = runner.ProgressOnly(out)
+    for piece in (chatter, "\n", plan[:17], plan[17:], "\n", epoch, "\n", chatter, "\n"):
+        stream.write(piece)                               # arbitrary chunking, as streams arrive
+    assert out.getvalue() == plan + "\n" + epoch + "\n"
+    assert "epoch 3/200" in epoch and "plan" in epoch

@@ -35,22 +35,29 @@ def test_estimate_is_remaining_epochs_times_the_probed_epoch(tmp_path, monkeypat
 
 
 def test_probe_scales_the_timed_steps_to_an_epoch_plus_evaluation(monkeypatch):
-    """A fake clock: every train_step takes exactly 0.25 s, so the arithmetic is exact."""
+    """A fake clock: a train_step takes exactly 0.25 s and evaluating the probe's test images
+    (eval_batch_size of them) 0.5 s, so the arithmetic is exact."""
+    import samlib.train
+
     clock = {"t": 0.0}
     monkeypatch.setattr(P.time, "perf_counter", lambda: clock["t"])
-    import samlib.train
     real_step = samlib.train.Trainer.train_step
 
     def step(self, x, y):
         clock["t"] += 0.25
         return real_step(self, x, y)
 
+    def evaluate(model, x, y, batch_size):
+        clock["t"] += 0.5
+        return 0.1
+
     monkeypatch.setattr(samlib.train.Trainer, "train_step", step)
+    monkeypatch.setattr(P, "accuracy_of", evaluate)
     cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1))
     seconds = P.epoch_seconds(cfg, "cpu", train_images=640)
     steps = 640 // cfg.batch_size
-    evaluated = 2 * cfg.val_size + min(cfg.train_eval_size, 640) + 2 * (cfg.test_eval_size or 10_000)
-    assert seconds == pytest.approx(steps * 0.25 + evaluated * 0.25 / cfg.batch_size / 3)
+    evaluated = min(cfg.train_eval_size, 640) + 2 * (cfg.val_size + cfg.test_subset)   # EMA: twice
+    assert seconds == pytest.approx(steps * 0.25 + evaluated * 0.5 / cfg.eval_batch_size)
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0 s"), (59.4, "59 s"), (61, "1 min 01 s"),

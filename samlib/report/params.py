@@ -57,6 +57,26 @@ def _one_line_user_errors() -> None:
 _one_line_user_errors()
 
 
+def figure_png(fig) -> tuple:
+    """A matplotlib figure as PNG bytes and the metadata {"alt": its title}: the notebook shows
+    the same image as the inline backend, and the HTML pages get alt text."""
+    from IPython.core.pylabtools import print_figure
+
+    title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
+    return print_figure(fig, "png", bbox_inches="tight"), {"alt": title.replace("\n", " - ") or "a figure of this report"}
+
+
+def _figures_with_alt_text() -> None:
+    """In a notebook kernel, display every matplotlib Figure through `figure_png`."""
+    try:
+        shell = get_ipython()  # noqa: F821 - defined inside IPython only
+    except NameError:
+        return
+    from matplotlib.figure import Figure
+
+    shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+
+
 @dataclass
 class Params:
     """Checked, resolved notebook parameters (paths absolute, "auto" resolved)."""
@@ -174,6 +194,7 @@ def load_data(p: Params, download: bool = True):
     """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
     import torch
 
+    _figures_with_alt_text()          # after %matplotlib inline, which registers its own
     dataset = D.load_cifar10(p.data_dir, download=download)
     p.data_source = D.describe_source(dataset, p.data_dir)
     p.provenance = provenance(torch.device(p.device), p.data_source)

@@ -11,6 +11,7 @@ keeps its traceback.  An interrupted report resumes: finished runs are reused.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from .params import check_params
 NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
 EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("switches",),
                     "03_submission": ("kaggle_file",)}
+# What the terminal shows of a notebook's output: the plan (samlib.plan.format_plan) and one
+# line per epoch (samlib.train.epoch_line); tests/test_entry_errors.py keeps them in step.
+PROGRESS = re.compile(r"^(run +epochs +state|\S.* seed \d+ +\d+  |\d+ runs?, \d+ to train|\S.* seed \d+: epoch \d+/\d+ )")
 USER_ERRORS = {name for name in dir(errors) if isinstance(getattr(errors, name), type)
                and issubclass(getattr(errors, name), SamlibError)}
 
@@ -47,6 +51,35 @@ def parameters(args) -> dict:
     return values
 
 
+class ProgressOnly:
+    """A text stream that passes on only the progress lines of what is written to it."""
+
+    def __init__(self, out):
+        self.out, self.pending = out, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if PROGRESS.match(line):
+                self.out.write(line + "\n")
+                self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _local_kernels():
+    """Kernels over local IPC sockets: nothing on the network, and no ipykernel warning about
+    unencrypted TCP on every run."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        transport = "ipc"
+
+    return LocalKernelManager
+
+
 def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Path:
     import papermill
 
@@ -54,7 +87,8 @@ def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Pat
     out = results / f"{name}.ipynb"
     papermill.execute_notebook(str(notebooks / f"{name}.ipynb"), str(out), cwd=str(notebooks),
                                parameters={k: v for k, v in values.items() if k in wanted and v is not None},
-                               progress_bar=False, log_output=True)
+                               progress_bar=False, log_output=True, stdout_file=ProgressOnly(sys.stdout),
+                               stderr_file=ProgressOnly(sys.stdout), kernel_manager_class=_local_kernels())
     return out
 
 
