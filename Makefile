@@ -9,6 +9,7 @@
 #   make notebook-outputs     after editing notebooks: run them (smoke) and keep only the outputs
 #                             of the # NBVAL_CHECK_OUTPUT cells, which nbval compares
 #   make strip                clear notebook outputs except the # NBVAL_CHECK_OUTPUT cells
+#   make git-filter           once per clone: git sees notebooks as stripped (outputs never reach a commit)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -110,11 +111,21 @@ report-notebooks: venv
 html: venv
 	@$(pick_profile); \
 	ls $(RESULTS)/$$profile/[0-9]*.ipynb >/dev/null 2>&1 || { echo "no executed notebooks in $(RESULTS)/$$profile: run make report PROFILE=$$profile"; exit 2; }; \
-	$(PY) -m nbconvert --to html --template samlib --TemplateExporter.extra_template_basedirs=samlib/report/templates/nbconvert --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
+	$(PY) -m nbconvert --to html --template samlib --TemplateExporter.extra_template_basedirs=$$($(PY) -c 'import samlib.report, pathlib; print(pathlib.Path(samlib.report.__file__).parent / "templates" / "nbconvert")') --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
 	$(PY) -m samlib.report.notebooks index $(RESULTS)/$$profile
 
 strip: venv
 	$(PY) -m samlib.report.notebooks strip notebooks/[0-9]*.ipynb
+
+# The git clean filter that .gitattributes names for notebooks/*.ipynb: git diff, add and commit see
+# a notebook run in JupyterLab as `make strip` leaves it (the working copy keeps its outputs).  git
+# status may list a rerun notebook until `git add` (a new file size counts as a change before any
+# filter runs); that add stages nothing.  No smudge (checkout is a plain copy), and not `required`:
+# with the venv gone git falls back to the unfiltered file instead of refusing to run.
+.PHONY: git-filter
+git-filter: venv
+	git config filter.samlib-strip.clean '"$(abspath $(PY))" -m samlib.report.notebooks clean'
+	@echo "notebook outputs are now invisible to git; undo: git config --remove-section filter.samlib-strip"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,16 +1,56 @@
 """Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep,bench} ...`.
 
-User mistakes (a missing file, an unknown config, a bad value) end with one line on
-stderr and exit status 2, never a traceback.
+User mistakes (a missing file, an unknown config, a bad value, an unwritable folder, a
+full disk) end with one `error: ...` line on stderr that says what to do, and exit status
+2, never a traceback; anything else is a bug and keeps its traceback.  Ctrl-C (SIGINT,
+exit 130) and SIGTERM (a cluster scheduler, Colab; exit 143) stop with the last good
+checkpoint kept: running the same command again resumes.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import SamlibError
 from .infer import STRATEGIES
+
+
+SYNTHETIC_MAX = 100_000        # images per split of `synthetic` (CIFAR-10 has 50,000 + 10,000)
+
+
+def _items(text: str, flag: str, example: str) -> list:
+    """A comma-separated flag value as a list of non-empty items, or a clear error."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not all(items):
+        raise SamlibError(f"{flag} expects a comma-separated list without empty entries "
+                          f"(e.g. {flag} {example}), got {text!r}")
+    return items
+
+
+def _seeds(text: str) -> list:
+    from .config import SEED_MAX
+
+    seeds = []
+    for item in _items(text, "--seeds", "84,85"):
+        try:
+            seed = int(item)
+        except ValueError:
+            seed = None
+        if seed is None or not 0 <= seed <= SEED_MAX:
+            raise SamlibError(f"--seeds expects comma-separated integers in [0, {SEED_MAX}] "
+                              f"(e.g. --seeds 84,85), got {item!r} in {text!r}")
+        seeds.append(seed)
+    return seeds
+
+
+def _count(flag: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise SamlibError(f"{flag} must be an integer in [{lo}, {hi}], got {value}")
+    return value
 
 
 def _overrides(pairs) -> dict:
@@ -45,7 +85,8 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .report.runs import evaluate_run
 
-    table = evaluate_run(args.run_dir, args.data_dir, device=args.device)
+    table = evaluate_run(args.run_dir, args.data_dir, device=args.device,
+                         allow_other_data=args.allow_other_data)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"written {Path(args.run_dir) / 'strategies.csv'}")
 
@@ -59,18 +100,39 @@ def cmd_submit(args) -> None:
 
 
 def cmd_synthetic(args) -> None:
-    from .data import synthetic_cifar10, write_cifar10
+    from .config import SEED_MAX
+    from .data import FOLDER, synthetic_cifar10, write_cifar10
 
-    folder = write_cifar10(args.dir, synthetic_cifar10(args.n_train, args.n_test, seed=args.seed))
+    _count("--n-train", args.n_train, 1, SYNTHETIC_MAX)
+    _count("--n-test", args.n_test, 1, SYNTHETIC_MAX)
+    _count("--seed", args.seed, 0, SEED_MAX)
+    target = Path(args.dir) / FOLDER
+    for path in (Path(args.dir), target):
+        if path.exists() and not path.is_dir():
+            raise SamlibError(f"cannot write the synthetic data to {target}: {path} is a file, not a "
+                              "folder; give another folder")
+    dataset = synthetic_cifar10(args.n_train, args.n_test, seed=args.seed)
+    try:
+        folder = write_cifar10(args.dir, dataset)
+    except OSError as e:
+        raise SamlibError(f"cannot write the synthetic data to {target}: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename else ''}; choose a writable folder "
+                          "with free space, then run the same command again") from None
     print(folder)
 
 
 def cmd_sweep(args) -> None:
+    from .config import resolve
     from .sweep import sweep
 
+    configs, seeds = _items(args.configs, "--configs", "baseline,se"), _seeds(args.seeds)
+    devices = _items(args.devices, "--devices", "cuda:0,cuda:1") if args.devices else None  # sweep checks each
+    overrides = _overrides(args.set)
+    for config in configs:          # every job's settings, checked before any job starts
+        for seed in seeds:
+            resolve(config, args.profile, **dict(overrides, seed=str(seed)))
     extra = [a for pair in (args.set or ()) for a in ("--set", pair)]
-    results = sweep(args.configs.split(","), [int(s) for s in args.seeds.split(",")], args.profile,
-                    args.data_dir, args.out, args.devices.split(",") if args.devices else None, extra)
+    results = sweep(configs, seeds, args.profile, args.data_dir, args.out, devices, extra)
     failed = [r for r in results if r[3] != 0]
     if failed:
         raise SamlibError(f"{len(failed)} of {len(results)} runs failed; see " +
@@ -108,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--data-dir", required=True)
     e.add_argument("--device")
+    e.add_argument("--allow-other-data", action="store_true",
+                   help="evaluate on data other than the run was trained on (e.g. the real test set "
+                        "for a run trained on a copy); the table says so")
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("submit", help="write a Kaggle submission (ID,Labels) for an unlabeled file")
@@ -148,17 +213,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every
+    `finally` and samlib.io.atomic_write_bytes' cleanup run and the files on disk stay whole."""
+
+
+def _on_signal(signum, frame):
+    # Already stopping: a later SIGTERM (e.g. a sweep passing one on) would only interrupt
+    # the cleanup.  A second Ctrl-C still interrupts, as usual.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM (and SIGINT, where Python's default is in place) -> _on_signal; returns the
+    previous handlers.  Signals left ignored (e.g. SIGINT of a background job) stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, _on_signal)
+    return previous
+
+
+_OS_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check the permissions or choose another folder",
+    errno.EPERM: "check the permissions or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.ENOSPC: "the disk is full: free some space or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose another folder",
+    errno.EFBIG: "the file is larger than this system allows (ulimit -f?): raise the limit or "
+                 "choose another folder",
+    errno.EISDIR: "that path is a folder: give a file name",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    where = "".join(f" {name}" for name in (e.filename, e.filename2) if name is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    hint = _OS_HINTS.get(e.errno, "check the paths given and try again")
+    return f"{what}{':' + where if where else ''}; {hint}, then run the same command again"
+
+
+def _error(message: str) -> int:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    print(f"error: {'; '.join(lines) or 'failed'}", file=sys.stderr)
+    return 2
+
+
+def _after(previous: dict, program: bool) -> None:
+    """Put the handlers back for an in-process caller.  The program itself (argv from the
+    command line) is done and only exits: there a late signal is ignored, so it can neither
+    turn a finished command into a kill nor interrupt the exit."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask:
+        blocked = mask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_IGN if program else handler)
+    finally:
+        if mask:
+            mask(signal.SIG_SETMASK, blocked)
+
+
+def main(argv=None) -> int:
+    """Run one command; the one error boundary of the command line (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    previous = {}
+    try:
+        previous = _install_signal_handlers()
         args.func(args)
     except SamlibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
+        return _error(str(e))
+    except OSError as e:
+        return _error(_os_error_line(e))
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (SIGINT)"
+        print(f"{how}: the files written so far are intact and the last good checkpoint is kept; "
+              "run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        _after(previous, program=argv is None)
     return 0
 
 

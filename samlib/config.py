@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -143,32 +145,97 @@ PROFILES = {
 }
 
 
-def _validate(cfg: Config) -> None:
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(f"invalid config '{cfg.name}': {msg}")
+# The one validation of settings: every field of Config is in exactly one of these tables
+# (tests/test_adversarial_writes.py holds that), each with its allowed range.
+SEED_MAX = 2**63 - 2      # seeds go to torch (64-bit) and numpy; the loop also seeds with seed + 1
+_COUNT_MAX = 10_000_000   # image counts: far above CIFAR-10's 60,000, far below int64 overflow
+_INTS = {  # field -> (lowest, highest, None allowed)
+    "epochs": (1, 100_000, False), "batch_size": (1, 65_536, False),
+    "eval_batch_size": (1, 65_536, False), "val_size": (0, _COUNT_MAX, False),
+    "train_eval_size": (1, _COUNT_MAX, False), "test_eval_size": (1, _COUNT_MAX, True),
+    "train_subset": (1, _COUNT_MAX, True), "test_subset": (1, _COUNT_MAX, True),
+    "warmup_epochs": (0, 100_000, False), "lookahead_k": (0, 10_000, False),
+    "crop_padding": (0, 32, False), "cutout": (0, 32, False),     # pixels of a 32x32 image
+    "seed": (0, SEED_MAX, False), "split_seed": (0, SEED_MAX, False),
+}
+_REALS = {  # field -> (low, low excluded, high, high excluded); None: unbounded
+    "lr": (0, True, None, False), "momentum": (0, False, 1, True),
+    "weight_decay": (0, False, None, False), "mix_alpha": (0, True, None, False),
+    "ema_decay": (0, True, 1, True), "lookahead_alpha": (0, True, 1, False),
+    "pct_start": (0, True, 1, True), "grad_clip": (0, False, None, False),
+}
+_STAGES = {"widths": 8192, "blocks": 1000}     # per-stage channels, blocks: integers in [1, max]
+_BOOLS = ("se", "flip", "alpha_ramp", "nesterov", "ema", "compile", "channels_last")
+_OPTIONS = {"se_placement": SE_PLACEMENTS, "norm_std": tuple(NORM_STDS), "mix": MIX_KINDS,
+            "schedule": SCHEDULES, "amp": AMP_MODES, "selection": SELECTIONS}
 
-    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    need(len(cfg.widths) == len(cfg.blocks) and all(int(w) > 0 for w in cfg.widths)
-         and all(int(b) > 0 for b in cfg.blocks),
-         f"widths {cfg.widths} and blocks {cfg.blocks} must be positive and of equal length")
-    need(cfg.mix_alpha > 0, f"mix_alpha must be > 0, got {cfg.mix_alpha}")
-    need(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
-    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(0 <= cfg.lookahead_k and 0 < cfg.lookahead_alpha <= 1,
-         f"lookahead_k >= 0 and 0 < lookahead_alpha <= 1 (got {cfg.lookahead_k}, {cfg.lookahead_alpha})")
-    need(cfg.val_size >= 0 and cfg.split_seed >= 0, "val_size and split_seed must be >= 0")
-    need(cfg.cutout >= 0 and cfg.crop_padding >= 0, "cutout and crop_padding must be >= 0")
-    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0, got {cfg.grad_clip}")
-    for field, options in (("se_placement", SE_PLACEMENTS), ("norm_std", tuple(NORM_STDS)),
-                           ("mix", MIX_KINDS), ("schedule", SCHEDULES), ("amp", AMP_MODES),
-                           ("selection", SELECTIONS)):
-        need(getattr(cfg, field) in options, f"{field} must be one of {options}, got {getattr(cfg, field)!r}")
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _interval(lo, lo_open, hi, hi_open) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _int_problem(field, v, lo, hi, none_ok):
+    allowed = f"an integer in [{lo}, {hi}]" + (" or none" if none_ok else "")
+    if v is None and none_ok:
+        return None
+    if not _is_int(v):
+        return f"{field} must be {allowed}, got {v!r}"
+    if v < lo:
+        return f"{field} must be >= {lo}, got {v} (allowed: {allowed})"
+    if v > hi:
+        return f"{field} must be <= {hi}, got {v} (allowed: {allowed})"
+    return None
+
+
+def _real_problem(field, v, lo, lo_open, hi, hi_open):
+    rule = _interval(lo, lo_open, hi, hi_open)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        return f"{field} must be a finite number {rule}, got {v!r}"
+    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    return None if ok else f"{field} must be {rule}, got {v!r}"
+
+
+def _validate(cfg: Config) -> None:
+    """Every setting against its allowed range: a ConfigError naming the first bad one."""
+    def need(ok, msg, field):
+        if not ok:
+            raise ConfigError(f"invalid config '{cfg.name}': {msg}; change it with --set {field}=VALUE")
+
+    need(isinstance(cfg.name, str) and cfg.name != "", f"name must be a non-empty string, got {cfg.name!r}",
+         "name")
+    for field, (lo, hi, none_ok) in _INTS.items():
+        problem = _int_problem(field, getattr(cfg, field), lo, hi, none_ok)
+        need(problem is None, problem, field)
+    for field, bounds in _REALS.items():
+        problem = _real_problem(field, getattr(cfg, field), *bounds)
+        need(problem is None, problem, field)
+    for field in _BOOLS:
+        need(isinstance(getattr(cfg, field), bool), f"{field} must be true or false, got "
+             f"{getattr(cfg, field)!r}", field)
+    for field, options in _OPTIONS.items():
+        need(getattr(cfg, field) in options, f"{field} must be one of {options}, got {getattr(cfg, field)!r}",
+             field)
+    stages = {f: getattr(cfg, f) for f in _STAGES}
+    for field, hi in _STAGES.items():
+        v = stages[field]
+        need(isinstance(v, (tuple, list)) and len(v) >= 1 and all(_is_int(x) and 1 <= x <= hi for x in v),
+             f"{field} must be positive integers (each in [1, {hi}]), one per stage, got {v!r}", field)
+    need(len(cfg.widths) == len(cfg.blocks),
+         f"widths {cfg.widths} and blocks {cfg.blocks} must be of equal length (one of each per stage)",
+         "widths")
+    need(not cfg.nesterov or cfg.momentum > 0,
+         f"momentum must be > 0 when nesterov is on (torch's SGD requires it), got {cfg.momentum} "
+         "(or turn nesterov off: --set nesterov=false)", "momentum")
     need(cfg.selection == "test" or cfg.val_size > 0,
-         "selection='val' needs val_size > 0 (or ask for the as-run selection='test')")
+         "selection='val' needs val_size > 0 (or ask for the as-run selection='test')", "val_size")
     need(cfg.schedule == "as_run" or cfg.warmup_epochs < cfg.epochs,
-         f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than epochs ({cfg.epochs})")
+         f"warmup_epochs ({cfg.warmup_epochs}) must be shorter than epochs ({cfg.epochs})", "warmup_epochs")
 
 
 def _coerce(field: dataclasses.Field, value):
@@ -211,12 +278,54 @@ def resolve(config: str = "final", profile: str = "paper", **overrides) -> Confi
     return cfg
 
 
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config from config.json (lists back to tuples; unknown keys refused)."""
+_FILE_FIX = ("the file was edited by hand or damaged: restore it, or move its run folder away "
+             "(or delete it) and train the run again")
+
+
+def _stored_problem(v) -> str | None:
+    """Why `v` cannot be a stored setting: settings are JSON scalars or one flat list of them,
+    with integers in 64 bits and text that is valid Unicode."""
+    def scalar(x):
+        if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 2**63:
+            return f"holds an integer too large for any setting ({x.bit_length()} bits)"
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"holds text that is not valid Unicode ({x!a})"
+        if x is not None and not isinstance(x, (bool, int, float, str)):
+            return f"must be a number, text, true/false or null, got {type(x).__name__}"
+        return None
+
+    if isinstance(v, (list, tuple)):
+        return next((f"[{i}] {p}" for i, p in ((i, scalar(x)) for i, x in enumerate(v)) if p), None)
+    return scalar(v)
+
+
+def from_dict(d: dict, source: str = "config.json") -> Config:
+    """Rebuild a Config from config.json (lists back to tuples; unknown keys refused).
+
+    `source` names the file in errors: anything wrong (not an object, an unknown key, a value
+    of the wrong type or out of range) is a ConfigError naming it and the field."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source} must hold an object of settings, got {type(d).__name__}; {_FILE_FIX}")
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(d) - set(fields))
+    unknown = sorted(str(k) for k in d if k not in fields)
     if unknown:
-        raise ConfigError(f"config.json has unknown setting(s) {unknown}; written by another samlib version?")
-    cfg = Config(**{k: _coerce(fields[k], v) for k, v in d.items()})
-    _validate(cfg)
+        raise ConfigError(f"{source} has unknown setting(s) {unknown}; written by another samlib "
+                          f"version? {_FILE_FIX}")
+    values = {}
+    for key, value in d.items():
+        problem = _stored_problem(value)
+        if problem:
+            raise ConfigError(f"{source}: field '{key}' {problem}; {_FILE_FIX}")
+        try:
+            values[key] = _coerce(fields[key], value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: field '{key}': {e}; {_FILE_FIX}") from None
+    cfg = Config(**values)
+    try:
+        _validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source} holds an invalid setting: {e}; {_FILE_FIX}") from None
     return cfg

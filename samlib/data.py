@@ -4,7 +4,6 @@ Images are uint8 (N, 32, 32, 3) numpy arrays (HWC), labels int64 in 0..9 in the 
 class order.  The python batches (data_batch_1..5, test_batch, batches.meta) hold
 channel-planar rows (N, 3072) = 1024 red, 1024 green, 1024 blue values per image.
 """
-import codecs
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -13,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from samlib.errors import ConfigError, DataError
+from samlib.unpickle import (  # noqa: F401  (_RestrictedUnpickler, safe_pickle_load: re-exported)
+    KAGGLE_FIX, REPLACE, _RestrictedUnpickler, as_dict, class_names, describe, ids_of, keys_of, labels_of,
+    safe_pickle_load)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -68,57 +70,6 @@ class CIFAR10:
                 f"classes={len(self.classes)})")
 
 
-# ---- restricted unpickling -------------------------------------------------------------
-
-# The only globals these files need, resolved from live objects (no deprecated imports).
-# Python 3 writes bytes as _codecs.encode(str, 'latin1'), b'' as __builtin__.bytes(), under
-# protocol < 3 (write_cifar10 below); numpy arrays use _frombuffer under protocol 5.
-_ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): codecs.encode, ("__builtin__", "bytes"): bytes}
-for _core in ("numpy.core", "numpy._core"):  # numpy 1.x / 2.x spellings
-    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = np.ndarray.__reduce__(np.zeros(1))[0]
-    _ALLOWED[(f"{_core}.multiarray", "scalar")] = np.float64(0).__reduce__()[0]
-    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
-del _core
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source):
-        super().__init__(file, encoding="bytes")
-        self.source = source
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
-                        "files contain only dicts, lists, strings, ints and numpy arrays; "
-                        "this file may be malicious")
-
-
-def safe_pickle_load(path_or_fileobj):
-    """pickle.load(f, encoding="bytes") admitting only numpy arrays/dtypes/scalars as globals."""
-    own = not hasattr(path_or_fileobj, "read")
-    f = open(path_or_fileobj, "rb") if own else path_or_fileobj
-    source = str(path_or_fileobj) if own else getattr(f, "name", "<stream>")
-    try:
-        return _RestrictedUnpickler(f, source).load()
-    except DataError:
-        raise
-    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, ...
-        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: {e}); "
-                        "replace it with a complete copy (download or extract it again)") from e
-    finally:
-        if own:
-            f.close()
-
-
-def _as_dict(obj, source, expected):
-    if not isinstance(obj, dict):
-        raise DataError(f"{source}: expected a pickled dict with {expected}, "
-                        f"got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
 # ---- CIFAR-10 python batches ---------------------------------------------------------
 
 def _guidance(root):
@@ -128,33 +79,43 @@ def _guidance(root):
 
 
 def _read_batch(path):
-    d = _as_dict(safe_pickle_load(path), path, "b'data' and b'labels'")
+    d = as_dict(safe_pickle_load(path), path, "b'data' and b'labels'")
     missing = [k for k in ("data", "labels") if k not in d]
     if missing:
-        raise DataError(f"{path}: no {missing} entry (keys: {sorted(map(str, d))}); "
-                        "is this a CIFAR-10 python batch?")
+        raise DataError(f"{path}: no {missing} entry (keys: {keys_of(d)}); "
+                        f"is this a CIFAR-10 python batch? {REPLACE}")
     x = d["data"]
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows")
-    y = np.asarray(d["labels"])
-    if y.ndim != 1 or len(y) != len(x) or (len(y) and y.dtype.kind not in "iu"):
-        raise DataError(f"{path}: labels must be {len(x)} integers, "
-                        f"got {y.dtype} of shape {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() > 9):
-        raise DataError(f"{path}: labels must lie in 0..9, found {y.min()}..{y.max()}")
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y.astype(np.int64)
+        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows; "
+                        + REPLACE)
+    y = labels_of(d["labels"], len(x), path)
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
 
 def _folder(root) -> Path:
     return Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
 
 
+def _md5_is(path: Path, md5: str) -> bool:
+    try:
+        return path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() == md5
+    except OSError:      # unreadable: not the official file as far as we can tell
+        return False
+
+
 def has_official_md5(root) -> bool:
     """True when every file under root/cifar-10-batches-py carries its official MD5 sum."""
     folder = _folder(root)
-    return all((folder / f).is_file() and hashlib.md5((folder / f).read_bytes()).hexdigest() == md5
-               for f, md5 in OFFICIAL_MD5.items())
+    return all(_md5_is(folder / f, md5) for f, md5 in OFFICIAL_MD5.items())
+
+
+def _kind(path: Path) -> str:
+    """"file", "folder", "missing", or why it cannot be looked at."""
+    try:
+        return "file" if path.is_file() else "folder" if path.is_dir() else "missing"
+    except OSError as e:          # e.g. a folder on the way without search permission
+        return f"unreadable ({e.strerror or e})"
 
 
 def describe_source(dataset: "CIFAR10", data_dir=None) -> str:
@@ -174,12 +135,17 @@ def describe_source(dataset: "CIFAR10", data_dir=None) -> str:
 def load_cifar10(root, download=False):
     """Read root/cifar-10-batches-py (root may also be that folder itself) into a CIFAR10.
     Files without the official MD5 sums (the JPEG offline copy, synthetic data from
-    write_cifar10) are loaded anyway, with one notice line."""
+    write_cifar10) are loaded anyway, with one notice line.  A missing, unreadable or damaged
+    file is a DataError naming it."""
+    if root is None:
+        raise DataError("no CIFAR-10 folder given; " + _guidance("data"))
     folder = _folder(root)
     root = folder.parent
-    if not folder.is_dir():
-        if not download:
-            raise DataError(f"CIFAR-10 not found at {folder}: " + _guidance(root))
+    kind = _kind(folder)
+    if kind != "folder":
+        if not download or kind != "missing":
+            why = {"missing": "not found", "file": "not a folder"}.get(kind, kind)
+            raise DataError(f"CIFAR-10 {why} at {folder}: " + _guidance(root))
         try:
             import torchvision
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
@@ -187,24 +153,26 @@ def load_cifar10(root, download=False):
             raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); put the "
                             f"python batches in {folder} by hand (extract {URL} into {root}) or build "
                             f"the offline copy with `python ../shared/data/make_cifar10.py {root}`") from None
-    missing = [f for f in (*TRAIN_FILES, "test_batch", "batches.meta")
-               if not (folder / f).is_file()]
+    kinds = {f: _kind(folder / f) for f in (*TRAIN_FILES, "test_batch", "batches.meta")}
+    missing = [f for f, k in kinds.items() if k == "missing"]
     if missing:
         raise DataError(f"{folder} is missing {', '.join(missing)}; " + _guidance(root))
+    odd = {f: k for f, k in kinds.items() if k != "file"}
+    if odd:
+        f, k = next(iter(odd.items()))
+        what = "is a folder, not a file" if k == "folder" else f"is {k}"
+        raise DataError(f"{folder / f} {what}; put the CIFAR-10 batch file there "
+                        "(or fix the folder's permissions): " + _guidance(root))
     if not has_official_md5(folder):
         print(f"note: {FOLDER} does not carry the official MD5 sums (e.g. the JPEG copy); "
               "loading anyway")
     train = [_read_batch(folder / f) for f in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / "test_batch")
-    meta = _as_dict(safe_pickle_load(folder / "batches.meta"), folder / "batches.meta",
-                    "b'label_names'")
-    names = meta.get("label_names")
-    if not isinstance(names, (list, tuple)) or len(names) != 10:
-        raise DataError(f"{folder / 'batches.meta'}: expected 10 label_names, got {names!r}")
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    meta_path = folder / "batches.meta"
+    classes = class_names(as_dict(safe_pickle_load(meta_path), meta_path, "b'label_names'"), meta_path)
     train_x = np.concatenate([x for x, _ in train])
     if len(train_x) == 0 or len(test_x) == 0:
-        raise DataError(f"{folder}: the training and test batches must each hold images")
+        raise DataError(f"{folder}: the training and test batches must each hold images; " + _guidance(root))
     return CIFAR10(train_x, np.concatenate([y for _, y in train]), test_x, test_y, classes)
 
 
@@ -238,22 +206,27 @@ def write_cifar10(root, dataset, batches=5):
 def load_unlabeled(path):
     """Read the Kaggle file (cifar_test_nolabel.pkl): dict with b'data' and b'ids'.
     2025 competition: data uint8 (N, 32, 32, 3); 2024 (cifar_test_nolabels.pkl): flat
-    (N, 3072) channel-planar rows.  Returns (uint8 (N, 32, 32, 3) images, ids array)."""
+    (N, 3072) channel-planar rows.  Returns (uint8 (N, 32, 32, 3) images, ids array).
+    A missing, unreadable or malformed file is a DataError naming it and the bad entry."""
     path = Path(path)
-    if not path.is_file():
+    kind = _kind(path)
+    if kind == "missing":
         raise DataError(f"unlabeled test file {path} not found; download cifar_test_nolabel.pkl "
                         "from the Kaggle competition page and pass its path")
-    d = _as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
+    if kind == "folder":
+        raise DataError(f"unlabeled test file {path} is a folder; pass the path of the file "
+                        "cifar_test_nolabel.pkl itself")
+    d = as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
     if "data" not in d:
-        raise DataError(f"{path}: no b'data' entry (keys: {sorted(map(str, d))}); "
+        raise DataError(f"{path}: no b'data' entry (keys: {keys_of(d)}); "
                         "expected the Kaggle cifar_test_nolabel.pkl")
-    try:
-        x = np.asarray(d["data"])
-    except Exception as e:
-        raise DataError(f"{path}: data cannot be read as an array ({e})") from e
+    x = d["data"]
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{path}: data cannot be read as an array (it is {describe(x)}); expected "
+                        f"a numpy uint8 array; {KAGGLE_FIX}")
     if x.dtype != np.uint8:
         if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
-            raise DataError(f"{path}: data is {x.dtype}; expected uint8 pixel values 0..255")
+            raise DataError(f"{path}: data is {x.dtype}; expected uint8 pixel values 0..255; {KAGGLE_FIX}")
         x = x.astype(np.uint8)
     if x.ndim == 2 and x.shape[1] == 3072:
         x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -264,16 +237,7 @@ def load_unlabeled(path):
     if "ids" not in d:
         print(f"note: {path} has no b'ids'; using ids 0..{n - 1}")
         return np.ascontiguousarray(x), np.arange(n)
-    ids = np.asarray(d["ids"])
-    if ids.dtype.kind == "S":
-        ids = ids.astype(str)
-    if ids.ndim != 1 or len(ids) != n:
-        raise DataError(f"{path}: {ids.shape} ids for {n} images; need one id per image")
-    values, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        dup = values[counts > 1]
-        raise DataError(f"{path}: ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}")
-    return np.ascontiguousarray(x), ids
+    return np.ascontiguousarray(x), ids_of(d["ids"], n, path)
 
 
 # ---- splits, subsets, synthetic data ------------------------------------------------

@@ -94,27 +94,6 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
     return out
 
 
-def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                              batch_size: int = 1000, device=None) -> torch.Tensor:
-    """Same result as ``predict_logits``, one view at a time over the whole set (the naive
-    baseline for the benchmark: V passes over the data, one forward per view and batch)."""
-    views = list(views) if views else [View("original", identity)]
-    _check_images(images)
-    device = _model_device(model, device)
-    was_training, n = model.training, len(images)
-    model.eval()
-    try:
-        with torch.inference_mode():
-            per_view = []
-            for view in views:
-                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device).cpu()
-                          for s in range(0, n, batch_size)]
-                per_view.append(torch.cat(chunks))
-    finally:
-        model.train(was_training)
-    return torch.stack(per_view)
-
-
 # ---------------------------------------------------------------- combination
 
 def _normalised_weights(weights, n_views: int) -> torch.Tensor:

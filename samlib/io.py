@@ -10,32 +10,74 @@ from elsewhere can hold tensors and plain data, never code.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import re
+import reprlib
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, SamlibError
+from .errors import CheckpointError, DataError, SamlibError
 
 CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# errno -> what to do about it (the message also names the file and says nothing was lost)
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space (or choose a folder on another disk)",
+    errno.EDQUOT: "the disk quota is used up: free some space (or choose a folder on another disk)",
+    errno.EFBIG: "the file is larger than this system allows (a file-size limit, `ulimit -f`, or the "
+                 "file system's maximum): raise the limit or choose a folder on another disk",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to (or fix its permissions)",
+    errno.EPERM: "permission denied: choose a folder you can write to (or fix its permissions)",
+    errno.EISDIR: "that path is a folder: give a file name instead",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.ENAMETOOLONG: "the file name is too long: choose a shorter path",
+}
+
+
+def _write_error(target: Path, path: Path, e: OSError, existed: bool, kept: str = "") -> SamlibError:
+    """A SamlibError for an OSError while writing `path` (at `target`: it or its folder)."""
+    code = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    hint = _WRITE_HINTS.get(e.errno, "check the folder (space, permissions) or choose another one")
+    kept = kept or (f"the previous {path.name} is unchanged" if existed
+                    else f"no partial {path.name} was left")
+    return SamlibError(f"cannot write to {target}: {e.strerror or e}{f' [{code}]' if code else ''}; "
+                       f"{hint} (--out for runs, --output for a submission), then run the same "
+                       f"command again; {kept}")
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` so that a crash leaves either the old or the new file."""
+    """Write `data` to `path` so that a crash leaves either the old or the new file.
+
+    Every write of samlib comes here.  An OSError (disk full, file too large, read-only or
+    unwritable folder, a folder in the way) becomes a SamlibError naming the path and what
+    to do; whatever happens, including an interrupt, the previous file stays intact and no
+    temporary file is left behind.
+    """
     path = Path(path)
+    try:
+        existed, is_dir = path.exists(), path.is_dir()
+    except OSError as e:                     # e.g. a folder on the way that cannot be searched
+        raise _write_error(path.parent, path, e, False, "nothing was written") from None
+    if is_dir:
+        raise SamlibError(f"cannot write to {path}: it is a folder; give a file name instead "
+                          f"(e.g. {path / 'submission.csv'} for --output)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise SamlibError(f"cannot write to {path.parent}: {e.strerror}; choose a writable "
-                          "folder (--out for runs, --output for a submission)") from None
+        if isinstance(e, FileExistsError):   # mkdir met a file where a folder should be
+            e = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), e.filename)
+        raise _write_error(path.parent, path, e, existed) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -43,28 +85,142 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:        # an interrupt too: never leave the temporary file
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _write_error(path, path, e, existed) from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename itself durable (some file systems cannot fsync a folder)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM):
+            raise _write_error(path.parent, path, e, existed,
+                               f"{path.name} was written but may not survive a power cut") from None
     return path
 
 
 def atomic_write_text(path, text: str) -> Path:
+    """`atomic_write_bytes` of `text` in UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path, obj) -> Path:
+    """`obj` as indented, key-sorted JSON (a non-JSON value is written as its str), atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+# ---------------------------------------------------------------- reading untrusted files
+# Every file samlib reads may be damaged, truncated, edited or foreign: each reader below
+# turns every way it can be wrong into one DataError / CheckpointError naming the file and
+# the field, with what to do.  Nothing in a file is ever run.
+
+JSON_FIX = ("it is damaged or was edited by hand: restore it, or delete it (a run folder can be "
+            "moved away and its run trained again)")
+
+
+def _read_problem(path, e: OSError) -> str:
+    """Why an OSError stopped reading `path`, and what to do about it."""
+    if isinstance(e, IsADirectoryError):
+        return f"cannot read {path}: it is a folder, not a file"
+    if isinstance(e, PermissionError):
+        return f"cannot read {path}: permission denied; make it readable (chmod u+r {path})"
+    return f"cannot read {path}: {e.strerror or e}"
+
+
+def present(path) -> bool:
+    """Whether `path` exists; True when it cannot even be looked at (its reader then says why)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return True
+
+
+def read_bytes(path, error=DataError, fix: str = JSON_FIX) -> bytes:
+    """The bytes of `path`; an OSError (permissions, a folder in its place) becomes `error`."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{_read_problem(path, e)}; {fix}") from None
+
+
+_KINDS = {  # JSON field kind -> (test, description)
+    "text": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63, "an integer"),
+    "number": (lambda v: isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
+                                                   and abs(v) < 2**63), "a number"),
+    "object": (lambda v: isinstance(v, dict), "an object {...}"),
+    "list": (lambda v: isinstance(v, list), "a list [...]"),
+    "null": (lambda v: v is None, "null"),
+}
+_JSON_NAMES = {dict: "a JSON object {...}", list: "a JSON list [...]", str: "a string",
+               bool: "true/false", int: "a number", float: "a number", type(None): "null"}
+
+
+def _bad_text(obj):
+    """The first string (key or value) in a parsed JSON document that is not valid Unicode
+    (json accepts lone surrogates such as "\\ud800", which no file or terminal can write)."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+    return None
+
+
+def read_json(path, expect=dict, fix: str = JSON_FIX):
+    """A JSON file as Python objects: the whole document must be an `expect` (dict: a JSON
+    object; None: anything).  Unreadable, not UTF-8, not JSON (truncated, damaged), of the
+    wrong type or holding invalid text: a DataError naming the file and saying what to do."""
+    raw = read_bytes(path, DataError, fix)
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; "
+                        f"truncated?); {fix}") from None
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to be a samlib file; {fix}") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise DataError(f"{path} holds {_JSON_NAMES.get(type(obj), type(obj).__name__)}, expected "
+                        f"{_JSON_NAMES.get(expect, getattr(expect, '__name__', expect))}; {fix}")
+    bad = _bad_text(obj)
+    if bad is not None:
+        raise DataError(f"{path} holds text that is not valid Unicode ({bad!a}); {fix}")
+    return obj
+
+
+def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix: str = JSON_FIX) -> dict:
+    """Check the fields of a JSON object read from `path`: `required` / `optional` map a key to
+    its kinds ("text", "bool", "int", "number", "object", "list", "null"; "int|null" for
+    either).  A missing required field or a value of another kind is a DataError naming the
+    file and the field.  Returns `obj`."""
+    for key, kinds in [*dict(required).items(), *dict(optional).items()]:
+        if key not in obj:
+            if key in dict(required):
+                raise DataError(f"{path}: field '{key}' is missing; {fix}")
+            continue
+        tests = [_KINDS[k] for k in kinds.split("|")]
+        if not any(test(obj[key]) for test, _ in tests):
+            want = " or ".join(name for _, name in tests)
+            raise DataError(f"{path}: field '{key}' must be {want}, got {reprlib.repr(obj[key])}; {fix}")
+    return obj
 
 
 def _sidecar(path: Path) -> Path:
@@ -101,40 +257,92 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
     return path
 
 
-def _load_one(path: Path, map_location) -> dict:
-    data = path.read_bytes()
+class _Unreadable(CheckpointError):
+    """A checkpoint (or its sidecar) that cannot be read at all: permissions, a folder in its
+    place.  Not a damaged file, so the `.prev` fallback is not taken: the file may be fine."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _vouched_digests(path: Path):
+    """The sha256 digests the sidecar of `path` lists, or None when it has no sidecar."""
     sidecar = _sidecar(path)
-    if sidecar.exists() and hashlib.sha256(data).hexdigest() not in sidecar.read_text().split():
+    try:
+        raw = sidecar.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _Unreadable(f"{_read_problem(sidecar, e)}; {path} was not loaded") from None
+    try:
+        digests = raw.decode("ascii").split()
+    except UnicodeDecodeError:
+        digests = []
+    if not digests or not all(_SHA256.fullmatch(d) for d in digests):
+        raise CheckpointError(f"{path} cannot be verified: its sidecar {sidecar.name} is damaged "
+                              f"(not a list of sha256 digests), so it was not loaded; if you trust "
+                              f"{path.name}, delete {sidecar.name} and load it again")
+    return digests
+
+
+def _unpickling_detail(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
+    return reprlib.repr((useful or lines or [""])[0])[1:-1]
+
+
+def _load_one(path: Path, map_location) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Unreadable(f"{_read_problem(path, e)}; it was not loaded") from None
+    digests = _vouched_digests(path)
+    if digests is not None and hashlib.sha256(data).hexdigest() not in digests:
         raise CheckpointError(f"{path} is corrupt or truncated (sha256 does not match "
-                              f"{sidecar.name}); it was not loaded")
+                              f"{_sidecar(path).name}); it was not loaded")
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors and plain data "
-            f"(loaded with weights_only=True, so nothing in it was run). Only load checkpoints "
-            f"written by samlib. Detail: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+            f"refusing to load {path}: it contains objects other than tensors and plain data, or "
+            f"is damaged (loaded with weights_only=True, so nothing in it was run). Only load "
+            f"checkpoints written by samlib. Detail: {_unpickling_detail(e)}") from None
+    except MemoryError:
+        raise
+    except Exception as e:   # BadZipFile, RuntimeError, EOFError, a tar archive's IndexError, ...
+        detail = reprlib.repr(str(e).splitlines()[0] if str(e) else "")[1:-1]
         raise CheckpointError(f"{path} is corrupt or truncated and was not loaded "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"({type(e).__name__}: {detail})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a samlib checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return obj
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as e:      # e.g. a folder on the way without search permission
+        raise _Unreadable(f"{_read_problem(path, e)}; it was not loaded") from None
+
+
 def load_checkpoint(path, map_location="cpu", fallback: bool = True) -> dict:
     """Load a checkpoint safely; if it is corrupt and a `.prev` exists, use that instead.
 
+    Every problem is a CheckpointError naming the file: missing, unreadable (no fallback: the
+    file may be fine), corrupt or truncated (sha256 sidecar, or torch cannot parse it), a
+    damaged sidecar, untrusted content (weights_only), not a samlib checkpoint.
     The returned dict carries `"_path"`: the file actually loaded.
     """
     path = Path(path)
     candidates = [path] + ([_previous(path)] if fallback else [])
     errors = []
     for candidate in candidates:
-        if not candidate.exists():
+        if not _exists(candidate):
             continue
         try:
             obj = _load_one(candidate, map_location)
+        except _Unreadable as e:
+            raise CheckpointError(str(e)) from None
         except CheckpointError as e:
             errors.append(str(e))
             continue

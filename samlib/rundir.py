@@ -14,19 +14,23 @@ import io
 import os
 import platform
 import re
+import reprlib
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import data as D
 from . import dist
-from .config import Config
-from .errors import CheckpointError, SamlibError
-from .io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
-from .model import build_model
+from .config import Config, from_dict
+from .errors import CheckpointError, ConfigError, SamlibError
+from .io import (atomic_write_text, check_fields, load_checkpoint, present, read_json, save_checkpoint,
+                 write_json)
+from .model import NORM_STDS, SE_PLACEMENTS, build_model
+from .optim import build_ema, build_optimizer, build_scheduler
 
 try:
     import fcntl                      # POSIX; elsewhere runs are not locked
@@ -55,9 +59,15 @@ class RunDir:
     def finished(self) -> bool:
         return (self / "final.json").exists()
 
+    def _fix(self) -> str:
+        return f"move {self.path} away (or delete it) to train the run again from scratch"
+
     def check_data(self, data_id: str) -> None:
-        """Refuse a run directory made from other data than `data_id` (a fingerprint)."""
-        recorded = read_json(self / "run.json") if (self / "run.json").exists() else {}
+        """Refuse a run directory made from other data than `data_id` (a fingerprint); a
+        damaged run.json is a DataError naming it."""
+        path = self / "run.json"
+        recorded = (check_fields(read_json(path, fix=self._fix()), path, optional={"data": "text"},
+                                 fix=self._fix()) if present(path) else {})
         if recorded.get("data", data_id) != data_id:
             raise SamlibError(f"{self.path} was trained on other data (fingerprint {recorded['data']}, "
                               f"this data {data_id}); use another --out folder for this data")
@@ -69,15 +79,23 @@ class RunDir:
             write_json(self / "run.json", {"profile": profile, "config": cfg.name, "seed": cfg.seed,
                                            "hash": cfg.hash(), "data": data_id})
 
-    def resume_state(self, device) -> dict | None:
-        """The last epoch's full training state, or None for a new run."""
-        if not ((self / "last.pt").exists() or (self / "last.prev.pt").exists()):
+    def resume_state(self, device, cfg: Config | None = None) -> dict | None:
+        """The last epoch's full training state, or None for a new run.
+
+        The state is checked against what `Trainer.load_state_dict` needs for `cfg` (default:
+        the run's config.json): every problem is a CheckpointError naming the file and field."""
+        if not (present(self / "last.pt") or present(self / "last.prev.pt")):
             return None
         try:
-            return load_checkpoint(self / "last.pt", map_location=device)
-        except CheckpointError as e:
+            state = load_checkpoint(self / "last.pt", map_location=device)
+            if cfg is None and not present(self / "config.json"):
+                cfg = from_dict(state.get("config"), source=f"{state['_path']} field 'config'")
+            check_resume_state(state, cfg or from_dict(read_json(self / "config.json", fix=self._fix()),
+                                                         source=str(self / "config.json")))
+        except (CheckpointError, ConfigError) as e:
             raise CheckpointError(f"cannot resume {self.path}: {e}; move that folder away (or delete "
                                   "it) to start the run again from scratch") from None
+        return state
 
     def save_epoch(self, state: dict, metrics: list, best_models: dict) -> None:
         """The selected models (best_<kind>.pt), metrics.csv, then last.pt - in that order,
@@ -176,38 +194,198 @@ def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:
 
 # ---------------------------------------------------------------- models from checkpoints
 
+def _arch_problem(arch) -> str | None:
+    """Why a checkpoint's recorded `arch` cannot be the arguments of build_model, or None."""
+    if not isinstance(arch, dict):
+        return f"must be a dict of build_model's arguments, got {type(arch).__name__}"
+    pos = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**20  # noqa: E731
+    ints = lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(map(pos, v))  # noqa: E731
+    stages = len(arch["widths"]) if ints(arch.get("widths")) else 3
+    rules = {"se": (lambda v: isinstance(v, bool), "true or false"),
+             "se_placement": (lambda v: isinstance(v, str) and v in SE_PLACEMENTS, f"one of {SE_PLACEMENTS}"),
+             "norm_std": (lambda v: isinstance(v, str) and v in NORM_STDS, f"one of {tuple(NORM_STDS)}"),
+             "num_classes": (pos, "a positive integer"), "se_reduction": (pos, "a positive integer"),
+             "widths": (ints, "a list of positive integers"),
+             "blocks": (lambda v: ints(v) and len(v) == stages, "a list of positive integers, one per width")}
+    for key, value in arch.items():
+        if key not in rules:
+            return f"has an unknown setting {reprlib.repr(key)}"
+        ok, want = rules[key]
+        if not ok(value):
+            return f"setting '{key}' must be {want}, got {reprlib.repr(value)}"
+    return None
+
+
 def check_arch(ckpt: dict, arch: dict) -> None:
-    """Refuse a checkpoint whose recorded architecture is not `arch`."""
+    """Refuse a checkpoint whose recorded architecture is not `arch` (or is malformed)."""
     def plain(a):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}
 
     got = ckpt.get("arch")
-    if got is not None and plain(got) != plain(arch):
-        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')} holds a model with architecture "
+    where = ckpt.get("_path", "checkpoint")
+    if got is None:
+        return
+    problem = _arch_problem(got)
+    if problem:
+        raise CheckpointError(f"{where}: field 'arch' {problem}; it is damaged or not from samlib")
+    if plain(got) != plain(arch):
+        raise CheckpointError(f"{where} holds a model with architecture "
                               f"{got}, not the expected {arch}; it belongs to another config")
 
 
+def _meta(arch: dict) -> torch.nn.Module:
+    """The model of `arch` without memory (meta tensors): its state_dict's keys and shapes."""
+    with torch.device("meta"):
+        return build_model(**arch)
+
+
+def check_tensors(state, template: dict, where, field: str) -> None:
+    """`state` (a checkpoint's field) must be a state_dict with exactly `template`'s keys, each
+    a dense tensor of the same shape and kind (floating point or integer)."""
+    def bad(problem):
+        raise CheckpointError(f"{where}: field '{field}' {problem}; it is damaged or belongs to another config")
+
+    if not isinstance(state, dict):
+        bad(f"must be a dict of tensors, got {type(state).__name__}")
+    missing, extra = [k for k in template if k not in state], [k for k in state if k not in template]
+    if missing or extra:
+        bad(f"lacks {len(missing)} of the model's tensors and holds {len(extra)} it does not have, "
+            f"e.g. {reprlib.repr((missing or extra)[0])}")
+    for key, want in template.items():
+        got = state[key]
+        if (not isinstance(got, torch.Tensor) or got.layout != torch.strided or got.is_meta
+                or got.is_quantized or got.is_complex()):
+            bad(f"entry {key!r} must be a dense real tensor, got {reprlib.repr(got)}")
+        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
+            bad(f"entry {key!r} is {got.dtype} {tuple(got.shape)}, the model needs "
+                f"{want.dtype} {tuple(want.shape)}")
+
+
 def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.Module:
-    """Rebuild a model from a samlib checkpoint (weights_only load; architecture checked)."""
-    ckpt = load_checkpoint(path, map_location=device)
-    if expect_arch is not None:
-        check_arch(ckpt, expect_arch)
-    model = build_model(**ckpt["arch"]).to(device)
+    """Rebuild a model from a samlib checkpoint (weights_only load; architecture and every
+    tensor checked before anything is built): any problem is a CheckpointError naming the file."""
+    fix = (f"restore it, or train its run again (move {Path(path).parent} away, then run the same "
+           "train command)")
     try:
-        model.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(path, map_location=device)
+        where, arch, state = ckpt["_path"], ckpt.get("arch"), ckpt.get("model")
+        if arch is None:
+            raise CheckpointError(f"{where}: field 'arch' is missing, so the model cannot be rebuilt")
+        check_arch(ckpt, expect_arch if expect_arch is not None else arch)
+        if isinstance(state, dict) and sum(arch.get("blocks", (4, 4, 3))) > len(state):  # never build those
+            raise CheckpointError(f"{where}: field 'model' holds {len(state)} tensors, too few for its "
+                                  f"recorded architecture {arch}")
+        check_tensors(state, _meta(arch).state_dict(), where, "model")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {fix}") from None
+    model = build_model(**arch).to(device)
+    try:
+        model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt['_path']} does not fit its recorded architecture: "
-                              f"{str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{where} does not fit its recorded architecture: "
+                              f"{str(e).splitlines()[0]}; {fix}") from None
     return model.eval()
 
 
 def load_run_models(run_dir, device="cpu"):
     """(regular, ema-or-None) from a run directory's best checkpoints."""
     run_dir = Path(run_dir)
-    if not (run_dir / "best_regular.pt").exists():
+    if not present(run_dir / "best_regular.pt"):
         raise SamlibError(f"{run_dir} holds no best_regular.pt: is it a finished samlib run directory? "
                           "(python -m samlib train ... prints the run directory)")
     regular = load_model(run_dir / "best_regular.pt", device)
     ema_path = run_dir / "best_ema.pt"
-    ema = load_model(ema_path, device, expect_arch=regular.arch) if ema_path.exists() else None
+    ema = load_model(ema_path, device, expect_arch=regular.arch) if present(ema_path) else None
     return regular, ema
+
+
+# ---------------------------------------------------------------- the resume checkpoint
+
+_ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_acc_mixed", "train_acc_clean", "val_acc", "test_acc",
+                "seconds")   # what the loop reads back from earlier rows (progress line, final.json)
+_SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+_CPU_RNG = len(torch.Generator().get_state())   # mt19937 state; a CUDA generator's is 16 bytes
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_resume_state(ckpt: dict, cfg: Config) -> None:
+    """What `Trainer.load_state_dict` needs to continue `cfg` from `ckpt` (last.pt), checked
+    before it is used: keys, types, shapes; the optimizer and scheduler states are tried on
+    a memory-less (meta) copy, one step included.  CheckpointError naming the field."""
+    where = ckpt.get("_path", "checkpoint")
+
+    def bad(field, problem):
+        raise CheckpointError(f"{where}: field '{field}' {problem}")
+
+    for key in ("model", "optimizer", "scheduler", "rng", "epoch", "metrics", "best") + (("ema",) if cfg.ema else ()):
+        if key not in ckpt:
+            bad(key, "is missing" + (" (the config has EMA on)" if key == "ema" else "")
+                + "; not a resume checkpoint of this samlib version?")
+    model = _meta(dict(se=cfg.se, se_placement=cfg.se_placement, widths=cfg.widths, blocks=cfg.blocks,
+                       norm_std=cfg.norm_std))
+    check_arch(ckpt, model.arch)
+    check_tensors(ckpt["model"], model.state_dict(), where, "model")
+    if cfg.ema:
+        check_tensors(ckpt["ema"], build_ema(model, cfg.ema_decay).state_dict(), where, "ema")
+    epoch = ckpt["epoch"]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= cfg.epochs):
+        bad("epoch", f"must be an integer in 0..{cfg.epochs}, got {reprlib.repr(epoch)}")
+    rows = ckpt["metrics"]
+    if not isinstance(rows, list) or len(rows) != epoch:
+        bad("metrics", f"must be a list of {epoch} rows (one per epoch), got {reprlib.repr(rows)}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in _ROW_NUMBERS):
+            bad("metrics", f"row {i} must hold the numbers {', '.join(_ROW_NUMBERS)}, got {reprlib.repr(row)}")
+    best = ckpt["best"]
+    if not (isinstance(best, dict) and all(_number(best.get(k)) for k in ("regular", "ema"))
+            and all(best.get(k) is None or isinstance(best.get(k), int) for k in ("regular_epoch", "ema_epoch"))):
+        bad("best", f"must hold the numbers regular and ema and their epochs, got {reprlib.repr(best)}")
+    precision = ckpt.get("precision", "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        bad("precision", f"must be 'fp32', 'bf16' or 'fp16', got {reprlib.repr(precision)}")
+    scaler = ckpt.get("scaler", {})
+    if not isinstance(scaler, dict) or (precision == "fp16" and not all(_number(scaler.get(k)) for k in _SCALER)):
+        bad("scaler", f"must be a GradScaler state ({', '.join(_SCALER)}), got {reprlib.repr(scaler)}")
+    rng = ckpt["rng"] if isinstance(ckpt["rng"], dict) else {}
+    for name in ("aug", "host"):
+        state = rng.get(name)
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
+                and not state.is_meta):
+            bad("rng", f"entry {name!r} must be a generator state (a uint8 tensor), got {reprlib.repr(state)}")
+        if len(state) == _CPU_RNG:
+            try:
+                torch.Generator().set_state(state.cpu())
+            except RuntimeError as e:
+                bad("rng", f"entry {name!r} is not a valid generator state ({e})")
+        elif name == "host" or len(state) != 16:
+            bad("rng", f"entry {name!r} has {len(state)} bytes, not a generator state")
+    _try_optimizer(ckpt, cfg, model, epoch < cfg.epochs, bad)
+
+
+def _try_optimizer(ckpt, cfg, model, step: bool, bad) -> None:
+    """Load the optimizer and scheduler states into meta copies as Trainer does, then (when an
+    epoch is left to train) take one step: a state that would fail later fails here."""
+    opt = build_optimizer(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                          cfg.lookahead_k, cfg.lookahead_alpha)
+    sched = build_scheduler(opt, cfg.schedule, cfg.epochs, 1, max_lr=cfg.lr,
+                            warmup_epochs=cfg.warmup_epochs, pct_start=cfg.pct_start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for field, action in (("optimizer", lambda: opt.load_state_dict(ckpt["optimizer"])),
+                              ("scheduler", lambda: sched.load_state_dict(ckpt["scheduler"])),
+                              ("optimizer", lambda: _meta_step(model, opt) if step else None),
+                              ("scheduler", lambda: sched.step() if step else None)):
+            try:
+                action()
+            except Exception as e:   # whatever torch raises on a state that does not fit
+                bad(field, f"does not fit this config's {field} ({type(e).__name__}: "
+                           f"{reprlib.repr(str(e).splitlines()[0] if str(e) else '')[1:-1]})")
+
+
+def _meta_step(model, opt) -> None:
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()

@@ -1,10 +1,11 @@
-"""samlib.bench: the json it writes, and that both sides of the comparison do the same work.
+"""samlib.report.bench: the json it writes, and that both sides of the comparison do the same work.
 
 No speed is asserted: the figures are benchmark results, not timed tests.
 """
 import json
 import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from samlib.augment import augment_batch, cutout
-from samlib.bench import Cutout, PILDataset, paper_transform, run_benchmark
+from samlib.report.bench import Cutout, PILDataset, images_per_second, paper_transform, run_benchmark
 
 SIZE, HOLE = 32, 16
 
@@ -84,6 +85,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_images_per_second_rates_are_per_call_over_fixed_windows():
+    """Each window's rate is images per step / seconds per call, after the untimed warm-up;
+    the thread count the benchmark runs with is kept (Timer's default would be one)."""
+    calls = []
+    threads = torch.get_num_threads()
+
+    def step():
+        calls.append(torch.get_num_threads())
+        time.sleep(0.002)
+
+    rates = images_per_second(step, images_per_step=10, steps=3, repeats=2, device=torch.device("cpu"),
+                              warmup=4)
+    assert len(rates) == 2
+    assert all(0 < r <= 10 / 0.002 for r in rates)        # at least 2 ms per call of 10 images
+    assert len(calls) >= 4 + 2 * 3                       # warm-up + the timed calls
+    assert set(calls) == {threads} and torch.get_num_threads() == threads
 
 
 def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one_thread):

@@ -65,3 +65,34 @@ def test_the_terminal_shows_the_plan_and_the_epoch_lines_and_nothing_else(tmp_pa
         stream.write(piece)                               # arbitrary chunking, as streams arrive
     assert out.getvalue() == plan + "\n" + epoch + "\n"
     assert "epoch 3/200" in epoch and "plan" in epoch
+
+
+@pytest.mark.slow
+def test_make_reports_runner_end_to_end_in_smoke(tmp_path, capsys):
+    """The whole report in the smoke profile on synthetic data: one line per notebook plus
+    the plan and epoch lines in the terminal, progress inside the executed notebook 01, and
+    no absolute path of this machine left in the executed notebooks or summary.json."""
+    import json
+    import os
+    from pathlib import Path
+
+    from samlib.data import synthetic_cifar10, write_cifar10
+
+    write_cifar10(tmp_path / "data", synthetic_cifar10(1200, 600, seed=0))
+    code = runner.main(["--profile", "smoke", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                        "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines if " -> " in line] == list(runner.NOTEBOOKS)
+    assert any("5 runs, 5 to train" in line for line in lines)            # the plan: 4 configs + 1 switch
+    assert sum(": epoch " in line for line in lines) == 5 * 2              # 5 runs x 2 epochs
+    assert len(lines) == 4 + 7 + 10                                        # nothing else
+    executed = tmp_path / "results" / "smoke"
+    book = json.loads((executed / "01_table1_ablation.ipynb").read_text())
+    streams = "".join("".join(o.get("text", "")) for c in book["cells"] for o in c.get("outputs", []))
+    assert "final seed 84: epoch 2/2" in streams and "left: run" in streams
+    machine = [str(tmp_path), str(Path(__file__).resolve().parent.parent), os.path.expanduser("~")]
+    for path in [*executed.glob("*.ipynb"), executed / "summary.json"]:
+        text = path.read_text()
+        assert not [m for m in machine if m in text], path.name

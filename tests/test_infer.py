@@ -10,7 +10,8 @@ from torch import nn
 from samlib.errors import DataError, SamlibError
 from samlib.infer import (PAPER_TTA, STRATEGIES, accuracy, ece, ensemble, evaluate_strategies,
                           fit_temperature, get_strategy, model_norm, nll, predict_logits,
-                          predict_logits_sequential, strategy_probs, tta_logits, tta_probs)
+                          strategy_probs, tta_logits, tta_probs)
+from samlib.report.bench import predict_logits_sequential
 from samlib.report.tables import reliability_table
 from samlib.views import (AS_RUN_TTA, as_run_hpad, as_run_tta, as_run_vshift, brightness, hflip, identity,
                           normalised_brightness, shift)

@@ -75,8 +75,10 @@ def _load(name):
 
 
 def _parameters_cell(nb):
+    """The code cell after the setup cell: the one papermill overrides."""
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    return code[0]
+    assert "from samlib.report.colab import setup" in "".join(code[0]["source"]), "first code cell: the setup cell"
+    return code[1]
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
@@ -85,7 +87,7 @@ def test_notebook_kernelspec_and_parameters_cell(name):
     spec = nb["metadata"]["kernelspec"]
     assert spec["name"] == "python3" and spec["language"] == "python"
     cell = _parameters_cell(nb)
-    assert "parameters" in cell["metadata"].get("tags", []), "first code cell must be tagged 'parameters'"
+    assert "parameters" in cell["metadata"].get("tags", []), "the cell after the setup cell must be tagged 'parameters'"
     tree = ast.parse("".join(cell["source"]))
     assigned = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}

@@ -17,8 +17,9 @@ Four comparisons, each naive vs samlib in the same process, on the same data and
   tta           predict_logits (all PAPER_TTA views in one forward per batch) vs
                 predict_logits_sequential (one pass over the data per view); also the
                 model's forward alone on the same inputs, the ceiling for any TTA loop.
-Each figure is the median images/s over timed windows.  Warm-up steps come first (worker
-start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
+Each figure is the median images/s over timed windows, each window one
+torch.utils.benchmark.Timer.timeit of a fixed number of calls.  Warm-up steps come first
+(worker start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
 synchronised before every clock read.  Each side's windows run back to back, not
 interleaved, so idle DataLoader workers cannot prefetch free batches while samlib is timed.
 """
@@ -30,18 +31,24 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from . import data as D
-from .augment import mix_batch, one_hot
-from .config import resolve
-from .infer import PAPER_TTA, _forward, _pixel_batch, predict_logits, predict_logits_sequential
-from .train import Trainer, describe_data, provenance, resolve_device, to_device
+from .. import data as D
+from ..augment import mix_batch, one_hot
+from ..config import resolve
+from ..device import resolve_device
+from ..infer import PAPER_TTA, _check_images, _forward, _model_device, _pixel_batch, predict_logits
+from ..io import atomic_write_text
+from ..rundir import describe_data, provenance
+from ..train import Trainer, to_device
+from ..views import View, identity
 
 # Sizes per mode: training images on the device, test images for TTA, steps per timed
 # window (naive augment, train step; samlib's augment windows are one epoch each), timed
@@ -105,6 +112,29 @@ def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128)
                       persistent_workers=True, pin_memory=device.type == "cuda")
 
 
+# ---------------------------------------------------------------- the naive TTA loop
+
+def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
+                              batch_size: int = 1000, device=None) -> torch.Tensor:
+    """Same result as samlib.infer.predict_logits, one view at a time over the whole set:
+    the benchmark's naive TTA baseline (V passes over the data, one forward per view and batch)."""
+    views = list(views) if views else [View("original", identity)]
+    _check_images(images)
+    device = _model_device(model, device)
+    was_training, n = model.training, len(images)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            per_view = []
+            for view in views:
+                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device).cpu()
+                          for s in range(0, n, batch_size)]
+                per_view.append(torch.cat(chunks))
+    finally:
+        model.train(was_training)
+    return torch.stack(per_view)
+
+
 # ---------------------------------------------------------------- the two feeds
 
 def naive_feed(loader: DataLoader, trainer: Trainer, alpha: float):
@@ -132,20 +162,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _clock(device: torch.device):
+    """Timer's clock for `device`: synchronise that GPU, then read perf_counter.  (Timer's own
+    clock synchronises the current accelerator, which need not be `device`.)"""
+    def clock() -> float:
+        _sync(device)
+        return time.perf_counter()
+    return clock
+
+
 def images_per_second(step, images_per_step: int, steps: int, repeats: int, device,
-                      warmup: int = 2) -> list[float]:
-    """Run `step` `warmup` times untimed, then `repeats` windows of `steps` calls: images/s each."""
+                      warmup: int = 0) -> list[float]:
+    """images/s of each of `repeats` windows of `steps` calls of `step`, one
+    torch.utils.benchmark.Timer.timeit per window.
+
+    `warmup` untimed calls come first (e.g. DataLoader worker start-up); Timer.timeit adds
+    its own untimed warm-up calls before each window.  The thread count is left as it is
+    (Timer would otherwise time with one thread)."""
     for _ in range(warmup):
         step()
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        rates.append(steps * images_per_step / (time.perf_counter() - t0))
-    return rates
+    timer = Timer(stmt="step()", globals={"step": step}, timer=_clock(device),
+                  num_threads=torch.get_num_threads())
+    return [images_per_step / timer.timeit(steps).mean for _ in range(repeats)]
 
 
 def side_by_side(name: str, naive: list, samlib: list, **extra) -> dict:
@@ -165,7 +203,7 @@ def time_augment(trainer: Trainer, images, labels, plan: dict, alpha: float) -> 
     n = images_per_second(lambda: next(naive), bs, plan["aug_naive"], plan["repeats"], dev, warmup=4)
     naive.close()   # frees the DataLoader: its workers stop before samlib is timed
     feed = samlib_feed(trainer, alpha)
-    s = images_per_second(lambda: next(feed), bs, trainer.steps_per_epoch, plan["repeats"], dev)
+    s = images_per_second(lambda: next(feed), bs, trainer.steps_per_epoch, plan["repeats"], dev, warmup=2)
     return side_by_side("augment_mixup" if alpha > 0 else "augment", n, s, naive_normalize=True,
                         mix_alpha=alpha)
 
@@ -179,7 +217,8 @@ def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
                           dev, warmup=4)
     naive.close()
     feed = samlib_feed(trainer, alpha)
-    s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"], plan["repeats"], dev)
+    s = images_per_second(lambda: trainer.train_step(*next(feed)), bs, plan["steps"], plan["repeats"], dev,
+                          warmup=2)
     out = side_by_side("train_step", n, s, naive_normalize=False)
     out["seconds_per_epoch_45k"] = {"naive": EPOCH_IMAGES / out["naive_images_per_s"],
                                     "samlib": EPOCH_IMAGES / out["samlib_images_per_s"]}
@@ -215,7 +254,7 @@ def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -
     for predict in (predict_logits_sequential, predict_logits):
         predict(model, images[:batch_size], PAPER_TTA, batch_size)   # warm-up: full-size batches
         rates.append(images_per_second(lambda: predict(model, images, PAPER_TTA, batch_size),
-                                       n, 1, plan["tta_repeats"], device, warmup=0))
+                                       n, 1, plan["tta_repeats"], device))
     inputs = [v.fn(_pixel_batch(images, s, s + batch_size, device))      # the sequential loop's
               for v in PAPER_TTA for s in range(0, n, batch_size)]         # forward inputs
     model.eval()
@@ -290,7 +329,6 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
               "environment": {**env, "load_average_at_end": _load()},
               "seconds": round(time.time() - t_start, 1),
               "notes": NOTES}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return report

@@ -1,33 +1,57 @@
-"""Notebook upkeep: strip outputs except the checked cells, write the HTML index, write a
-small Kaggle-format file for tests.  `python -m samlib.report.notebooks -h`.
+"""Notebook upkeep: strip outputs except the checked cells (files, or stdin -> stdout as a git
+clean filter), scrub machine paths from executed notebooks, write the HTML index, write a small
+Kaggle-format file for tests.  `python -m samlib.report.notebooks -h`.
+
+Imports stay lazy: git runs `clean` on every changed notebook in `git status`, so it must not
+load torch.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import re
+import sys
 from pathlib import Path
 
-import numpy as np
-
-from .. import data as D
-from .html import write_index
-
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+# The contract of the stored notebooks (tests/test_notebooks_env.py): JupyterLab writes its own
+# kernel's display name and the full language_info, which would show as a change in git.
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+LANGUAGE_INFO = {"name": "python", "pygments_lexer": "ipython3"}
+# per-cell metadata that is run or view state, not content (papermill, JupyterLab, extensions)
+VOLATILE_CELL_METADATA = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def strip_outputs(path) -> int:
-    """Clear outputs and execution counts except in `# NBVAL_CHECK_OUTPUT` cells (whose
-    outputs nbval compares; they are numbered 1, 2, ...); drop papermill metadata.
-    Returns the number of cells kept."""
-    import nbformat
+def _merge_streams(outputs: list) -> list:
+    """Consecutive stream outputs of one name as one, as nbconvert stores them (JupyterLab may
+    store them apart; nbval compares them merged)."""
+    merged = []
+    for out in outputs:
+        if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == out.get("name")):
+            merged[-1]["text"] = "".join(merged[-1]["text"]) + "".join(out["text"])
+        else:
+            merged.append(out)
+    return merged
 
-    nb = nbformat.read(str(path), as_version=4)
+
+def strip_notebook(nb) -> int:
+    """In place on a NotebookNode: clear outputs and execution counts except in
+    `# NBVAL_CHECK_OUTPUT` cells (whose outputs nbval compares; they are numbered 1, 2, ...),
+    drop papermill and other run-state metadata, reset kernelspec and language_info to the
+    stored notebooks' contract.  Returns the number of cells kept."""
     kept = 0
     nb.metadata.pop("papermill", None)
-    nb.metadata["language_info"] = {"name": "python", "pygments_lexer": "ipython3"}
+    nb.metadata.pop("widgets", None)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
     for cell in nb.cells:
-        cell.metadata.pop("papermill", None)
-        cell.metadata.pop("execution", None)
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:     # papermill and JupyterLab add empty ones
+            del cell.metadata["tags"]
         if cell.cell_type != "code":
             continue
         if CHECK_MARK not in cell.source:
@@ -35,18 +59,129 @@ def strip_outputs(path) -> int:
             continue
         kept += 1      # nbval needs an execution count on a cell whose outputs it compares
         cell.execution_count = kept
+        cell.outputs = _merge_streams(cell.outputs)
         for out in cell.outputs:
             if out.get("output_type") == "execute_result":
                 out["execution_count"] = kept
             if "metadata" in out:
                 out["metadata"] = {}
+    return kept
+
+
+def strip_outputs(path) -> int:
+    """`strip_notebook` on a notebook file, rewritten in place; returns the cells kept."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    kept = strip_notebook(nb)
     nbformat.write(nb, str(path))
     return kept
+
+
+def clean_stream(src=None, dst=None) -> int:
+    """The git clean filter: a notebook on stdin, `strip_notebook`-ed, on stdout (UTF-8).  What
+    is not notebook JSON (an empty file, merge-conflict markers) passes through unchanged, as git
+    would pass it after a failed filter, without the error."""
+    import nbformat
+
+    raw = (src or sys.stdin.buffer).read()
+    dst = dst or sys.stdout.buffer
+    try:
+        nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
+    except ValueError:            # nbformat's NotJSONError, UnicodeDecodeError
+        dst.write(raw)
+        return 0
+    kept = strip_notebook(nb)
+    text = nbformat.writes(nb)
+    dst.write((text if text.endswith("\n") else text + "\n").encode("utf-8"))
+    dst.flush()
+    return kept
+
+
+def path_replacements(paths=(), root=ROOT, home=None) -> dict:
+    """This machine's absolute paths -> portable ones: each of `paths` (the data, runs and
+    results folders, a Kaggle file) -> its path relative to the repo `root` (or just its name
+    when it lies outside the repo), then `root` -> "." and the home directory -> "~".  Both
+    the given and the symlink-resolved form are listed."""
+    def forms(p):
+        return dict.fromkeys((os.path.abspath(p), os.path.realpath(p)))
+
+    table = {}
+    for p in paths:
+        for form in forms(p) if p else ():
+            rel = os.path.relpath(os.path.realpath(p), os.path.realpath(root))
+            table.setdefault(form, os.path.basename(os.path.realpath(p)) if rel.startswith("..") else rel)
+    for old, new in ((root, "."), (home or Path.home(), "~")):
+        for form in forms(old):
+            table.setdefault(form, new)
+    return {old: new for old, new in table.items() if old != os.sep and old != new}
+
+
+def _scrubber(replacements: dict):
+    """str -> str with every replacement applied at path boundaries, longest path first (so a
+    folder inside the repo becomes "data", not "./data"; "/a/bc" is not "/a/b" + "c")."""
+    olds = sorted(replacements, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, olds)) + r")(?![\w-]|\.\w)")
+    return lambda text: pattern.sub(lambda m: replacements[m.group(1)], text)
+
+
+def _is_text(mime: str) -> bool:
+    return mime.startswith("text/") or mime.endswith("json") or mime == "image/svg+xml"
+
+
+def _walk(obj, sub, counter: list):
+    """`obj` with `sub` applied to every string inside it (dicts and lists in place); a `data`
+    bundle only in its text mimetypes (base64 images are left alone)."""
+    if isinstance(obj, str):
+        new = sub(obj)
+        counter[0] += new != obj
+        return new
+    if isinstance(obj, list):
+        obj[:] = [_walk(v, sub, counter) for v in obj]
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "data" and isinstance(v, dict):
+                for mime in [m for m in v if _is_text(m)]:
+                    v[mime] = _walk(v[mime], sub, counter)
+            else:
+                obj[k] = _walk(v, sub, counter)
+    return obj
+
+
+def scrub_paths(notebook_path, replacements: dict) -> int:
+    """Rewrite an executed notebook in place (atomically) with `replacements` (old absolute
+    path -> new, e.g. `path_replacements(...)`) applied to every cell output, to the source
+    of the parameters and papermill's injected-parameters cells and to all metadata
+    (papermill's holds the input/output paths and the parameters), so that a committed report
+    carries no paths of the machine that ran it.  Returns the number of strings changed."""
+    import nbformat
+
+    from ..io import atomic_write_text
+
+    if not replacements:
+        return 0
+    nb = nbformat.read(str(notebook_path), as_version=4)
+    sub, counter = _scrubber({str(k): str(v) for k, v in replacements.items()}), [0]
+    _walk(nb.metadata, sub, counter)
+    for cell in nb.cells:
+        _walk(cell.metadata, sub, counter)
+        if {"parameters", "injected-parameters"} & set(cell.metadata.get("tags", [])):
+            cell.source = _walk(cell.source, sub, counter)
+        for out in cell.get("outputs", []):
+            _walk(out, sub, counter)
+    if counter[0]:
+        text = nbformat.writes(nb)
+        atomic_write_text(notebook_path, text if text.endswith("\n") else text + "\n")
+    return counter[0]
 
 
 def write_kaggle_sample(data_dir, out, n=200) -> Path:
     """A Kaggle-format file (dict b'data' uint8 (n, 32, 32, 3), b'ids') from the first n test
     images of data_dir, for exercising the submission path in tests."""
+    import numpy as np
+
+    from .. import data as D
+
     ds = D.load_cifar10(data_dir)
     n = min(n, len(ds.test_labels))
     out = Path(out)
@@ -61,6 +196,10 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells")
     s.add_argument("notebooks", nargs="+")
+    sub.add_parser("clean", help="strip a notebook from stdin to stdout (the git filter: make git-filter)")
+    c = sub.add_parser("scrub", help="replace this machine's absolute paths in executed notebooks")
+    c.add_argument("notebooks", nargs="+")
+    c.add_argument("--paths", nargs="*", default=[], help="data/runs/results folders: made relative to the repo")
     i = sub.add_parser("index", help="write RESULTS/html/index.html")
     i.add_argument("results")
     k = sub.add_parser("kaggle-sample", help="write a small Kaggle-format test file")
@@ -71,7 +210,15 @@ def main(argv=None) -> int:
     if args.cmd == "strip":
         for nb in args.notebooks:
             print(f"{nb}: kept outputs of {strip_outputs(nb)} checked cell(s)")
+    elif args.cmd == "clean":
+        clean_stream()
+    elif args.cmd == "scrub":
+        table = path_replacements(args.paths)
+        for nb in args.notebooks:
+            print(f"{nb}: {scrub_paths(nb, table)} string(s) changed")
     elif args.cmd == "index":
+        from .html import write_index
+
         print(write_index(args.results))
     else:
         print(write_kaggle_sample(args.data_dir, args.out, args.n))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .. import data as D
 from ..config import PROFILES, SWITCHES
@@ -232,7 +233,9 @@ def header(p: Params, dataset=None) -> None:
 def markdown_table(frame) -> str:
     """A GitHub-flavoured markdown table: floats to 2 decimals, thousands separated, "|" in
     text escaped (tabulate leaves it as is, which would split the cell)."""
-    text = frame.apply(lambda col: col.str.replace("|", "\\|") if col.dtype == object else col)
+    text = frame.apply(lambda col: col if pd.api.types.is_numeric_dtype(col) or col.isna().all()
+                       else col.map(lambda v: v if pd.isna(v) else str(v).replace("|", "\\|")))
+    text = text.astype(object).where(text.notna(), None)       # tabulate's missingval needs None
     return text.to_markdown(index=False, floatfmt=",.2f", intfmt=",", missingval="") + "\n"
 
 

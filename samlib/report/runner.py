@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import errors
 from ..errors import ConfigError, SamlibError
+from .notebooks import path_replacements, scrub_paths
 from .params import check_params
 
 NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
@@ -89,6 +90,9 @@ def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Pat
                                parameters={k: v for k, v in values.items() if k in wanted and v is not None},
                                progress_bar=False, log_output=True, stdout_file=ProgressOnly(sys.stdout),
                                stderr_file=ProgressOnly(sys.stdout), kernel_manager_class=_local_kernels())
+    # committed reports carry no absolute paths of the machine that ran them
+    scrub_paths(out, path_replacements([values["data_dir"], values["runs_dir"], values["results_dir"],
+                                        values.get("kaggle_file")]))
     return out
 
 

@@ -3,6 +3,8 @@ inference strategies once and cache the result in its run directory.
 """
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,28 +14,67 @@ import torch
 from .. import data as D
 from ..config import from_dict, resolve
 from ..device import resolve_device
-from ..errors import SamlibError
+from ..errors import DataError, SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
-from ..io import atomic_write_text, load_checkpoint, read_json, save_checkpoint, write_json
+from ..io import (atomic_write_text, check_fields, load_checkpoint, present, read_bytes, read_json,
+                  save_checkpoint, write_json)
 from ..plan import estimate, format_plan, plan_runs
-from ..rundir import RunDir, describe_device, load_run_models
+from ..rundir import METRIC_FIELDS, RunDir, describe_device, load_run_models
 from ..train import train
 
 CACHE_VERSION = 2   # strategies.csv with temperature_from / selected columns
 
 
+# What the report reads from a run's files: a field of another kind is a DataError naming it.
+_FINAL = {"train_acc_mixed": "number", "train_acc_clean": "number", "test_acc_regular": "number"}
+_FINAL_OPTIONAL = {"test_size": "int", "epochs": "int", "best": "object", "test_acc_ema": "number"}
+_RUN_OPTIONAL = {"data": "text", "profile": "text|null", "config": "text", "seed": "int", "hash": "text"}
+_METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_acc_ema", "test_acc", "test_acc_ema")
+
+
+def _read_metrics(path, fix) -> pd.DataFrame:
+    """metrics.csv as a DataFrame: parseable, with the columns the figures draw, all numeric."""
+    try:
+        text = read_bytes(path, DataError, fix).decode("utf-8")
+        frame = pd.read_csv(io.StringIO(text))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); {fix}") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
+        raise DataError(f"{path} cannot be parsed as CSV ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
+    missing = [c for c in _METRIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: column(s) {missing} are missing (header: "
+                        f"{','.join(map(str, frame.columns))[:200]}); {fix}")
+    for column in frame.columns:
+        if column in METRIC_FIELDS and not (pd.api.types.is_numeric_dtype(frame[column])
+                                            and not pd.api.types.is_bool_dtype(frame[column])):
+            raise DataError(f"{path}: column '{column}' must hold numbers, found e.g. "
+                            f"{frame[column].dropna().astype(str).iloc[:1].tolist()}; {fix}")
+    return frame
+
+
 def load_run(run_dir) -> dict:
-    """Everything a finished (or unfinished) run directory holds, as Python objects."""
+    """Everything a finished (or unfinished) run directory holds, as Python objects.
+
+    Damaged files (config.json, final.json, run.json, provenance.json, metrics.csv: not
+    readable, not parseable, fields of the wrong kind) are a DataError / ConfigError naming
+    the file and the field."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
+    fix = f"the run folder is damaged: move {run_dir} away (or delete it) and train the run again"
+    if not present(run_dir / "config.json"):
         raise SamlibError(f"{run_dir} is not a samlib run directory (no config.json); pass the "
                           "folder that `python -m samlib train` printed")
-    out = {"dir": run_dir, "config": from_dict(read_json(run_dir / "config.json"))}
-    for name in ("final", "provenance", "run"):
+    config = run_dir / "config.json"
+    out = {"dir": run_dir, "config": from_dict(read_json(config, fix=fix), source=str(config))}
+    fields = {"final": (_FINAL if not out["config"].ema else dict(_FINAL, test_acc_ema="number"),
+                        _FINAL_OPTIONAL), "provenance": ({}, {}), "run": ({}, _RUN_OPTIONAL)}
+    for name, (required, optional) in fields.items():
         path = run_dir / f"{name}.json"
-        out[name] = read_json(path) if path.exists() else None
+        out[name] = (check_fields(read_json(path, fix=fix), path, required, optional, fix)
+                     if present(path) else None)
     metrics = run_dir / "metrics.csv"
-    out["metrics"] = pd.read_csv(metrics) if metrics.exists() else pd.DataFrame()
+    out["metrics"] = _read_metrics(metrics, fix) if present(metrics) else pd.DataFrame()
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,7 @@ from ..io import atomic_write_text
 from ..rundir import load_run_models
 
 
-def write_submission(ids, labels, path) -> Path:
-    """Write the Kaggle CSV: header ID,Labels, one row per id, atomically."""
+def _csv_text(ids, labels) -> str:
     ids, labels = np.asarray(ids), np.asarray(labels)
     if len(ids) != len(labels):
         raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
@@ -31,15 +31,29 @@ def write_submission(ids, labels, path) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["ID", "Labels"])
     writer.writerows(zip(ids.tolist(), labels.astype(int).tolist()))
-    return atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def validate_submission(path, ids=None, num_classes=10) -> dict:
-    """Check a submission CSV; raise DataError naming the first problem, else return a summary."""
+def write_submission(ids, labels, path, num_classes=10) -> Path:
+    """Write the Kaggle CSV: header ID,Labels, one row per id, atomically.
+
+    The rows are validated in memory first (the checks of `validate_submission`): a
+    submission that would fail them raises DataError and is never written, and a previous
+    file at `path` stays as it was."""
+    text = _csv_text(ids, labels)
+    _check(_read(io.StringIO(text), path), path, ids, num_classes)
+    return atomic_write_text(path, text)
+
+
+def _read(source, path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path, dtype={"ID": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        return pd.read_csv(source, dtype={"ID": str})
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"cannot read submission {path}: {e}") from None
+
+
+def _check(frame: pd.DataFrame, path, ids, num_classes) -> dict:
+    """The submission's checks on its rows (as read back from CSV); DataError on the first problem."""
     if list(frame.columns) != ["ID", "Labels"]:
         raise DataError(f"{path}: header must be ID,Labels, found {','.join(map(str, frame.columns))}")
     if frame["ID"].duplicated().any():
@@ -55,11 +69,36 @@ def validate_submission(path, ids=None, num_classes=10) -> dict:
     return {"rows": len(frame), "class_counts": counts.tolist()}
 
 
+def validate_submission(path, ids=None, num_classes=10) -> dict:
+    """Check a submission CSV; raise DataError naming the first problem, else return a summary."""
+    return _check(_read(path, path), path, ids, num_classes)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
-    """Predict a Kaggle-format unlabeled file with a finished run and write the submission."""
+    """Predict a Kaggle-format unlabeled file with a finished run and write the submission.
+
+    The output may not be the input file (nor a folder); the rows are validated before the
+    CSV is written, so an invalid submission never reaches the disk."""
+    output = Path(output)
+    if _same_file(Path(input_path), output):
+        raise DataError(f"--output {output} is the input file {input_path}; writing there would "
+                        "overwrite the competition's data: choose another name (e.g. submission.csv)")
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file name instead "
+                        f"(e.g. {output / 'submission.csv'})")
     device = resolve_device(device)
     images, ids = load_unlabeled(input_path)
     regular, ema = load_run_models(run_dir, device)
-    labels = strategy_probs(regular, ema, images, strategy, device).argmax(1).numpy()
-    write_submission(ids, labels, output)
-    return validate_submission(output, ids)
+    probs = strategy_probs(regular, ema, images, strategy, device)
+    labels = probs.argmax(1).numpy()
+    text = _csv_text(ids, labels)
+    summary = _check(_read(io.StringIO(text), output), output, ids, 10)
+    atomic_write_text(output, text)
+    return summary

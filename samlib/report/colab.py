@@ -1,0 +1,113 @@
+"""The notebooks' first cell: Colab as a first-class place to run them, and the OpenMP
+setting every kernel needs.
+
+`setup()` is a no-op outside Colab (JupyterLab, papermill, nbval) apart from `quiet_threads()`.
+On Colab it makes samlib importable in the running kernel (no runtime restart), mounts Google
+Drive when asked, and points the notebooks' data / runs / results folders at Drive (through the
+SAMLIB_*_DIR variables that the parameters cell reads), so that a disconnect loses nothing:
+checkpoints are written atomically every epoch and a rerun resumes.
+
+This module imports no torch: the setup cell runs before anything else loads it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+# Replace <owner> here and in the notebooks' setup cell with the account that holds the
+# repository (README, "Colab").
+REPO_URL = "https://github.com/<owner>/samresnets"
+CLONE_DIR = Path("/content/samresnets")
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_DIR = DRIVE_MOUNT / "MyDrive" / "samresnets"
+# folder -> the variable the notebooks' parameters cell reads its default from
+ENV = {"data": "SAMLIB_DATA_DIR", "runs": "SAMLIB_RUNS_DIR", "results": "SAMLIB_RESULTS_DIR"}
+
+
+class Folders(NamedTuple):
+    data_dir: str
+    runs_dir: str
+    results_dir: str
+
+
+def on_colab() -> bool:
+    """A Colab runtime: its kernel imports google.colab at start; the runtime sets COLAB_RELEASE_TAG."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def quiet_threads() -> bool:
+    """OMP_WAIT_POLICY=PASSIVE unless already set.  torch's OpenMP threads busy-wait by default:
+    a JupyterLab kernel ran 5x slower than `make report` (which exports PASSIVE).  OpenMP reads the
+    variable when torch loads it, so this must run before `import torch`; returns False (and
+    warns) when it came too late for this kernel."""
+    late = "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if late:
+        warnings.warn("torch was imported before samlib.report.colab.setup(): OMP_WAIT_POLICY has "
+                      "no effect in this kernel; restart it and run the setup cell first")
+    return not late
+
+
+def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
+    """The clone this samlib was imported from, else one at or above `start` (the cwd: a
+    notebook's folder), else `clone_dir`; None when there is none."""
+    here = Path(__file__).resolve().parents[2]
+    cwd = Path(start or os.getcwd()).resolve()
+    for d in (here, cwd, *cwd.parents, Path(clone_dir)):
+        if (d / "pyproject.toml").is_file() and (d / "samlib" / "__init__.py").is_file():
+            return d
+    return None
+
+
+def installed() -> bool:
+    """A new process (a sweep, torchrun) imports samlib: it is pip-installed.  Asked of a fresh
+    interpreter outside the clone, since a clone's leftover samlib.egg-info (one kept on Drive
+    from an earlier runtime) would fool importlib.metadata here."""
+    probe = subprocess.run([sys.executable, "-c", "import samlib"], cwd=os.sep, capture_output=True)
+    return probe.returncode == 0
+
+
+def ensure_importable(repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Path:
+    """Clone the repository when there is no clone, `pip install -e` it when samlib is not
+    installed, and put it on sys.path so that this kernel imports it without a restart."""
+    root = repo_root(clone_dir=clone_dir)
+    if root is None:
+        root = Path(clone_dir)
+        subprocess.run(["git", "clone", "-q", repo_url, str(root)], check=True)
+    if not installed():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def mount_drive(mountpoint=DRIVE_MOUNT) -> None:
+    from google.colab import drive
+
+    drive.mount(str(mountpoint))
+
+
+def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
+          repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Folders:
+    """Call first in every notebook.  Everywhere: `quiet_threads()`.  Off Colab nothing else:
+    returns the given folders, else the parameters cell's defaults (SAMLIB_*_DIR or ../x).
+    On Colab: `ensure_importable()`, Drive mounted when `drive`, and the folders (given ones
+    first, else MyDrive/samresnets/x with Drive, the clone's x without) exported as
+    SAMLIB_*_DIR for the parameters cell; papermill's parameters still win over them."""
+    quiet_threads()
+    given = {"data": data_dir, "runs": runs_dir, "results": results_dir}
+    if not on_colab():
+        return Folders(*(str(v) if v else os.environ.get(ENV[k], f"../{k}") for k, v in given.items()))
+    root = ensure_importable(repo_url, clone_dir)
+    if drive:
+        mount_drive()
+    base = DRIVE_DIR if drive else root
+    folders = {k: Path(v) if v else base / k for k, v in given.items()}
+    for k, path in folders.items():       # samlib creates them when it first writes there
+        os.environ[ENV[k]] = str(path)
+    print(f"Colab: samlib from {root}; " + ", ".join(f"{k} in {p}" for k, p in folders.items()))
+    return Folders(*(str(p) for p in folders.values()))
