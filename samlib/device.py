@@ -1,7 +1,10 @@
 """Where a run computes and at which precision (paper Section 3.3: "AMP").
 
-One rule for training and inference alike: bf16 autocast on a GPU that supports it (no
-loss scaling needed), fp16 + GradScaler on an older GPU, full fp32 on the CPU.
+One rule for training and inference alike: bf16 autocast on a GPU with native bf16
+(compute capability 8.0 or newer: A100, L4, H100...; no loss scaling needed), fp16 +
+GradScaler on an older GPU (T4, V100: the paper's own setting), full fp32 on the CPU.
+`torch.cuda.is_bf16_supported()` is not the test: it says yes on a T4 too, through a slow
+emulation, and it asks about the current GPU rather than the chosen one.
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ def amp_dtype_for(amp: str, device: torch.device):
     """The autocast dtype for `amp` ("auto" | "off") on `device`, or None for fp32."""
     if amp == "off" or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def autocast(device: torch.device, dtype):

@@ -305,6 +305,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
             if dist.is_main():
                 run.finish(trainer.final_test(run), {
                     **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
+                    "precision": trainer.precision,
                     "profile": profile, "wall_seconds": round(time.time() - t0, 1),
                     "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
             dist.barrier()

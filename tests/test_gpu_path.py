@@ -75,3 +75,20 @@ def test_an_fp16_run_whose_every_step_overflowed_stops(dataset):
     trainer.check_finite({"epoch": 3, "nonfinite_steps": steps - 1, "first_nonfinite_step": 1}, None)
     with pytest.raises(NonFiniteLossError, match=f"epoch 3, step 1 \\({steps} of {steps} steps\\)"):
         trainer.check_finite({"epoch": 3, "nonfinite_steps": steps, "first_nonfinite_step": 1}, None)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_precision_follows_the_chosen_gpus_native_support(monkeypatch, capability, expected):
+    """T4 (7.5) and V100 (7.0) train in fp16 + GradScaler even though torch reports bf16 as
+    supported there (emulated); A100/L4 (8.x) and H100 (9.0) in bf16.  The chosen GPU is asked,
+    not the current one; the CPU stays fp32 and amp="off" is fp32 everywhere."""
+    import samlib.device as dev
+
+    asked = []
+    capabilities = {0: (6, 1), 1: capability}                    # GPU 0 is another, older card
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or capabilities[i])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # as on a T4
+    assert dev.amp_dtype_for("auto", torch.device("cuda:1")) == expected and asked == [1]
+    assert dev.amp_dtype_for("off", torch.device("cuda:1")) is None
+    assert dev.amp_dtype_for("auto", torch.device("cpu")) is None
