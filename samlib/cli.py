@@ -131,6 +131,17 @@ def cmd_sweep(args) -> None:
     for config in configs:          # every job's settings, checked before any job starts
         for seed in seeds:
             resolve(config, args.profile, **dict(overrides, seed=str(seed)))
+    from .device import resolve_device
+    from .plan import estimate, format_plan, plan_runs
+    from .rundir import describe_device
+
+    device = resolve_device(devices[0] if devices else None)
+    plan = estimate(plan_runs(configs, seeds, args.profile, args.out, **overrides), args.profile, device,
+                    **overrides)
+    parallel = f"; {len(devices)} devices side by side" if devices and len(devices) > 1 else ""
+    print(format_plan(plan, describe_device(device)) + parallel, flush=True)
+    if args.plan:
+        return
     extra = [a for pair in (args.set or ()) for a in ("--set", pair)]
     results = sweep(configs, seeds, args.profile, args.data_dir, args.out, devices, extra)
     failed = [r for r in results if r[3] != 0]
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="runs")
     w.add_argument("--devices", help="comma-separated, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
     w.add_argument("--set", action="append", metavar="KEY=VALUE")
+    w.add_argument("--plan", action="store_true", help="print the plan and its estimate, train nothing")
     w.set_defaults(func=cmd_sweep)
 
     b = sub.add_parser("bench", help="side-by-side speed benchmark (naive vs samlib)")

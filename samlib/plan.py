@@ -112,7 +112,7 @@ def estimate(plan: list[PlannedRun], profile: str, device=None, **overrides) -> 
             item.seconds = 0.0
             continue
         cfg = resolve(item.config, profile, seed=item.seed, **overrides)
-        key = (cfg.se, cfg.se_placement, cfg.widths, cfg.blocks, cfg.batch_size, cfg.mix)
+        key = (cfg.se, cfg.se_placement, cfg.widths, cfg.blocks, cfg.batch_size, cfg.mix, cfg.ema)
         if key not in probes:
             probes[key] = epoch_seconds(cfg, device)
         item.seconds = probes[key] * item.remaining

@@ -64,3 +64,18 @@ def test_probe_scales_the_timed_steps_to_an_epoch_plus_evaluation(monkeypatch):
                                            (3600 * 7 + 65, "7 h 01 min"), (float("nan"), "?")])
 def test_durations_read_as_people_write_them(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_sweep_shows_the_plan_first_and_plan_only_trains_nothing(tmp_path, capsys, monkeypatch):
+    from samlib import cli
+
+    monkeypatch.setattr(P, "epoch_seconds", lambda cfg, device=None: 10.0)
+    finished = RunDir.for_config(resolve("baseline", "smoke", seed=84), tmp_path / "runs")
+    write_json(finished / "final.json", {"epochs": 2})
+    code = cli.main(["sweep", "--profile", "smoke", "--configs", "baseline,se", "--seeds", "84",
+                     "--data-dir", str(tmp_path), "--out", str(tmp_path / "runs"), "--devices", "cpu", "--plan"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "baseline seed 84" in out and "finished (reused)" in out and "se seed 84" in out
+    assert "2 runs, 1 to train, about 20 s" in out                     # 2 epochs x 10 s
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [finished.path.name]   # nothing new
