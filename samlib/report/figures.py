@@ -7,7 +7,7 @@ every figure carries it under its title.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from ..data import CIFAR_MEAN, CLASSES, STD_AS_RUN, STD_TRUE
 from ..infer import STRATEGIES
+from ..io import atomic_write_bytes
 from ..optim import schedule_curves
 from .runs import load_run
 from .tables import figure1_deltas, strategy_intervals
@@ -26,8 +27,9 @@ def _finish(fig: Figure, title: str, caption: str, save) -> Figure:
     if title or caption:
         fig.suptitle("\n".join(s for s in (title, caption) if s), fontsize=10)
     if save:
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=110, bbox_inches="tight")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(save, buf.getvalue())
     return fig
 
 

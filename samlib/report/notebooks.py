@@ -184,11 +184,10 @@ def write_kaggle_sample(data_dir, out, n=200) -> Path:
 
     ds = D.load_cifar10(data_dir)
     n = min(n, len(ds.test_labels))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(pickle.dumps({b"data": np.ascontiguousarray(ds.test_images[:n]),
-                                  b"ids": np.arange(1000, 1000 + n)}, protocol=4))
-    return out
+    from ..io import atomic_write_bytes
+
+    return atomic_write_bytes(out, pickle.dumps({b"data": np.ascontiguousarray(ds.test_images[:n]),
+                                                 b"ids": np.arange(1000, 1000 + n)}, protocol=4))
 
 
 def main(argv=None) -> int:

@@ -242,8 +242,7 @@ def markdown_table(frame) -> str:
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
     """Write results/<profile>/<name>.csv and .md (title, caption, notes, the profile's scale
     note) and return a Styler (captioned, 2 decimals) for display."""
-    p.results.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(p.results / f"{name}.csv", index=False)
+    atomic_write_text(p.results / f"{name}.csv", frame.to_csv(index=False))
     notes = "\n\n".join(n.strip() for n in (notes, p.scale_note) if n)
     md = f"### {title}\n\n_{p.caption}_\n\n{markdown_table(frame)}" + (f"\n{notes}\n" if notes else "")
     atomic_write_text(p.results / f"{name}.md", md)
