@@ -13,7 +13,7 @@ from samlib.data import load_cifar10
 from samlib.train import train
 ds = load_cifar10(%r)
 cfg = resolve('final', 'smoke', epochs=4, seed=%d)
-t = time.time(); run = train(cfg, dataset=ds, out='/tmp/kbench', device='cpu', progress=False)
+t = time.time(); run = train(cfg, dataset=ds, out=__import__('tempfile').mkdtemp(), device='cpu', progress=False)
 import csv; print('EPOCHS', [float(r['seconds']) for r in csv.DictReader(open(run / 'metrics.csv'))])
 """
 SETUP = "from samlib.report.colab import setup\nfolders = setup()\nimport os; print('OMP', os.environ.get('OMP_WAIT_POLICY'))"

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from samlib.errors import ConfigError, DataError
-from samlib.unpickle import (  # noqa: F401  (_RestrictedUnpickler, safe_pickle_load: re-exported)
-    KAGGLE_FIX, REPLACE, _RestrictedUnpickler, as_dict, class_names, describe, ids_of, keys_of, labels_of,
-    safe_pickle_load)
+from samlib.unpickle import (ALLOWED, KAGGLE_FIX, REPLACE, as_dict, class_names, describe, ids_of, keys_of,
+                             labels_of, open_error)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -68,6 +67,47 @@ class CIFAR10:
     def __repr__(self):
         return (f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, "
                 f"classes={len(self.classes)})")
+
+
+# ---- restricted unpickling -------------------------------------------------------------
+# Only the globals in samlib.unpickle.ALLOWED (numpy arrays, dtypes, scalars, latin1 bytes), each
+# narrowed to its harmless use: nothing in a file is ever run.
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, source):
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
+                        "files contain only dicts, lists, strings, ints and numpy arrays; "
+                        "this file may be malicious: delete it and download the original again")
+
+
+def safe_pickle_load(path_or_fileobj):
+    """pickle.load(f, encoding="bytes") admitting only numpy arrays/dtypes/scalars as globals.
+    Anything wrong with the file (unreadable, truncated, not a pickle, untrusted) is a DataError
+    naming it."""
+    own = not hasattr(path_or_fileobj, "read")
+    source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
+    try:
+        f = open(path_or_fileobj, "rb") if own else path_or_fileobj
+    except OSError as e:
+        raise open_error(source, e) from None
+    try:
+        return _RestrictedUnpickler(f, source).load()
+    except DataError:
+        raise
+    except OSError as e:   # a read error half-way (EIO, a folder opened on some systems)
+        raise open_error(source, e) from None
+    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
+        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: "
+                        f"{str(e)[:200]}); {REPLACE}") from None
+    finally:
+        if own:
+            f.close()
 
 
 # ---- CIFAR-10 python batches ---------------------------------------------------------
@@ -219,7 +259,7 @@ def load_unlabeled(path):
     d = as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
     if "data" not in d:
         raise DataError(f"{path}: no b'data' entry (keys: {keys_of(d)}); "
-                        "expected the Kaggle cifar_test_nolabel.pkl")
+                        f"expected the Kaggle cifar_test_nolabel.pkl: {KAGGLE_FIX}")
     x = d["data"]
     if not isinstance(x, np.ndarray):
         raise DataError(f"{path}: data cannot be read as an array (it is {describe(x)}); expected "
@@ -232,7 +272,7 @@ def load_unlabeled(path):
         x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) == 0:
         raise DataError(f"{path}: data has shape {x.shape}; expected N >= 1 images of 32x32x3 "
-                        "as (N, 32, 32, 3) uint8 or flat (N, 3072) channel-planar rows")
+                        f"as (N, 32, 32, 3) uint8 or flat (N, 3072) channel-planar rows; {KAGGLE_FIX}")
     n = len(x)
     if "ids" not in d:
         print(f"note: {path} has no b'ids'; using ids 0..{n - 1}")

@@ -128,10 +128,15 @@ JSON_FIX = ("it is damaged or was edited by hand: restore it, or delete it (a ru
 def _read_problem(path, e: OSError) -> str:
     """Why an OSError stopped reading `path`, and what to do about it."""
     if isinstance(e, IsADirectoryError):
-        return f"cannot read {path}: it is a folder, not a file"
+        return f"cannot read {path}: it is a folder, not a file (move it away)"
     if isinstance(e, PermissionError):
         return f"cannot read {path}: permission denied; make it readable (chmod u+r {path})"
     return f"cannot read {path}: {e.strerror or e}"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, for an error message quoting a file's content."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def present(path) -> bool:
@@ -262,7 +267,7 @@ class _Unreadable(CheckpointError):
     place.  Not a damaged file, so the `.prev` fallback is not taken: the file may be fine."""
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _vouched_digests(path: Path):
@@ -274,13 +279,13 @@ def _vouched_digests(path: Path):
         return None
     except OSError as e:
         raise _Unreadable(f"{_read_problem(sidecar, e)}; {path} was not loaded") from None
-    try:
-        digests = raw.decode("ascii").split()
+    try:   # one digest a line (other words, e.g. the file name `sha256sum` writes, are ignored)
+        digests = [w.lower() for w in raw.decode("ascii").split() if _SHA256.fullmatch(w)]
     except UnicodeDecodeError:
         digests = []
-    if not digests or not all(_SHA256.fullmatch(d) for d in digests):
+    if not digests:
         raise CheckpointError(f"{path} cannot be verified: its sidecar {sidecar.name} is damaged "
-                              f"(not a list of sha256 digests), so it was not loaded; if you trust "
+                              f"(it lists no sha256 digest), so it was not loaded; if you trust "
                               f"{path.name}, delete {sidecar.name} and load it again")
     return digests
 
@@ -288,7 +293,7 @@ def _vouched_digests(path: Path):
 def _unpickling_detail(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     useful = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
-    return reprlib.repr((useful or lines or [""])[0])[1:-1]
+    return clip((useful or lines or [""])[0])
 
 
 def _load_one(path: Path, map_location) -> dict:
@@ -310,7 +315,7 @@ def _load_one(path: Path, map_location) -> dict:
     except MemoryError:
         raise
     except Exception as e:   # BadZipFile, RuntimeError, EOFError, a tar archive's IndexError, ...
-        detail = reprlib.repr(str(e).splitlines()[0] if str(e) else "")[1:-1]
+        detail = clip(str(e).splitlines()[0] if str(e) else "")
         raise CheckpointError(f"{path} is corrupt or truncated and was not loaded "
                               f"({type(e).__name__}: {detail})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
@@ -351,5 +356,6 @@ def load_checkpoint(path, map_location="cpu", fallback: bool = True) -> dict:
         obj["_path"] = str(candidate)
         return obj
     if errors:
-        raise CheckpointError(errors[0] + "; no earlier good checkpoint exists")
+        raise CheckpointError(errors[0] + "; no earlier good checkpoint exists: restore the file from a "
+                              "copy, or delete it and run the command that wrote it again")
     raise CheckpointError(f"no checkpoint at {path}; train the run first (python -m samlib train ...)")

@@ -27,7 +27,7 @@ from . import data as D
 from . import dist
 from .config import Config, from_dict
 from .errors import CheckpointError, ConfigError, SamlibError
-from .io import (atomic_write_text, check_fields, load_checkpoint, present, read_json, save_checkpoint,
+from .io import (atomic_write_text, check_fields, clip, load_checkpoint, present, read_json, save_checkpoint,
                  write_json)
 from .model import NORM_STDS, SE_PLACEMENTS, build_model
 from .optim import build_ema, build_optimizer, build_scheduler
@@ -382,7 +382,7 @@ def _try_optimizer(ckpt, cfg, model, step: bool, bad) -> None:
                 action()
             except Exception as e:   # whatever torch raises on a state that does not fit
                 bad(field, f"does not fit this config's {field} ({type(e).__name__}: "
-                           f"{reprlib.repr(str(e).splitlines()[0] if str(e) else '')[1:-1]})")
+                           f"{clip(str(e).splitlines()[0] if str(e) else '')})")
 
 
 def _meta_step(model, opt) -> None:

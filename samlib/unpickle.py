@@ -1,12 +1,11 @@
-"""Restricted unpickling of the CIFAR-10 python batches and the Kaggle file, and checks of
-the values they hold (split from samlib.data, which reads those files through it).
+"""What the restricted unpickler of samlib.data admits, and checks of what the CIFAR-10
+python batches and the Kaggle file hold once unpickled.
 
 Every such file is untrusted: unpickling admits only the few numpy globals the files need,
-each narrowed to its harmless use, so nothing in a file is ever run; anything wrong with a
-file (unreadable, a folder in its place, truncated, not a pickle, untrusted, a value of the
-wrong kind) is one DataError naming the file and saying what to do.
+each narrowed here to its harmless use, so nothing in a file is ever run; anything wrong with
+a file (unreadable, a folder in its place, truncated, not a pickle, untrusted, a value of the
+wrong kind) is one DataError naming the file and the entry, and saying what to do.
 """
-import pickle
 import reprlib
 
 import numpy as np
@@ -41,31 +40,18 @@ def _empty_bytes(*args):
     return b""
 
 
-_ALLOWED = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype,
+ALLOWED = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype,
             ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): _empty_bytes}
 for _core in ("numpy.core", "numpy._core"):  # numpy 1.x / 2.x spellings
-    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
-    _ALLOWED[(f"{_core}.multiarray", "scalar")] = np.float64(0).__reduce__()[0]
-    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
+    ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+    ALLOWED[(f"{_core}.multiarray", "scalar")] = np.float64(0).__reduce__()[0]
+    ALLOWED[(f"{_core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
 del _core
 
 REPLACE = "replace it with a complete copy (download or extract it again)"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source):
-        super().__init__(file, encoding="bytes")
-        self.source = source
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
-                        "files contain only dicts, lists, strings, ints and numpy arrays; "
-                        "this file may be malicious")
-
-
-def _open_error(path, e: OSError) -> DataError:
+def open_error(path, e: OSError) -> DataError:
     """A DataError for a data file that cannot be opened (permissions, a folder in its place)."""
     if isinstance(e, IsADirectoryError):
         return DataError(f"{path} is a folder, not a file; put the file itself there ({REPLACE})")
@@ -73,30 +59,6 @@ def _open_error(path, e: OSError) -> DataError:
         return DataError(f"cannot read {path}: permission denied; make it readable "
                          f"(chmod u+r {path}) or {REPLACE}")
     return DataError(f"cannot read {path}: {e.strerror or e}; check the file or {REPLACE}")
-
-
-def safe_pickle_load(path_or_fileobj):
-    """pickle.load(f, encoding="bytes") admitting only numpy arrays/dtypes/scalars as globals.
-    Anything wrong with the file (unreadable, truncated, not a pickle, untrusted) is a DataError
-    naming it."""
-    own = not hasattr(path_or_fileobj, "read")
-    source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
-    try:
-        f = open(path_or_fileobj, "rb") if own else path_or_fileobj
-    except OSError as e:
-        raise _open_error(source, e) from None
-    try:
-        return _RestrictedUnpickler(f, source).load()
-    except DataError:
-        raise
-    except OSError as e:   # a read error half-way (EIO, a folder opened on some systems)
-        raise _open_error(source, e) from None
-    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
-        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: "
-                        f"{reprlib.repr(str(e))[1:-1]}); {REPLACE}") from None
-    finally:
-        if own:
-            f.close()
 
 
 def as_dict(obj, source, expected):
@@ -152,8 +114,8 @@ def labels_of(v, n, path):
     for i, label in enumerate(v):
         if not is_int(label):
             raise DataError(f"{path}: labels must be {n} integers; labels[{i}] is {describe(label)}; {REPLACE}")
-        if not 0 <= label <= 9:
-            raise DataError(f"{path}: labels must lie in 0..9, found labels[{i}] = {label}; {REPLACE}")
+    if n and (min(v) < 0 or max(v) > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, found {min(v)}..{max(v)}; {REPLACE}")
     return np.array(v, dtype=np.int64).reshape(n)
 
 
