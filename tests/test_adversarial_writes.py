@@ -44,12 +44,7 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 ROOT_SKIP = "runs as root, and root ignores file modes (chmod 555 does not stop it writing)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()      # tiny convolutions: one thread is fastest
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

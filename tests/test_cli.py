@@ -32,12 +32,7 @@ TINY_ARGS = ["--profile", "smoke", "--device", "cpu", "--no-progress",
              *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()      # tiny convolutions: one thread is fastest
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

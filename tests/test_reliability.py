@@ -40,14 +40,7 @@ STEPS = 7
 CFG = resolve("final", "smoke", **TINY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Convolutions this small run fastest on one thread, which also keeps them fast while
-    other processes compete for the cores (two threads can be ten times slower then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _dataset():
