@@ -227,3 +227,13 @@ def test_table1_view_shows_sd_for_seeds_and_an_interval_for_one_seed():
     view = table1_view(t1)
     assert view["test % 95% interval (1 seed)"].tolist() == ["89.40 - 90.60", ""]
     assert view["test % sd (>= 2 seeds)"].isna().tolist() == [True, False]
+
+
+def test_drop_table_removes_an_earlier_reports_table_only(tmp_path):
+    p = _params(tmp_path)
+    p.data_source = "synthetic"
+    nb.save_table(pd.DataFrame({"x": [1]}), p, "discrepancies", "Old")
+    nb.save_table(pd.DataFrame({"x": [1]}), p, "table1", "Kept")
+    nb.drop_table(p, "discrepancies")
+    nb.drop_table(p, "never_written")                      # nothing to remove: no error
+    assert sorted(f.name for f in p.results.iterdir()) == ["table1.csv", "table1.md"]

@@ -249,6 +249,13 @@ def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
     return show(frame, title, p)
 
 
+def drop_table(p: Params, name: str) -> None:
+    """Remove a table an earlier report wrote and this one does not (so the HTML index never
+    shows a stale one)."""
+    for suffix in (".csv", ".md"):
+        (p.results / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def show(frame, title: str, p: Params):
     """The frame with '<title> - <caption>' above it, floats to 2 decimals."""
     try:
