@@ -1,14 +1,18 @@
 """Where a run computes and at which precision (paper Section 3.3: "AMP").
 
-One rule for training and inference alike: bf16 autocast on a GPU with native bf16
-(compute capability 8.0 or newer: A100, L4, H100...; no loss scaling needed), fp16 +
-GradScaler on an older GPU (T4, V100: the paper's own setting), full fp32 on the CPU.
-`torch.cuda.is_bf16_supported()` is not the test: it says yes on a T4 too, through a slow
-emulation, and it asks about the current GPU rather than the chosen one.
+One rule for training and inference alike (`amp="auto"`): bf16 autocast on a GPU with
+native bf16 (compute capability 8.0 or newer: A100, L4, H100...; no loss scaling needed),
+fp16 + GradScaler on an older GPU (T4, V100: the paper's own setting), bf16 autocast on a
+CPU with native bf16 instructions (x86 AVX512-BF16 or AMX-BF16: Xeon Cooper Lake, Sapphire
+Rapids and newer; AMD Zen 4 and newer), fp32 on any other CPU.  `amp="off"` is fp32
+everywhere.  `torch.cuda.is_bf16_supported()` is not the GPU test: it says yes on a T4
+too, through a slow emulation, and it asks about the current GPU rather than the chosen
+one.  On a CPU without native bf16, autocast would emulate it, slower than fp32.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
@@ -40,13 +44,48 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> set:
+    """The CPU's feature flags: torch's own detection when this torch has it, else Linux's
+    /proc/cpuinfo; an empty set where neither answers (macOS, Windows, an old torch)."""
+    detect = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
+    if detect is not None:
+        try:
+            return {name for name, present in detect().items() if present is True}
+        except Exception:   # a private API: any failure falls back to the kernel's list
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    return bool(_cpu_flags() & set(CPU_BF16_FLAGS))
+
+
 def amp_dtype_for(amp: str, device: torch.device):
     """The autocast dtype for `amp` ("auto" | "off") on `device`, or None for fp32."""
-    if amp == "off" or device.type != "cuda":
+    if amp == "off":
         return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, _ = torch.cuda.get_device_capability(index)
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def precision_name(dtype) -> str:
+    """"fp32", "bf16" or "fp16" for an autocast dtype from amp_dtype_for (None: fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype):

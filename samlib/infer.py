@@ -58,20 +58,21 @@ def _model_device(model: torch.nn.Module, device) -> torch.device:
     return device
 
 
-def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with autocast(device, amp_dtype_for("auto", device)):   # the training loop's precision rule
+def _forward(model, x: torch.Tensor, device: torch.device, amp: str = "auto") -> torch.Tensor:
+    with autocast(device, amp_dtype_for(amp, device)):   # the training loop's precision rule
         return model(x).float()
 
 
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                   batch_size: int = 1000, device=None) -> torch.Tensor:
+                   batch_size: int = 1000, device=None, amp: str = "auto") -> torch.Tensor:
     """Logits (V, N, classes), float32 on the CPU, for every view of every image.
 
     ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
     Batched TTA: each chunk of ``batch_size // V`` images goes through the model once with
     all V views concatenated, so a forward pass holds ``batch_size`` inputs whatever V is
     (the same forward size as the one-view-at-a-time loop, for a fair comparison).  Eval mode (restored after),
-    inference_mode, bf16 autocast on CUDA.  ``views=None``: the image itself (V = 1).
+    inference_mode, autocast as in training (``amp``: samlib.device's rule).  ``views=None``: the
+    image itself (V = 1).
     ``device``: where to run (the model is moved there); default the model's device.
     """
     views = list(views) if views else [View("original", identity)]
@@ -84,7 +85,7 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
             chunk = max(1, batch_size // len(views))
             for start in range(0, n, chunk):
                 x = _pixel_batch(images, start, start + chunk, device)
-                logits = _forward(model, torch.cat([v.fn(x) for v in views]), device)
+                logits = _forward(model, torch.cat([v.fn(x) for v in views]), device, amp)
                 logits = logits.view(len(views), len(x), -1).cpu()
                 if out is None:
                     out = torch.empty(len(views), n, logits.shape[-1])
@@ -271,12 +272,13 @@ def model_norm(model: torch.nn.Module):
 
 
 def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=None,
-                   batch_size: int = 500, temperature=None) -> torch.Tensor:
+                   batch_size: int = 500, temperature=None, amp: str = "auto") -> torch.Tensor:
     """Class probabilities (N, classes) of one registry strategy for a run's two models."""
     s = get_strategy(strategy, has_ema=ema is not None)
     views = s.view_list(model_norm(regular) or (CIFAR_MEAN, STD_AS_RUN))
     models = {"regular": regular, "ema": ema}
-    logits = {m: predict_logits(models[m], images, views, batch_size, device).double() for m in s.models}
+    logits = {m: predict_logits(models[m], images, views, batch_size, device, amp).double()
+              for m in s.models}
     return s.probs(logits, [v.weight for v in views], temperature).float()
 
 
@@ -285,7 +287,7 @@ def _has_data(split) -> bool:
 
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
-                        norm=None):
+                        norm=None, amp: str = "auto"):
     """Figure 1's comparison: one row per registry strategy, then the validation-best one
     again at the paper's T = 1.2 and at the T fitted on validation (one T divides every logit).
 
@@ -303,7 +305,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
     splits = {"test": test, "val": val} if _has_data(val) else {"test": test}
-    logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device).double()
+    logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, amp).double()
               for m in models for split in splits}
 
     def probs(s: Strategy, split: str, t=None):

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LinearLR, OneCycleLR, SequentialLR
 from samlib.errors import ConfigError
 
 SCHEDULES = ("as_run", "as_written")
+EMA_RESETS = ("never", "epoch")   # "epoch": the authors' code (see EMA.copy_to)
 
 
 class InvalidSetting(ConfigError, ValueError):
@@ -241,6 +242,20 @@ class EMA(torch.nn.Module):
                     e.copy_(e * self.decay + w * (1 - self.decay))
         self.updates += 1
         self.n_averaged += 1                     # a CPU tensor: no device sync
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Overwrite every floating-point parameter and buffer of `model` with the EMA's, in
+        place (the optimizer's momentum and Lookahead's slow weights are left as they are).
+
+        This is what the authors' code did at every epoch end (config ``ema_reset="epoch"``):
+        its ``ModelEMA.apply()`` kept ``model.state_dict()`` as the backup - tensors that
+        share storage with the model - then loaded the EMA into the model, so ``restore()``
+        loaded the EMA back and training went on from the EMA.  Their EMA held the
+        floating-point state_dict entries only, so integer buffers stay the model's."""
+        for e, w in self._pairs(model):
+            if w.is_floating_point():
+                w.copy_(e)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict, assign)

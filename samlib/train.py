@@ -22,7 +22,7 @@ from . import data as D
 from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
-from .device import amp_dtype_for, autocast, resolve_device
+from .device import amp_dtype_for, autocast, precision_name, resolve_device
 from .errors import SamlibError
 from .infer import predict_logits
 from .model import build_model
@@ -43,10 +43,10 @@ def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
     return x.to(device), torch.from_numpy(labels).to(device)
 
 
-def accuracy_of(model, images, labels, batch_size) -> float:
+def accuracy_of(model, images, labels, batch_size, amp: str = "auto") -> float:
     if len(labels) == 0:
         return float("nan")
-    logits = predict_logits(model, images, batch_size=batch_size)[0]
+    logits = predict_logits(model, images, batch_size=batch_size, amp=amp)[0]
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
 
 
@@ -148,7 +148,7 @@ class Trainer:
     @property
     def precision(self) -> str:
         """"fp32", "bf16" or "fp16": recorded in checkpoints, never switched mid-run."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return precision_name(self.amp_dtype)
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a checkpoint read on the CPU (load_state_dict moves each part to its
@@ -225,18 +225,20 @@ class Trainer:
         for step, (x, y) in enumerate(batches):      # permute, crop/flip/Cutout, MixUp
             loss, logits = self.train_step(x, y)     # forward/backward, clip, step, LR, EMA
             meter.add(step, loss, logits, y)
+        if self.cfg.ema_reset == "epoch":            # the authors' apply()/restore() bug: go on
+            self.ema.copy_to(self.model)             # from the EMA (optimizer state untouched)
         return {**meter.result(self.steps_per_epoch * self.cfg.batch_size), "mix_alpha": alpha}
 
     def evaluate(self) -> dict:
         """Clean train, validation and (per-epoch subset of) test accuracy, regular and EMA."""
-        bs = self.cfg.eval_batch_size
+        bs, amp = self.cfg.eval_batch_size, self.cfg.amp
         test = self.eval_sets.get("test_curve", self.eval_sets["test"])
-        out = {"train_acc_clean": accuracy_of(self.model, *self.eval_sets["train"], bs),
-               "val_acc": accuracy_of(self.model, *self.eval_sets["val"], bs),
-               "test_acc": accuracy_of(self.model, *test, bs)}
+        out = {"train_acc_clean": accuracy_of(self.model, *self.eval_sets["train"], bs, amp),
+               "val_acc": accuracy_of(self.model, *self.eval_sets["val"], bs, amp),
+               "test_acc": accuracy_of(self.model, *test, bs, amp)}
         if self.ema:
-            out["val_acc_ema"] = accuracy_of(self.ema.module, *self.eval_sets["val"], bs)
-            out["test_acc_ema"] = accuracy_of(self.ema.module, *test, bs)
+            out["val_acc_ema"] = accuracy_of(self.ema.module, *self.eval_sets["val"], bs, amp)
+            out["test_acc_ema"] = accuracy_of(self.ema.module, *test, bs, amp)
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
@@ -260,7 +262,8 @@ class Trainer:
         for kind in ("regular", "ema"):
             if (run / f"best_{kind}.pt").exists():
                 model = load_model(run / f"best_{kind}.pt", self.device, expect_arch=self.model.arch)
-                final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size)
+                final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size,
+                                                        self.cfg.amp)
         return final
 
 

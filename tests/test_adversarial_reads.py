@@ -7,6 +7,7 @@ sidecars, checkpoints): a table of hand-made bad (or odd but valid) files, then 
 tests that mutate valid files at random, byte by byte and value by value.
 """
 import codecs
+import io
 import json
 import os
 import pickle
@@ -105,7 +106,6 @@ def ragged(*rows):
 
 
 def tar_bytes() -> bytes:
-    import io
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         info = tarfile.TarInfo("storages")
@@ -115,7 +115,6 @@ def tar_bytes() -> bytes:
 
 
 def zip_bytes() -> bytes:
-    import io
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("archive/data.pkl", b"not a pickle")
@@ -521,7 +520,7 @@ def raw_ckpt(path: Path) -> dict:
 def changed(obj, where: tuple, value):
     """A deep copy of `obj` with the entry at `where` set to `value` (or deleted: DELETE)."""
     obj = {k: v for k, v in obj.items()}
-    node, parents = obj, []
+    node = obj
     for key in where[:-1]:
         child = node[key]
         child = dict(child) if isinstance(child, dict) else list(child)
@@ -886,6 +885,7 @@ def test_checkpoint_byte_mutations(runs, fuzz_run, name, ops, sidecar):
     try:
         if name == "last.pt":
             works_or_fails_cleanly(lambda: load_checkpoint(path, fallback=False), path)
+            works_or_fails_cleanly(lambda: RunDir(fuzz_run).resume_state("cpu"), fuzz_run)  # (.prev)
         else:
             works_or_fails_cleanly(lambda: load_model(path), path)
     finally:

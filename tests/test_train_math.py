@@ -296,3 +296,74 @@ def test_epoch_batches_are_mixup_of_the_transformed_permutation(dataset, monkeyp
     else:
         assert all(torch.equal(y.sum(1), torch.ones(bs)) and set(y.unique().tolist()) == {0.0, 1.0}
                    for _, y in batches)
+
+
+# ---------------------------------------------------------------- the authors' EMA reset
+
+class AuthorsModelEMA:
+    """apply()/restore() as the authors' ModelEMA wrote them (SAMResNet.py): the backup is
+    `model.state_dict()` itself - tensors sharing storage with the model - so loading the
+    EMA into the model also overwrites the backup, and restore() loads the EMA back.  The
+    shadow holds the floating-point state_dict entries only."""
+
+    def __init__(self, shadow: dict):
+        self.shadow = {k: v.clone() for k, v in shadow.items() if v.is_floating_point()}
+
+    def apply(self, model):
+        self.backup = model.state_dict()                 # not a copy: the bug
+        model.load_state_dict(self.shadow, strict=False)
+
+    def restore(self, model):
+        model.load_state_dict(self.backup)
+
+
+def _momentum_buffers(trainer):
+    return [trainer.optimizer.state[p]["momentum_buffer"] for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("reset", ["epoch", "never"])
+def test_ema_reset_epoch_is_the_authors_apply_restore(dataset, monkeypatch, reset):
+    """Two epochs of 3 steps through the real train_epoch (its batches replaced by fixed soft
+    ones): with ema_reset="epoch" the trained model equals a hand replay in which the
+    authors' apply()/restore() runs after each epoch - the model continues from the EMA -
+    while the momentum buffers and Lookahead's slow weights are never touched by it.  With
+    "never" the hand replay without apply/restore is matched, and the two differ."""
+    trainer = make_trainer(dataset, torch.float64, epochs=2, batch_size=32, lr=0.4, weight_decay=0.05,
+                           grad_clip=0.6, ema=True, ema_decay=0.8, lookahead_k=2, lookahead_alpha=0.6,
+                           ema_reset=reset)
+    cfg, bs = trainer.cfg, trainer.cfg.batch_size
+    total = cfg.epochs * trainer.steps_per_epoch
+    hand = HandTraining(trainer.model, cfg)
+    step = 0
+    for epoch in range(cfg.epochs):
+        batches = [soft_batch(trainer, step + i, bs) for i in range(trainer.steps_per_epoch)]
+        monkeypatch.setattr(trainer, "epoch_batches", lambda alpha, b=batches: iter(b))
+        trainer.train_epoch()
+        trainer.epoch += 1
+        for x, y in batches:
+            hand.step(x, y, *one_cycle(step, total, cfg.lr, cfg.pct_start))
+            step += 1
+        before = {k: v.clone() for k, v in hand.state().items()}
+        if reset == "epoch":
+            authors = AuthorsModelEMA(hand.ema)
+            authors.apply(hand.model)
+            authors.restore(hand.model)
+            changed = [k for k, v in hand.state().items() if not torch.equal(v, before[k])]
+            assert changed, "apply/restore left the model as it was: the replay tests nothing"
+        assert_close(dict(trainer.model.named_parameters()), dict(hand.model.named_parameters()),
+                     f"params after epoch {epoch + 1}")
+        assert_close(dict(trainer.model.named_buffers()), dict(hand.model.named_buffers()),
+                     f"buffers after epoch {epoch + 1}")
+        # (floating-point entries: the EMA of num_batches_tracked is a truncated float whose
+        # last step here, trunc(0.8 * 1 + 0.2 * 6), rounds to 1 or 2 by float precision)
+        ema = trainer.ema.module
+        floats = lambda d: {k: v for k, v in d.items() if v.is_floating_point()}  # noqa: E731
+        assert_close(floats({**dict(ema.named_parameters()), **dict(ema.named_buffers())}), floats(hand.ema),
+                     f"EMA after epoch {epoch + 1}")
+        for ours, theirs in zip(_momentum_buffers(trainer), hand.buf):
+            assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-11)
+        for ours, theirs in zip(trainer.optimizer.slow, hand.slow):
+            assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-11)
+    params = dict(trainer.model.named_parameters())
+    same_as_ema = all(torch.equal(p, dict(trainer.ema.module.named_parameters())[k]) for k, p in params.items())
+    assert same_as_ema == (reset == "epoch")

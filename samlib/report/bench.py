@@ -7,7 +7,8 @@ copied to the GPU.  samlib does what airbench does: the training set lives on th
 as uint8 and each step augments a whole batch there with tensor ops (samlib.augment) -
 no PIL, no workers, no host-to-device copy per step.
 
-Four comparisons, each naive vs samlib in the same process, on the same data and device:
+Four comparisons, each naive vs samlib in the same process, on the same data and device
+(and a fifth, amp_train, of samlib against itself: fp32 vs automatic mixed precision):
   augment       the issue's definition: crop, flip, to float, Cutout (+ Normalize on the
                 naive side, its real cost; samlib's model normalises inside) per batch.
   augment_mixup the same plus one_hot + MixUp on both sides: a training-ready batch.
@@ -17,6 +18,9 @@ Four comparisons, each naive vs samlib in the same process, on the same data and
   tta           predict_logits (all PAPER_TTA views in one forward per batch) vs
                 predict_logits_sequential (one pass over the data per view); also the
                 model's forward alone on the same inputs, the ceiling for any TTA loop.
+  amp_train     Trainer.train_step on samlib's feed with amp="off" (fp32) and amp="auto"
+                (samlib.device's rule: bf16 on a GPU sm80+ or a CPU with native bf16), at
+                the paper's width and at the cpu profile's; ratio = AMP / fp32 images/s.
 Each figure is the median images/s over timed windows, each window one
 torch.utils.benchmark.Timer.timeit of a fixed number of calls.  Warm-up steps come first
 (worker start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
@@ -54,10 +58,12 @@ from ..views import View, identity
 # window (naive augment, train step; samlib's augment windows are one epoch each), timed
 # windows per side (TTA apart).
 PLANS = {
-    "quick": dict(n_train=1024, n_tta=256, aug_naive=4, steps=2, repeats=2, tta_repeats=2),
-    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, steps=8, repeats=3, tta_repeats=2),
+    "quick": dict(n_train=1024, n_tta=256, aug_naive=4, steps=2, repeats=2, tta_repeats=2,
+                  amp_steps=1, amp_repeats=1),
+    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, steps=8, repeats=3, tta_repeats=2,
+                amp_steps=3, amp_repeats=3),
     "cuda": dict(n_train=45000, n_tta=5000, aug_naive=40, steps=60, repeats=5,
-                 tta_repeats=3),
+                 tta_repeats=3, amp_steps=30, amp_repeats=3),
 }
 NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
          "augment": "naive: per-image PIL crop/flip/ToTensor/Cutout/Normalize in a DataLoader; samlib: "
@@ -65,6 +71,8 @@ NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
                     "uint8 chunks on the device (TrainTransform), then per batch to float",
          "augment_mixup": "as augment, then one_hot + MixUp on the device on both sides",
          "train_step": "the same Trainer.train_step; naive feed without Normalize (the model normalises)",
+         "amp_train": "Trainer.train_step on samlib's feed, amp='off' (fp32) vs amp='auto'; ratio = "
+                       "AMP images/s / fp32 images/s, per width (first-stage channels)",
          "tta": "naive: predict_logits_sequential; samlib: predict_logits; images, not image-views; "
                 "forward_only: the model alone on the same view batches (ceiling_ratio = forward_only / naive)"}
 EPOCH_IMAGES = 45_000   # the paper's training images per epoch (50,000 less validation)
@@ -247,6 +255,29 @@ def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
             "compile_seconds": compile_s, "seconds_per_epoch_45k": EPOCH_IMAGES / rate}
 
 
+def time_amp_train(images, labels, plan: dict, device, widths: dict) -> dict:
+    """fp32 against AMP training steps (samlib's feed, the `cpu` profile's final config), for
+    each {label: first-stage width}, the two precisions back to back in this process."""
+    out, holdout = {}, (images[:100], labels[:100])
+    for label, w in widths.items():
+        rates, precision = {}, None
+        for amp in ("off", "auto"):
+            cfg = resolve("final", "cpu", widths=(w, 2 * w, 4 * w), epochs=200, amp=amp)
+            trainer = Trainer(cfg, {"train": (images, labels), "val": holdout, "test": holdout}, device)
+            feed = samlib_feed(trainer, cfg.mix_alpha)
+            rates[amp] = images_per_second(lambda: trainer.train_step(*next(feed)), cfg.batch_size,
+                                           plan["amp_steps"], plan["amp_repeats"], device, warmup=2)
+            precision = trainer.precision
+        fp32, amp = statistics.median(rates["off"]), statistics.median(rates["auto"])
+        print(f"{'amp_train ' + str(w):<18}{fp32:>14,.0f}{amp:>14,.0f}{amp / fp32:>9.1f}x  (fp32 vs {precision})",
+              flush=True)
+        out[label] = {"widths": [w, 2 * w, 4 * w], "amp_precision": precision, "fp32_images_per_s": fp32,
+                      "amp_images_per_s": amp, "ratio": amp / fp32,
+                      "fp32_windows": [round(r, 1) for r in rates["off"]],
+                      "amp_windows": [round(r, 1) for r in rates["auto"]]}
+    return out
+
+
 def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -> dict:
     """All PAPER_TTA views in one forward per batch vs one view after another, and the
     forward passes alone on the same inputs (what no TTA loop can beat)."""
@@ -322,10 +353,14 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
         result["train_step_compiled"] = time_compiled_step(trainer, plan)
     test_x, _ = to_device(x_test, np.zeros(len(x_test), dtype=np.int64), device)
     result["tta"] = time_tta(trainer.model, test_x, cfg.eval_batch_size, plan, device)
+    amp_widths = ({f"width_{width}": width} if quick else   # quick: a test of the benchmark itself
+                  {"paper": resolve("final", "paper").widths[0], "cpu_profile": resolve("final", "cpu").widths[0]})
+    result["amp_train"] = time_amp_train(x_train, y_train, plan, device, amp_widths)
     report = {"augment_ratio": result["augment"]["ratio"],
               "augment_mixup_ratio": result["augment_mixup"]["ratio"],
               "train_step_ratio": result["train_step"]["ratio"],
-              "tta_ratio": result["tta"]["ratio"], **result,
+              "tta_ratio": result["tta"]["ratio"],
+              "amp_train_ratio": {k: v["ratio"] for k, v in result["amp_train"].items()}, **result,
               "environment": {**env, "load_average_at_end": _load()},
               "seconds": round(time.time() - t_start, 1),
               "notes": NOTES}

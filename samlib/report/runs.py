@@ -13,7 +13,7 @@ import torch
 
 from .. import data as D
 from ..config import from_dict, resolve
-from ..device import resolve_device
+from ..device import amp_dtype_for, precision_name, resolve_device
 from ..errors import DataError, SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
 from ..io import (atomic_write_text, check_fields, load_checkpoint, present, read_bytes, read_json,
@@ -109,8 +109,8 @@ def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> P
     return run.path
 
 
-def _cache_key(data_id: str) -> dict:
-    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES)}
+def _cache_key(data_id: str, precision: str) -> dict:
+    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision}
 
 
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
@@ -133,15 +133,15 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
         raise SamlibError(f"{run_dir} was trained on other data (fingerprint {trained_on}) than "
                           f"{data_dir or 'the data given'} (fingerprint {data_id}); pass the run's own "
                           "data, or --allow-other-data to evaluate it on this data anyway")
-    key = _cache_key(data_id)
+    device = resolve_device(device) if device is not None else None
+    key = _cache_key(data_id, precision_name(amp_dtype_for(cfg.amp, device or torch.device("cpu"))))
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists() and read_json(meta) == key:
         return pd.read_csv(cached)
-    device = resolve_device(device) if device is not None else None
     splits = D.split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device or "cpu")
     rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
-                                                   batch_size=cfg.eval_batch_size)
+                                                   batch_size=cfg.eval_batch_size, amp=cfg.amp)
     table = pd.DataFrame(rows)
     table.attrs["selected_on"] = selected_on
     # Test probabilities of every strategy, for the reliability diagram, the confusion matrix
@@ -170,4 +170,4 @@ def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch
     if probs is not None and strategy in probs and np.array_equal(saved_labels, np.asarray(labels)):
         return probs[strategy]
     regular, ema = load_run_models(run_dir, device or "cpu")
-    return strategy_probs(regular, ema, images, strategy, device=device)
+    return strategy_probs(regular, ema, images, strategy, device=device, amp=load_run(run_dir)["config"].amp)
