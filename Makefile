@@ -1,7 +1,8 @@
 # samresnets: `make test` (unit tests + notebooks in the smoke profile), `make report`.
 #
-#   make report [PROFILE=smoke|quick|paper] [DATA_DIR=data] [DEVICE=auto|cpu|cuda]
-#               [SEEDS=84,85] [SWITCHES=schedule,cutout] [KAGGLE_FILE=path/cifar_test_nolabel.pkl]
+#   make report [PROFILE=smoke|quick|cpu|paper] [DATA_DIR=data] [DEVICE=auto|cpu|cuda]
+#               [SEEDS=84,85] [FINAL_SEEDS=84,85] [SWITCHES=schedule,cutout]
+#               [KAGGLE_FILE=path/cifar_test_nolabel.pkl]
 #       runs notebooks/*.ipynb in order with papermill into results/<profile>/ (runs, i.e.
 #       checkpoints, go to runs/<profile>/; an interrupted report resumes), then `make html`.
 #   make html [PROFILE=...]   static pages of the executed notebooks: results/<profile>/html/
@@ -21,6 +22,7 @@ PROFILE ?=
 DATA_DIR ?= data
 DEVICE ?= auto
 SEEDS ?=
+FINAL_SEEDS ?=
 SWITCHES ?=
 KAGGLE_FILE ?=
 RESULTS ?= results
@@ -105,7 +107,7 @@ report: venv
 report-notebooks: venv
 	@test -n "$(PROFILE)" || { echo "report-notebooks needs PROFILE (or use make report)"; exit 2; }
 	@$(PY) -m samlib.report.runner --profile $(PROFILE) --data-dir $(DATA_DIR) --device $(DEVICE) \
-	  --results $(RESULTS) --runs $(RUNS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(SWITCHES),--switches $(SWITCHES)) \
+	  --results $(RESULTS) --runs $(RUNS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FINAL_SEEDS),--final-seeds $(FINAL_SEEDS)) $(if $(SWITCHES),--switches $(SWITCHES)) \
 	  $(if $(KAGGLE_FILE),--kaggle-file $(KAGGLE_FILE))
 
 html: venv

@@ -45,6 +45,7 @@ def resolve_device(device=None) -> torch.device:
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
 
 
 def _cpu_flags() -> set:
@@ -57,7 +58,7 @@ def _cpu_flags() -> set:
         except Exception:   # a private API: any failure falls back to the kernel's list
             pass
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())

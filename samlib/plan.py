@@ -54,10 +54,11 @@ def _epochs_done(run: RunDir) -> int:
 
 
 def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun]:
-    """Every config x seed, in training order, with its state on disk."""
+    """Every config x seed, in training order, with its state on disk.  `seeds`: one list for
+    every config, or {config: seeds} (a config missing from it runs at none)."""
     plan = []
     for name in configs:
-        for seed in seeds:
+        for seed in (seeds.get(name, []) if isinstance(seeds, dict) else seeds):
             cfg = resolve(name, profile, seed=seed, **overrides)
             run = RunDir.for_config(cfg, out)
             plan.append(PlannedRun(name, seed, run.path, cfg.epochs, _epochs_done(run), run.finished))

@@ -45,10 +45,12 @@ def test_a_resume_reads_the_checkpoint_on_the_cpu_whatever_device_trains(tmp_pat
 def test_a_run_never_switches_precision_when_resumed(tmp_path, dataset):
     cfg, run = _half_run(tmp_path, dataset)
     state = load_checkpoint(run / "last.pt")
-    assert state["precision"] == "fp32"                        # CPU trains in fp32
+    here = _expected_cpu_precision()                           # bf16 on a CPU with native bf16, else fp32
+    assert state["precision"] == here
     state.pop("_path")
-    save_checkpoint(dict(state, precision="bf16"), run / "last.pt", keep_previous=False)
-    with pytest.raises(SamlibError, match="was trained in bf16, but this device would continue in fp32"):
+    other = "fp32" if here == "bf16" else "bf16"
+    save_checkpoint(dict(state, precision=other), run / "last.pt", keep_previous=False)
+    with pytest.raises(SamlibError, match=f"was trained in {other}, but this device would continue in {here}"):
         train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
     old = {k: v for k, v in state.items() if k not in ("precision", "format")}   # before it was kept
     save_checkpoint(old, run / "last.pt", keep_previous=False)
@@ -91,4 +93,72 @@ def test_precision_follows_the_chosen_gpus_native_support(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # as on a T4
     assert dev.amp_dtype_for("auto", torch.device("cuda:1")) == expected and asked == [1]
     assert dev.amp_dtype_for("off", torch.device("cuda:1")) is None
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     assert dev.amp_dtype_for("auto", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_amp_is_bf16_exactly_when_the_cpu_has_native_bf16(monkeypatch, native):
+    import samlib.device as dev
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    assert dev.amp_dtype_for("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert dev.amp_dtype_for("off", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("flags, native", [({"avx512_bf16": True, "avx2": True}, True), ({"amx_bf16": True}, True),
+                                           ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, False),
+                                           ({}, False)])
+def test_native_bf16_detection_reads_torchs_cpu_capabilities(monkeypatch, flags, native):
+    import samlib.device as dev
+
+    monkeypatch.setattr(torch._C, "_cpu", types.SimpleNamespace(_get_cpu_capability=lambda: flags), raising=False)
+    dev.cpu_has_native_bf16.cache_clear()
+    try:
+        assert dev.cpu_has_native_bf16() is native
+    finally:
+        dev.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("text, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n", False),      # AVX-512 without its bf16 extension
+    ("Features\t: fp asimd bf16\n", False),                               # Arm: not detected, stays fp32
+    (None, False)])                                                          # no /proc/cpuinfo (macOS, Windows)
+def test_without_torchs_detection_the_kernels_flags_decide(monkeypatch, tmp_path, text, native):
+    import samlib.device as dev
+
+    monkeypatch.setattr(torch._C, "_cpu", types.SimpleNamespace(), raising=False)   # an older torch
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setattr(dev, "CPUINFO", str(path))
+    dev.cpu_has_native_bf16.cache_clear()
+    try:
+        assert dev.cpu_has_native_bf16() is native
+    finally:
+        dev.cpu_has_native_bf16.cache_clear()
+
+
+def _expected_cpu_precision() -> str:
+    from samlib.device import amp_dtype_for, precision_name
+    return precision_name(amp_dtype_for("auto", torch.device("cpu")))
+
+
+def test_cpu_runs_repeat_bit_for_bit_at_the_cpus_amp_precision(tmp_path, dataset, one_thread):
+    """Same seed, machine and thread count: the same metrics and weights, in bf16 on a CPU with
+    native bf16 (fp32 elsewhere); amp="off" trains in fp32, and in bf16 that is another run."""
+    cfg = resolve("final", "smoke", **TINY)
+    runs = [train(cfg, dataset=dataset, out=tmp_path / name, device="cpu", progress=False) for name in "ab"]
+    states = [load_checkpoint(r / "last.pt") for r in runs]
+    assert {s["precision"] for s in states} == {_expected_cpu_precision()}
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in s["metrics"]] for s in states]
+    assert untimed[0] == untimed[1]
+    for k, v in states[0]["model"].items():
+        assert torch.equal(v, states[1]["model"][k]), k
+    fp32 = train(resolve("final", "smoke", amp="off", **TINY), dataset=dataset, out=tmp_path / "fp32",
+                 device="cpu", progress=False)
+    fp32_state = load_checkpoint(fp32 / "last.pt")
+    assert fp32_state["precision"] == "fp32"
+    differs = any(not torch.equal(v, fp32_state["model"][k]) for k, v in states[0]["model"].items())
+    assert differs == (_expected_cpu_precision() == "bf16")

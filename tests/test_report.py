@@ -18,8 +18,8 @@ from samlib.io import write_json
 from samlib.report import figures as plots
 from samlib.report import notebooks
 from samlib.report import params as nb
-from samlib.report.tables import (PAPER_FIGURE1, best_strategy, figure1_deltas, reliability_table,
-                                  temperature_table)
+from samlib.report.tables import (PAPER_FIGURE1, best_strategy, figure1_across_seeds, figure1_deltas,
+                                  reliability_table, temperature_table)
 
 
 def _params(tmp_path, **kw):
@@ -237,3 +237,42 @@ def test_drop_table_removes_an_earlier_reports_table_only(tmp_path):
     nb.drop_table(p, "discrepancies")
     nb.drop_table(p, "never_written")                      # nothing to remove: no error
     assert sorted(f.name for f in p.results.iterdir()) == ["table1.csv", "table1.md"]
+
+
+def test_final_seeds_default_per_profile_and_always_include_seeds(tmp_path):
+    cpu = _params(tmp_path, profile="cpu", seeds=None, final_seeds=None, switches=None)
+    assert cpu.seeds == [84] and cpu.final_seeds == [84, 85] and cpu.switches == ["ema_reset"]
+    assert _params(tmp_path, seeds=[84, 86], final_seeds=None).final_seeds == [84, 86]   # smoke: = seeds
+    assert _params(tmp_path, seeds=[86], final_seeds=[84, 85]).final_seeds == [86, 84, 85]
+    assert _params(tmp_path, seeds=[84, 85], final_seeds=[85]).final_seeds == [84, 85]
+    for bad in ([], [84, 84], "84", [-1]):
+        with pytest.raises(ConfigError, match="final_seeds"):
+            _params(tmp_path, final_seeds=bad)
+
+
+def test_figure1_across_seeds_by_hand():
+    one = _strategy_table()
+    two = one.assign(test_accuracy=np.where(one["strategy"].eq("tta"), 0.93, one["test_accuracy"]))
+    t = figure1_across_seeds({84: one, 85: two}).set_index("claim")
+    tta = t.loc["TTA gain: tta - standard"]
+    assert tta["seed 84"] == pytest.approx(1.0) and tta["seed 85"] == pytest.approx(3.0)   # 91-90, 93-90
+    assert tta["mean"] == pytest.approx(2.0) and tta["sd"] == pytest.approx(2 ** 0.5)      # sd of (1, 3)
+    assert tta["paper"] == 0.31
+    ens = t.loc["ensemble gain: ensemble+tta - tta"]                                       # 92-91, 92-93
+    assert (ens["seed 84"], ens["seed 85"], ens["mean"]) == pytest.approx((1.0, -1.0, 0.0))
+    assert np.isnan(figure1_across_seeds({84: one}).set_index("claim").loc["TTA gain: tta - standard", "sd"])
+
+
+def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeypatch):
+    from samlib.report import tables
+
+    acc = {("final", 84): 0.80, ("final", 85): 0.84, ("sw", 84): 0.81, ("sw", 85): 0.87, ("one", 85): 0.83}
+    monkeypatch.setattr(tables, "load_run", lambda d: {"config": resolve("final", "smoke", seed=d[1]),
+                                                       "final": {"test_acc_ema": acc[d]}})
+    t = tables.discrepancy_table([("final", 84), ("final", 85)],
+                                 {"sw": [("sw", 84), ("sw", 85)], "one": [("one", 85)]}).set_index("switch")
+    assert t.loc["final (code as run)", "test_acc"] == pytest.approx(82.0)
+    assert t.loc["sw", "delta_vs_final"] == pytest.approx(2.0)       # (+1, +3) paired by seed
+    assert t.loc["sw", "delta_sd"] == pytest.approx(2 ** 0.5)
+    assert t.loc["one", "delta_vs_final"] == pytest.approx(-1.0)     # 83 - 84 (seed 85), not 83 - 82
+    assert t.loc["one", "seeds"] == "85" and np.isnan(t.loc["one", "delta_sd"])

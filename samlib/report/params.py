@@ -31,8 +31,11 @@ REQUIRED = ("profile", "data_dir", "seeds", "results_dir", "runs_dir", "device")
 # The paper's own protocol by default: the four Table 1 configs at one seed (as the paper
 # ran).  More seeds and the discrepancy switches are one parameter away (seeds=[84, 85, 86],
 # switches="all").
-DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "paper": [84]}
-DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "paper": []}
+DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "cpu": [84], "paper": [84]}
+# `final` (and each switch measured against it) may run at more seeds than the other Table 1
+# rows: the cpu report's noise estimate for Figure 1 and the switches.
+DEFAULT_FINAL_SEEDS = {"cpu": [84, 85]}
+DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "cpu": ["ema_reset"], "paper": []}
 STRATEGY_CHOICES = ("best", *STRATEGIES)
 # Notebooks train with progress=False; tqdm.auto's notice about missing ipywidgets is noise.
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -123,6 +126,16 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _seed_list(name, seeds) -> list:
+    if isinstance(seeds, tuple):
+        seeds = list(seeds)
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        _fail(name, "None or a non-empty list of non-negative ints, e.g. [84] or [84, 85, 86]", seeds)
+    if len(set(seeds)) != len(seeds):
+        _fail(name, "a list without repeats", seeds)
+    return seeds
+
+
 def _path(name, value) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         _fail(name, "a path (string)", value)
@@ -135,7 +148,8 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
     profile: "auto" (paper on CUDA, else quick) or one of PROFILES.  seeds: None (the
     profile's default: DEFAULT_SEEDS) or a non-empty list of ints.  device: "auto" | "cpu" |
     "cuda[:n]".  Extras: switches (None = DEFAULT_SWITCHES[profile], "all", or a list of SWITCHES
-    names), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
+    names), final_seeds (seeds of `final` and of the switch runs: None = DEFAULT_FINAL_SEEDS or
+    `seeds`; always a superset of `seeds`), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
     """
     import torch
 
@@ -158,15 +172,13 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
         _fail("profile", f'"auto" or one of {list(PROFILES)}', profile)
     if seeds is None:
         seeds = DEFAULT_SEEDS[resolved]
-    if isinstance(seeds, tuple):
-        seeds = list(seeds)
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
-        _fail("seeds", "None or a non-empty list of non-negative ints, e.g. [84] or [84, 85, 86]", seeds)
-    if len(set(seeds)) != len(seeds):
-        _fail("seeds", "a list without repeats", seeds)
+    seeds = _seed_list("seeds", seeds)
     checked = {}
     for name, value in extra.items():
-        if name == "switches":
+        if name == "final_seeds":
+            value = _seed_list("final_seeds", DEFAULT_FINAL_SEEDS.get(resolved, seeds) if value is None else value)
+            value = [int(s) for s in seeds] + [int(s) for s in value if s not in seeds]
+        elif name == "switches":
             if value is None:
                 value = DEFAULT_SWITCHES[resolved]
             elif value == "all":
@@ -181,7 +193,7 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
                 _fail("strategy", f"one of {list(STRATEGY_CHOICES)}", value)
         else:
             raise ConfigError(f"unknown notebook parameter {name!r}; known: "
-                              f"{', '.join(REQUIRED + ('switches', 'kaggle_file', 'strategy'))}")
+                              f"{', '.join(REQUIRED + ('final_seeds', 'switches', 'kaggle_file', 'strategy'))}")
         checked[name] = value
     return Params(profile=resolved, requested_profile=str(profile), data_dir=_path("data_dir", data_dir),
                   seeds=[int(s) for s in seeds], device=str(dev),

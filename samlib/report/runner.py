@@ -1,6 +1,6 @@
 """`make report`'s notebook runner: every report notebook, in order, through papermill.
 
-    python -m samlib.report.runner --profile quick --data-dir data [--seeds 84,85]
+    python -m samlib.report.runner --profile quick --data-dir data [--seeds 84,85] [--final-seeds 84,85]
         [--switches schedule,cutout] [--kaggle-file F] [--device auto] [--results results] [--runs runs]
 
 The parameters are checked here, once, before anything is written (a bad profile never
@@ -22,8 +22,8 @@ from .notebooks import path_replacements, scrub_paths
 from .params import check_params
 
 NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
-EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("switches",),
-                    "03_submission": ("kaggle_file",)}
+EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("final_seeds", "switches"),
+                    "02_figure1_inference": ("final_seeds",), "03_submission": ("kaggle_file",)}
 # What the terminal shows of a notebook's output: the plan (samlib.plan.format_plan) and one
 # line per epoch (samlib.train.epoch_line); tests/test_entry_errors.py keeps them in step.
 PROGRESS = re.compile(r"^(run +epochs +state|\S.* seed \d+ +\d+  |\d+ runs?, \d+ to train|\S.* seed \d+: epoch \d+/\d+ )")
@@ -43,7 +43,8 @@ def _names(text: str | None, what: str, parse=str) -> list | None:
 def parameters(args) -> dict:
     """The notebooks' parameters, checked (check_params raises ConfigError on the first bad one)."""
     values = dict(profile=args.profile, data_dir=str(Path(args.data_dir).resolve()),
-                  seeds=_names(args.seeds, "seeds", int), results_dir=str(Path(args.results).resolve()),
+                  seeds=_names(args.seeds, "seeds", int), final_seeds=_names(args.final_seeds, "final-seeds", int),
+                  results_dir=str(Path(args.results).resolve()),
                   runs_dir=str(Path(args.runs).resolve()), device=args.device,
                   switches="all" if args.switches == "all" else _names(args.switches, "switches"),
                   kaggle_file=str(Path(args.kaggle_file).resolve()) if args.kaggle_file else None)
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seeds")
+    ap.add_argument("--final-seeds", help="seeds of final and of the switch runs (default: the profile's)")
     ap.add_argument("--switches")
     ap.add_argument("--kaggle-file")
     ap.add_argument("--results", default="results")

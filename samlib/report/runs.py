@@ -80,7 +80,8 @@ def load_run(run_dir) -> dict:
 
 def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs", device=None,
                progress=True, **overrides) -> dict:
-    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}.
+    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}.  `seeds`: one
+    list for every config, or {config: seeds}.
 
     With `progress`, first prints the plan (each run's state and an estimate from a timing
     probe on this device), then one line per epoch with the time left for the run and the plan.

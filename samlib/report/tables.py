@@ -94,15 +94,24 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
 
 
 def discrepancy_table(reference: list, variants: dict) -> pd.DataFrame:
-    """Effect of each paper/code switch: test accuracy of `final+switch` minus `final` (same seeds)."""
-    def acc(dirs):
-        return _mean_sd([100 * load_run(d)["final"]["test_acc_ema"] for d in dirs])
+    """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus that of
+    `final` at the same seed, paired by seed (mean and sd over the seeds both have)."""
+    def by_seed(dirs):
+        runs = [load_run(d) for d in dirs]
+        return {r["config"].seed: 100 * r["final"]["test_acc_ema"] for r in runs}
 
-    base = acc(reference)[0]
-    rows = [{"switch": name, "test_acc": m, "test_acc_sd": sd, "delta_vs_final": m - base}
-            for name, (m, sd) in ((n, acc(d)) for n, d in variants.items())]
-    return pd.DataFrame([{"switch": "final (code as run)", "test_acc": base, "test_acc_sd": float("nan"),
-                          "delta_vs_final": 0.0}] + rows)
+    ref = by_seed(reference)
+    m, sd = _mean_sd(list(ref.values()))
+    rows = [{"switch": "final (code as run)", "seeds": ", ".join(map(str, ref)), "test_acc": m,
+             "test_acc_sd": sd, "delta_vs_final": 0.0, "delta_sd": float("nan")}]
+    for name, dirs in variants.items():
+        acc = by_seed(dirs)
+        paired = [s for s in acc if s in ref]
+        m, sd = _mean_sd([acc[s] for s in paired])
+        dm, dsd = _mean_sd([acc[s] - ref[s] for s in paired])
+        rows.append({"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
+                     "delta_vs_final": dm, "delta_sd": dsd})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- Figure 1
@@ -158,6 +167,18 @@ def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict
     rows.append(("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], float("nan"),
                  float("nan"), "absolute, not a delta"))
     return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "ci95_low", "ci95_high", "note"])
+
+
+def figure1_across_seeds(tables: dict, paper: dict = PAPER_FIGURE1) -> pd.DataFrame:
+    """Figure 1's reproduced numbers for each seed's `final` run ({seed: strategy table}), with
+    their mean and sd over seeds (sd needs two seeds or more): the seed-to-seed noise."""
+    per_seed = {s: figure1_deltas(t, paper).set_index("claim")["reproduced"] for s, t in tables.items()}
+    out = pd.DataFrame({f"seed {s}": v for s, v in per_seed.items()})
+    values = out.to_numpy(dtype=float)
+    out["mean"] = values.mean(axis=1)
+    out["sd"] = values.std(axis=1, ddof=1) if values.shape[1] > 1 else float("nan")
+    out.insert(0, "paper", figure1_deltas(next(iter(tables.values())), paper).set_index("claim")["paper"])
+    return out.reset_index()
 
 
 def temperature_table(table: pd.DataFrame) -> pd.DataFrame:
