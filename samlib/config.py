@@ -210,9 +210,16 @@ def _int_problem(field, v, lo, hi, none_ok):
     return None
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:        # an integer beyond any float
+        return False
+
+
 def _real_problem(field, v, lo, lo_open, hi, hi_open):
     rule = _interval(lo, lo_open, hi, hi_open)
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not _finite(v):
         return f"{field} must be a finite number {rule}, got {v!r}"
     ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
     return None if ok else f"{field} must be {rule}, got {v!r}"

@@ -253,7 +253,7 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
     # good checkpoint lost, and a half-written one reads as corrupt (then .prev is used).
     vouched = []
     if path.exists():
-        vouched = (sidecar.read_text().split() if sidecar.exists()
+        vouched = (sidecar.read_bytes().decode("ascii", "replace").split() if sidecar.exists()
                    else [hashlib.sha256(path.read_bytes()).hexdigest()])
     atomic_write_text(sidecar, "\n".join(dict.fromkeys([digest, *vouched])) + "\n")
     atomic_write_bytes(path, data)

@@ -133,7 +133,7 @@ class RunDir:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self / ".lock", "a+")
+            handle = open(self / ".lock", "a+", errors="replace")   # a damaged .lock is still a lock
         except OSError as e:
             raise SamlibError(f"cannot write to {self.path}: {e.strerror}; choose a writable --out folder") from None
         with handle:

@@ -619,3 +619,43 @@ def test_evaluate_on_other_data_needs_allow_other_data(tmp_path, reference, caps
     assert not (run / "strategies.csv").exists()
     code, err = run_main(capsys, argv + ["--allow-other-data"])
     assert code == 0 and (run / "strategies.csv").exists(), err
+
+
+# ---------------------------------------------------------------- odd values found by reading the loaders again
+
+def test_a_real_setting_given_an_integer_beyond_any_float_is_refused_in_one_line():
+    from samlib.config import resolve
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        resolve("final", "smoke", lr=10 ** 400)
+
+
+def test_submission_ids_that_look_like_missing_values_stay_ids(tmp_path):
+    from samlib.report.submit import validate_submission
+    path = tmp_path / "submission.csv"
+    path.write_text("ID,Labels\nNA,1\nnan,2\n,3\n")
+    assert validate_submission(path, ids=["NA", "nan", ""])["rows"] == 3
+    path.write_text("ID,Labels\n0,NA\n")
+    with pytest.raises(DataError, match="labels must be integers"):
+        validate_submission(path, ids=["0"])
+
+
+def test_a_binary_sidecar_or_lock_file_does_not_stop_a_save_or_a_lock(tmp_path):
+    from samlib.io import load_checkpoint, save_checkpoint
+    from samlib.rundir import RunDir
+    path = tmp_path / "state.pt"
+    save_checkpoint({"x": torch.ones(2)}, path, keep_previous=False)
+    (tmp_path / "state.pt.sha256").write_bytes(b"\xff\xfe\x00garbage\x80")
+    save_checkpoint({"x": torch.zeros(2)}, path, keep_previous=False)
+    assert torch.equal(load_checkpoint(path, fallback=False)["x"], torch.zeros(2))
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run / ".lock").write_bytes(b"\xff\xfe\x80\x00")
+    import fcntl
+    with open(run / ".lock", "rb") as holder:          # another holder whose note is garbage
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(SamlibError, match="is being trained by"):
+            with run.lock():
+                pass
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    with run.lock():
+        assert "process" in (run / ".lock").read_text(errors="replace")

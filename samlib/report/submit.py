@@ -47,7 +47,7 @@ def write_submission(ids, labels, path, num_classes=10) -> Path:
 
 def _read(source, path) -> pd.DataFrame:
     try:
-        return pd.read_csv(source, dtype={"ID": str})
+        return pd.read_csv(source, dtype={"ID": str}, keep_default_na=False)   # an id "NA" stays "NA"
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"cannot read submission {path}: {e}") from None
 
