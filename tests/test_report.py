@@ -189,6 +189,16 @@ def test_evaluate_run_refuses_other_data_and_keys_its_cache_by_data(tmp_path):
     again = evaluate_run(run, dataset=data_a)                                   # recomputed for A
     assert read_json(run / "strategies.json")["data"] == fingerprint(data_a)
     pd.testing.assert_frame_equal(again, on_a)
+    # a damaged cache (table, its key or the saved probabilities) is recomputed, never an error
+    from samlib.report.runs import saved_test_probs
+    for damage in (b"\xff\xfe not a csv", b"", b"strategy\nstandard\n"):
+        (run / "strategies.csv").write_bytes(damage)
+        pd.testing.assert_frame_equal(evaluate_run(run, dataset=data_a), on_a)
+    (run / "strategies.json").write_bytes(b"{truncated")
+    pd.testing.assert_frame_equal(evaluate_run(run, dataset=data_a), on_a)
+    (run / "strategy_probs.pt").write_bytes(b"garbage")
+    (run / "strategy_probs.pt.sha256").unlink(missing_ok=True)
+    assert saved_test_probs(run) == (None, None)
 
 
 def test_binomial_interval_matches_the_wilson_formula_by_hand():

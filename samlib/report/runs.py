@@ -114,6 +114,22 @@ def _cache_key(data_id: str, precision: str) -> dict:
     return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision}
 
 
+STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "test_images",
+                    "test_accuracy", "test_nll", "test_ece", "val_accuracy")
+
+
+def _cached_table(cached: Path, meta: Path, key: dict):
+    """The cached strategy table when it is intact and was made for `key`; None (recompute)
+    when it was made for other data or precision, or is damaged."""
+    try:
+        if read_json(meta) != key:
+            return None
+        table = pd.read_csv(cached)
+    except (SamlibError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    return table if set(STRATEGY_COLUMNS) <= set(table.columns) and len(table) else None
+
+
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                  allow_other_data: bool = False) -> pd.DataFrame:
     """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies).
@@ -137,8 +153,10 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     device = resolve_device(device) if device is not None else None
     key = _cache_key(data_id, precision_name(amp_dtype_for(cfg.amp, device or torch.device("cpu"))))
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
-    if reuse and cached.exists() and meta.exists() and read_json(meta) == key:
-        return pd.read_csv(cached)
+    if reuse and cached.exists() and meta.exists():
+        table = _cached_table(cached, meta, key)
+        if table is not None:
+            return table
     splits = D.split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device or "cpu")
     rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
@@ -159,8 +177,12 @@ def saved_test_probs(run_dir) -> tuple:
     path = Path(run_dir) / "strategy_probs.pt"
     if not path.exists():
         return None, None
-    saved = load_checkpoint(path, fallback=False)
-    return saved["probs"], saved["labels"].numpy()
+    try:
+        saved = load_checkpoint(path, fallback=False)
+        probs, labels = saved["probs"], saved["labels"].numpy()
+    except (SamlibError, KeyError, TypeError, AttributeError):   # damaged: evaluate_run writes it again
+        return None, None
+    return (probs, labels) if isinstance(probs, dict) else (None, None)
 
 
 def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:
