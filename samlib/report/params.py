@@ -32,8 +32,8 @@ REQUIRED = ("profile", "data_dir", "seeds", "results_dir", "runs_dir", "device")
 # ran).  More seeds and the discrepancy switches are one parameter away (seeds=[84, 85, 86],
 # switches="all").
 DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "cpu": [84], "paper": [84]}
-# `final` (and each switch measured against it) may run at more seeds than the other Table 1
-# rows: the cpu report's noise estimate for Figure 1 and the switches.
+# `final` may run at more seeds than the other Table 1 rows and the switches: the cpu
+# report's seed-to-seed noise for Table 1's last row and Figure 1.
 DEFAULT_FINAL_SEEDS = {"cpu": [84, 85]}
 DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "cpu": ["ema_reset"], "paper": []}
 STRATEGY_CHOICES = ("best", *STRATEGIES)
@@ -148,8 +148,8 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
     profile: "auto" (paper on CUDA, else quick) or one of PROFILES.  seeds: None (the
     profile's default: DEFAULT_SEEDS) or a non-empty list of ints.  device: "auto" | "cpu" |
     "cuda[:n]".  Extras: switches (None = DEFAULT_SWITCHES[profile], "all", or a list of SWITCHES
-    names), final_seeds (seeds of `final` and of the switch runs: None = DEFAULT_FINAL_SEEDS or
-    `seeds`; always a superset of `seeds`), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
+    names), final_seeds (the seeds of `final`: None = DEFAULT_FINAL_SEEDS or `seeds`; always a
+    superset of `seeds`), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
     """
     import torch
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seeds")
-    ap.add_argument("--final-seeds", help="seeds of final and of the switch runs (default: the profile's)")
+    ap.add_argument("--final-seeds", help="more seeds for final only (default: the profile's)")
     ap.add_argument("--switches")
     ap.add_argument("--kaggle-file")
     ap.add_argument("--results", default="results")
