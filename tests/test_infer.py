@@ -155,8 +155,8 @@ def test_batched_tta_equals_sequential_and_per_image():
     images = uint8_images(37)
     views = PAPER_TTA[:3]
     model.train()
-    batched = predict_logits(model, images, views, batch_size=16)
-    sequential = predict_logits_sequential(model, images, views, batch_size=16)
+    batched = predict_logits(model, images, views, batch_size=16, amp="off")   # fp32, as the hand check
+    sequential = predict_logits_sequential(model, images, views, batch_size=16, amp="off")
     assert model.training                            # train mode restored
     assert batched.shape == (3, 37, 4) and batched.dtype == torch.float32
     assert torch.allclose(batched, sequential, atol=1e-5)
@@ -249,7 +249,8 @@ def test_evaluate_strategies_rows_and_ensemble():
     rng = np.random.default_rng(3)
     val = (uint8_images(40, seed=4), rng.integers(0, 4, 40))
     test = (uint8_images(50, seed=5), rng.integers(0, 4, 50))
-    rows, probs, selected_on = evaluate_strategies(regular, ema, val, test, batch_size=16, norm=(MEAN, STD))
+    rows, probs, selected_on = evaluate_strategies(regular, ema, val, test, batch_size=16, norm=(MEAN, STD),
+                                                   amp="off")
     frame = pd.DataFrame(rows)
     assert selected_on == "validation"
     best = frame.loc[frame["selected"], "strategy"].unique().tolist()
@@ -301,7 +302,7 @@ def test_registry_names_models_views_and_combination():
                     "ensemble": 0.4 * soft(regular, PAPER_TTA[:1]) + 0.6 * soft(ema, PAPER_TTA[:1]),
                     "ensemble+tta": 0.4 * soft(regular, PAPER_TTA) + 0.6 * soft(ema, PAPER_TTA)}
     for name, want in expected.items():
-        got = strategy_probs(regular, ema, images, name, batch_size=6)
+        got = strategy_probs(regular, ema, images, name, batch_size=6, amp="off")   # fp32, as by hand
         assert torch.allclose(got, want, atol=1e-5), name
     with pytest.raises(SamlibError, match="EMA"):
         strategy_probs(regular, None, images, "ensemble")
@@ -319,3 +320,23 @@ def test_model_norm_reads_normalize_buffers():
     mean, std = model_norm(net)
     assert mean == pytest.approx(MEAN) and std == pytest.approx(STD)
     assert model_norm(nn.Linear(1, 1)) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_precision_follows_the_training_rule(monkeypatch, native):
+    """amp="auto": bf16 autocast on a CPU with native bf16, else fp32 (samlib.device's rule for
+    training); amp="off": fp32 everywhere.  bf16 logits are close to fp32 ones, not equal."""
+    import samlib.device as dev
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    model = Tiny(seed=1)
+    images = uint8_images(16, seed=7)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        fp32 = model.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    assert not torch.equal(fp32, bf16)                  # the two precisions can be told apart
+    auto = predict_logits(model, images, amp="auto")[0]
+    assert torch.equal(auto, bf16 if native else fp32)
+    assert torch.equal(predict_logits(model, images, amp="off")[0], fp32)

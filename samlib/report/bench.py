@@ -123,7 +123,7 @@ def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128)
 # ---------------------------------------------------------------- the naive TTA loop
 
 def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                              batch_size: int = 1000, device=None) -> torch.Tensor:
+                              batch_size: int = 1000, device=None, amp: str = "auto") -> torch.Tensor:
     """Same result as samlib.infer.predict_logits, one view at a time over the whole set:
     the benchmark's naive TTA baseline (V passes over the data, one forward per view and batch)."""
     views = list(views) if views else [View("original", identity)]
@@ -135,7 +135,7 @@ def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Se
         with torch.inference_mode():
             per_view = []
             for view in views:
-                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device).cpu()
+                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device, amp).cpu()
                           for s in range(0, n, batch_size)]
                 per_view.append(torch.cat(chunks))
     finally:
