@@ -7,6 +7,7 @@ runs are reused, so a sweep interrupted half-way only trains what is missing.
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -50,6 +51,17 @@ def _stop(running: dict, grace: float = 60.0) -> None:
             proc.wait()
 
 
+def job_env(devices: list, environ=None) -> dict:
+    """The jobs' environment.  Several jobs on the CPU share its cores: each gets
+    OMP_NUM_THREADS = cores // jobs (two single-threaded training processes on 2 cores train
+    about 1.3x the images of one with 2 threads).  A value the user set is kept."""
+    env = dict(os.environ if environ is None else environ)
+    on_cpu = sum(d == "cpu" for d in devices)
+    if on_cpu > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // on_cpu))
+    return env
+
+
 def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=()) -> list:
     """Run every config x seed; returns [(config, seed, device, returncode, log path)].
 
@@ -59,6 +71,7 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
     devices = [str(resolve_device(d)) for d in (devices or default_devices())]
     jobs = [(c, s) for c in configs for s in seeds]
     logs = Path(out) / "logs"
+    env = job_env(devices)
     running, results = {}, []
     try:
         while jobs or running:
@@ -74,7 +87,7 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
                 print(f"[{device}] {config} seed {seed} -> {log}", flush=True)
                 with _open_log(log) as handle:      # the child holds its own copy
                     running[slot] = (config, seed, log, subprocess.Popen(
-                        cmd, stdout=handle, stderr=subprocess.STDOUT))
+                        cmd, stdout=handle, stderr=subprocess.STDOUT, env=env))
             time.sleep(0.5)
             for slot, (config, seed, log, proc) in list(running.items()):
                 device = devices[slot]

@@ -54,3 +54,17 @@ def test_sweep_runs_configs_side_by_side(tmp_path):
                                                    "--set", "val_size=32", "--set", "train_subset=none"])
     assert sorted((r[0], r[3]) for r in results) == [("baseline", 0), ("se", 0)]
     assert sorted(p.parent.name.split("-")[0] for p in (tmp_path / "runs").glob("*/final.json")) == ["baseline", "se"]
+
+
+def test_cpu_jobs_of_a_sweep_share_the_cores(monkeypatch):
+    """Two jobs on a 2-core CPU get one OpenMP thread each; one job, GPU jobs or a value the
+    user set leave OMP_NUM_THREADS alone."""
+    from samlib.sweep import job_env
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert job_env(["cpu", "cpu"], {})["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in job_env(["cpu"], {})
+    assert "OMP_NUM_THREADS" not in job_env(["cuda:0", "cuda:1"], {})
+    assert job_env(["cpu", "cpu"], {"OMP_NUM_THREADS": "2"})["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert job_env(["cpu"] * 3, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "5"}
