@@ -160,6 +160,13 @@ class Trainer:
                 f"{ckpt.get('_path', 'this checkpoint')} was trained in {saved}, but this device would "
                 f"continue in {self.precision}: a run must not switch precision half-way. Resume it on a "
                 f"device with {saved} support, or start it again (another --out folder).")
+        aug = ckpt["rng"]["aug"].cpu()
+        if aug.numel() != self.gen_aug.get_state().numel():   # a CUDA (Philox) vs CPU (Mersenne) stream
+            raise SamlibError(
+                f"{ckpt.get('_path', 'this checkpoint')} holds the random stream of another kind of device "
+                f"than {self.device.type} ({aug.numel()} bytes, this device's has {self.gen_aug.get_state().numel()}): "
+                "a run continues only on the kind of device it started on. Resume it there, or start "
+                "it again (another --out folder).")
         self.model.load_state_dict(ckpt["model"])
         if self.ema:
             self.ema.load_state_dict(ckpt["ema"])
@@ -167,7 +174,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler.is_enabled():                       # fp16 only; bf16/fp32 have no scaler state
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.gen_aug.set_state(ckpt["rng"]["aug"].cpu())
+        self.gen_aug.set_state(aug)
         self.gen_host.set_state(ckpt["rng"]["host"].cpu())
         self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
         self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])

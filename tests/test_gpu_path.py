@@ -162,3 +162,16 @@ def test_cpu_runs_repeat_bit_for_bit_at_the_cpus_amp_precision(tmp_path, dataset
     assert fp32_state["precision"] == "fp32"
     differs = any(not torch.equal(v, fp32_state["model"][k]) for k, v in states[0]["model"].items())
     assert differs == (_expected_cpu_precision() == "bf16")
+
+
+def test_a_run_started_on_a_gpu_does_not_resume_on_the_cpu_with_a_raw_rng_error(tmp_path, dataset):
+    """A CUDA generator's state (16 bytes, Philox) cannot seed the CPU's (Mersenne Twister):
+    with the same precision on both (fp32, or bf16 on a CPU with native bf16) the precision
+    check passes, so the random stream is checked itself, in one clear error."""
+    cfg, run = _half_run(tmp_path, dataset)
+    state = load_checkpoint(run / "last.pt")
+    state.pop("_path")
+    state["rng"]["aug"] = torch.zeros(16, dtype=torch.uint8)       # what a CUDA generator saves
+    save_checkpoint(state, run / "last.pt", keep_previous=False)
+    with pytest.raises(SamlibError, match="random stream of another kind of device than cpu"):
+        train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
