@@ -73,8 +73,14 @@ def cpu_has_native_bf16() -> bool:
     return bool(_cpu_flags() & set(CPU_BF16_FLAGS))
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def amp_dtype_for(amp: str, device: torch.device):
-    """The autocast dtype for `amp` ("auto" | "off") on `device`, or None for fp32."""
+    """The autocast dtype for `amp` on `device`, or None for fp32.  `amp` is a setting
+    ("auto" | "off") or a precision a run already holds ("fp32" | "bf16" | "fp16")."""
+    if amp in PRECISIONS:
+        return PRECISIONS[amp]
     if amp == "off":
         return None
     if device.type == "cpu":
@@ -86,7 +92,17 @@ def amp_dtype_for(amp: str, device: torch.device):
 
 def precision_name(dtype) -> str:
     """"fp32", "bf16" or "fp16" for an autocast dtype from amp_dtype_for (None: fp32)."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {v: k for k, v in PRECISIONS.items()}[dtype]
+
+
+def runs_natively(precision: str, device: torch.device) -> bool:
+    """Whether `device` computes `precision` in hardware: fp32 everywhere, fp16 on every CUDA
+    GPU, bf16 where amp="auto" would choose it (elsewhere it is emulated, or not offered)."""
+    if precision == "fp32":
+        return True
+    if precision == "fp16":
+        return device.type == "cuda"
+    return amp_dtype_for("auto", device) == torch.bfloat16
 
 
 def autocast(device: torch.device, dtype):

@@ -22,7 +22,7 @@ from . import data as D
 from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
-from .device import amp_dtype_for, autocast, precision_name, resolve_device
+from .device import PRECISIONS, amp_dtype_for, autocast, precision_name, resolve_device, runs_natively
 from .errors import SamlibError
 from .infer import predict_logits
 from .model import build_model
@@ -105,8 +105,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
                                          max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                                          pct_start=cfg.pct_start)
-        self.amp_dtype = amp_dtype_for(cfg.amp, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self._use_precision(amp_dtype_for(cfg.amp, device))
         # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on
         # the host, so no step waits on the GPU.  Same seeds on every rank: same batches.
         self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
@@ -145,9 +144,15 @@ class Trainer:
                 "rng": {"aug": self.gen_aug.get_state(), "host": self.gen_host.get_state()},
                 "metrics": self.metrics, "best": self.best.state}
 
+    def _use_precision(self, dtype) -> None:
+        """Autocast dtype (None: fp32) and, for fp16 only, the loss scaler."""
+        self.amp_dtype = dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
     @property
     def precision(self) -> str:
-        """"fp32", "bf16" or "fp16": recorded in checkpoints, never switched mid-run."""
+        """"fp32", "bf16" or "fp16": recorded in checkpoints, never switched mid-run (training
+        and the per-epoch evaluation both use it)."""
         return precision_name(self.amp_dtype)
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -156,10 +161,16 @@ class Trainer:
         check_arch(ckpt, self.model.arch)
         saved = ckpt.get("precision", self.precision)      # absent in checkpoints before it was kept
         if saved != self.precision:
-            raise SamlibError(
-                f"{ckpt.get('_path', 'this checkpoint')} was trained in {saved}, but this device would "
-                f"continue in {self.precision}: a run must not switch precision half-way. Resume it on a "
-                f"device with {saved} support, or start it again (another --out folder).")
+            # A run keeps the precision it started in.  amp="auto" picked it on the first device;
+            # another device continues in it when it computes it natively (fp32 everywhere: a
+            # run started on a CPU without bf16 resumes in fp32 on one with bf16).
+            if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
+                raise SamlibError(
+                    f"{ckpt.get('_path', 'this checkpoint')} was trained in {saved}, but this device would "
+                    f"continue in {self.precision} ({saved} is not native here): a run must not switch "
+                    f"precision half-way. Resume it on a device with native {saved}, or start it again "
+                    "(another --out folder).")
+            self._use_precision(PRECISIONS[saved])
         aug = ckpt["rng"]["aug"].cpu()
         if aug.numel() != self.gen_aug.get_state().numel():   # a CUDA (Philox) vs CPU (Mersenne) stream
             raise SamlibError(
@@ -238,7 +249,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Clean train, validation and (per-epoch subset of) test accuracy, regular and EMA."""
-        bs, amp = self.cfg.eval_batch_size, self.cfg.amp
+        bs, amp = self.cfg.eval_batch_size, self.precision
         test = self.eval_sets.get("test_curve", self.eval_sets["test"])
         out = {"train_acc_clean": accuracy_of(self.model, *self.eval_sets["train"], bs, amp),
                "val_acc": accuracy_of(self.model, *self.eval_sets["val"], bs, amp),
@@ -270,7 +281,7 @@ class Trainer:
             if (run / f"best_{kind}.pt").exists():
                 model = load_model(run / f"best_{kind}.pt", self.device, expect_arch=self.model.arch)
                 final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size,
-                                                        self.cfg.amp)
+                                                        self.precision)
         return final
 
 
@@ -307,7 +318,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
         if state is not None:
             trainer.load_state_dict(state)
             if dist.is_main():
-                print(f"resuming {run.path} after epoch {trainer.epoch}")
+                print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
         if dist.is_main():
             print(f"run directory: {run.path}")
         if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):

@@ -42,19 +42,65 @@ def test_a_resume_reads_the_checkpoint_on_the_cpu_whatever_device_trains(tmp_pat
     assert state["rng"]["aug"].device.type == "cpu" and state["rng"]["aug"].dtype == torch.uint8
 
 
-def test_a_run_never_switches_precision_when_resumed(tmp_path, dataset):
-    cfg, run = _half_run(tmp_path, dataset)
+def _untimed(state):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in state["metrics"]]
+
+
+def test_a_run_resumes_in_the_precision_it_started_in(tmp_path, dataset, monkeypatch, one_thread):
+    """Started in fp32 on a CPU without bf16, resumed where amp="auto" would pick bf16: the run
+    goes on in fp32 (training and evaluation) and ends exactly as the uninterrupted run."""
+    import samlib.device as dev
+    cfg = resolve("final", "smoke", **TINY)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    whole = load_checkpoint(train(cfg, dataset=dataset, out=tmp_path / "whole", device="cpu",
+                                  progress=False) / "last.pt")
+    train(cfg, dataset=dataset, out=tmp_path / "split", device="cpu", progress=False, stop_after=1)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)     # another machine
+    resumed = load_checkpoint(train(cfg, dataset=dataset, out=tmp_path / "split", device="cpu",
+                                    progress=False) / "last.pt")
+    assert whole["precision"] == resumed["precision"] == "fp32"
+    assert _untimed(resumed) == _untimed(whole)
+    for k, v in whole["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+@pytest.mark.parametrize("amp", ["auto", "off"])
+def test_a_run_never_switches_to_a_precision_the_device_lacks(tmp_path, dataset, monkeypatch, amp):
+    """A bf16 checkpoint on a CPU without native bf16 (emulated bf16 is many times slower than
+    fp32), or any other precision under amp="off": one clear error, the checkpoint untouched."""
+    import samlib.device as dev
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    cfg = resolve("final", "smoke", amp=amp, **TINY)
+    run = RunDir(train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False, stop_after=1))
     state = load_checkpoint(run / "last.pt")
-    here = _expected_cpu_precision()                           # bf16 on a CPU with native bf16, else fp32
-    assert state["precision"] == here
     state.pop("_path")
-    other = "fp32" if here == "bf16" else "bf16"
-    save_checkpoint(dict(state, precision=other), run / "last.pt", keep_previous=False)
-    with pytest.raises(SamlibError, match=f"was trained in {other}, but this device would continue in {here}"):
+    save_checkpoint(dict(state, precision="bf16"), run / "last.pt", keep_previous=False)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(SamlibError, match="was trained in bf16, but this device would continue in fp32 "
+                                          r"\(bf16 is not native here\)"):
         train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
+    assert (run / "last.pt").read_bytes() == before
     old = {k: v for k, v in state.items() if k not in ("precision", "format")}   # before it was kept
     save_checkpoint(old, run / "last.pt", keep_previous=False)
     assert (train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False) / "final.json").exists()
+
+
+@pytest.mark.parametrize("precision, device, native_cpu_bf16, expected", [
+    ("fp32", "cpu", False, True), ("fp32", "cpu", True, True),
+    ("bf16", "cpu", False, False), ("bf16", "cpu", True, True),
+    ("fp16", "cpu", True, False)])
+def test_which_precisions_a_device_runs_natively(monkeypatch, precision, device, native_cpu_bf16, expected):
+    import samlib.device as dev
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native_cpu_bf16)
+    assert dev.runs_natively(precision, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("major, precision, expected", [
+    (7, "fp16", True), (7, "bf16", False), (8, "bf16", True), (8, "fp16", True), (9, "fp32", True)])
+def test_which_precisions_a_gpu_runs_natively(monkeypatch, major, precision, expected):
+    import samlib.device as dev
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (major, 0))
+    assert dev.runs_natively(precision, torch.device("cuda:0")) is expected
 
 
 @pytest.mark.parametrize("world, ok", [(2, True), (4, True), (3, False), (64, True), (128, False)])

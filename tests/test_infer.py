@@ -331,7 +331,7 @@ def test_inference_precision_follows_the_training_rule(monkeypatch, native):
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
     model = Tiny(seed=1)
     images = uint8_images(16, seed=7)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).contiguous()   # NCHW, as predict_logits feeds it
     with torch.no_grad():
         fp32 = model.eval()(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -286,3 +286,22 @@ def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeyp
     assert t.loc["sw", "delta_sd"] == pytest.approx(2 ** 0.5)
     assert t.loc["one", "delta_vs_final"] == pytest.approx(-1.0)     # 83 - 84 (seed 85), not 83 - 82
     assert t.loc["one", "seeds"] == "85" and np.isnan(t.loc["one", "delta_sd"])
+
+
+@pytest.mark.parametrize("trained, native, amp, expected", [
+    ("fp32", True, "auto", "fp32"),     # trained on a CPU without bf16, evaluated on one with it
+    ("bf16", True, "auto", "bf16"),
+    ("bf16", False, "auto", "auto"),    # bf16 not native here: the device's own rule (fp32)
+    ("fp16", True, "auto", "auto"),     # fp16 is native on GPUs only
+    (None, True, "auto", "auto"),       # unrecorded (older runs)
+    ("fp64", True, "off", "off"),       # a damaged provenance.json is ignored
+    (3, True, "auto", "auto")])
+def test_a_run_is_evaluated_in_the_precision_it_trained_in_where_native(monkeypatch, trained, native, amp, expected):
+    import samlib.device as dev
+    from samlib.config import resolve
+    from samlib.report.runs import inference_amp
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    run = {"config": resolve("final", "smoke", amp=amp), "provenance": {"precision": trained}}
+    assert inference_amp(run) == expected
+    assert inference_amp(dict(run, provenance=None)) == amp
