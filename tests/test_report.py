@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from samlib.config import SWITCHES, resolve
 from samlib.data import load_unlabeled
-from samlib.errors import ConfigError
+from samlib.errors import ConfigError, SamlibError
 from samlib.infer import STRATEGIES
 from samlib.io import write_json
 from samlib.report import figures as plots
@@ -305,3 +305,38 @@ def test_a_run_is_evaluated_in_the_precision_it_trained_in_where_native(monkeypa
     run = {"config": resolve("final", "smoke", amp=amp), "provenance": {"precision": trained}}
     assert inference_amp(run) == expected
     assert inference_amp(dict(run, provenance=None)) == amp
+
+
+def test_paired_difference_against_hand_counts():
+    from samlib.report.tables import paired_difference
+
+    a = [1, 1, 0, 0, 1, 1, 0, 1]
+    b = [1, 0, 0, 1, 0, 1, 0, 1]
+    d = paired_difference(a, b)
+    assert d["acc_a"] == pytest.approx(62.5) and d["acc_b"] == pytest.approx(50.0)
+    assert d["difference"] == pytest.approx(12.5)             # (2 - 1) / 8 images
+    assert (d["only_a"], d["only_b"], d["images"]) == (2, 1, 8)
+    lo, hi = d["interval"]
+    assert lo <= 12.5 <= hi and lo >= -100 and hi <= 100
+    same = paired_difference(a, a)
+    assert same["difference"] == 0 and same["interval"] == (0, 0)
+    with pytest.raises(SamlibError, match="different test sets"):
+        paired_difference(a, b[:-1])
+
+
+def test_correct_on_test_agrees_with_the_training_loops_final_test(tmp_path):
+    """The per-image correctness of a run's selected checkpoints averages to the accuracy the
+    training loop wrote in final.json (computed there by its own path)."""
+    from samlib.data import synthetic_cifar10
+    from samlib.report.tables import correct_on_test
+    from samlib.train import train
+
+    ds = synthetic_cifar10(n_train=160, n_test=48, seed=3)
+    cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs=2, batch_size=32, val_size=32,
+                  train_subset=None, test_subset=None, train_eval_size=32)
+    run = train(cfg, dataset=ds, out=tmp_path, device="cpu", progress=False)
+    final = json.loads((run / "final.json").read_text())
+    for kind in ("ema", "regular"):
+        correct = correct_on_test(run, ds, kind)
+        assert correct.shape == (48,) and correct.dtype == bool
+        assert correct.mean() == pytest.approx(final[f"test_acc_{kind}"])

@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..infer import calibration_bins
+from ..data import split_data
+from ..errors import SamlibError
+from ..infer import calibration_bins, predict_logits
 from ..model import build_model, count_parameters
-from .runs import load_run
+from ..rundir import load_run_models
+from .runs import inference_amp, load_run
 
 # Paper Table 1 (CIFAR-10; percent) and its parameter column, as printed.
 PAPER_TABLE1 = pd.DataFrame([
@@ -112,6 +115,31 @@ def discrepancy_table(reference: list, variants: dict) -> pd.DataFrame:
         rows.append({"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
                      "delta_vs_final": dm, "delta_sd": dsd})
     return pd.DataFrame(rows)
+
+
+def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndarray:
+    """Which test images (the run's own test split) the run's selected `kind` checkpoint
+    ("ema" | "regular") gets right, without TTA, in the precision the run is evaluated in."""
+    run = load_run(run_dir)
+    test_x, test_y = split_data(run["config"], dataset)["test"]
+    regular, ema = load_run_models(run_dir, device or "cpu")
+    model = {"regular": regular, "ema": ema}[kind]
+    if model is None:
+        raise SamlibError(f"{run_dir} holds no EMA checkpoint: compare kind='regular'")
+    logits = predict_logits(model, test_x, batch_size=run["config"].eval_batch_size, device=device,
+                            amp=inference_amp(run, device))[0]
+    return logits.argmax(1).numpy() == np.asarray(test_y)
+
+
+def paired_difference(correct_a, correct_b) -> dict:
+    """Two models on the same test images: accuracies, a - b in points with its 95% paired-
+    bootstrap interval, and the images only one of them gets right (McNemar's counts)."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise SamlibError(f"the two runs were tested on different test sets ({len(a)} and {len(b)} images)")
+    diff, lo, hi = paired_bootstrap(a, b)
+    return {"acc_a": 100 * a.mean(), "acc_b": 100 * b.mean(), "difference": diff, "interval": (lo, hi),
+            "only_a": int((a & ~b).sum()), "only_b": int((b & ~a).sum()), "images": len(a)}
 
 
 # ---------------------------------------------------------------- Figure 1
