@@ -122,8 +122,10 @@ def cmd_synthetic(args) -> None:
 
 
 def cmd_sweep(args) -> None:
+    import torch
+
     from .config import resolve
-    from .sweep import sweep
+    from .sweep import job_env, sweep
 
     configs, seeds = _items(args.configs, "--configs", "baseline,se"), _seeds(args.seeds)
     devices = _items(args.devices, "--devices", "cuda:0,cuda:1") if args.devices else None  # sweep checks each
@@ -132,13 +134,27 @@ def cmd_sweep(args) -> None:
         for seed in seeds:
             resolve(config, args.profile, **dict(overrides, seed=str(seed)))
     from .device import resolve_device
-    from .plan import estimate, format_plan, plan_runs
+    from .plan import estimate, format_plan, plan_runs, wall_seconds
     from .rundir import describe_device
+    from .train import format_duration
 
     device = resolve_device(devices[0] if devices else None)
-    plan = estimate(plan_runs(configs, seeds, args.profile, args.out, **overrides), args.profile, device,
-                    **overrides)
-    parallel = f"; {len(devices)} devices side by side" if devices and len(devices) > 1 else ""
+    slots = [str(resolve_device(d)) for d in devices] if devices else [str(device)]
+    # Jobs that share the CPU each get OMP_NUM_THREADS threads (samlib.sweep.job_env): probe at that.
+    threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        plan = estimate(plan_runs(configs, seeds, args.profile, args.out, **overrides), args.profile, device,
+                        **overrides)
+    finally:
+        torch.set_num_threads(before)
+    parallel = ""
+    if len(slots) > 1:
+        each = f", {threads} thread(s) each" if threads else ""
+        parallel = (f"; {len(slots)} jobs side by side{each}: about {format_duration(wall_seconds(plan, len(slots)))} "
+                    "from start to end")
     print(format_plan(plan, describe_device(device)) + parallel, flush=True)
     if args.plan:
         return

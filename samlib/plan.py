@@ -120,6 +120,16 @@ def estimate(plan: list[PlannedRun], profile: str, device=None, **overrides) -> 
     return plan
 
 
+def wall_seconds(plan: list[PlannedRun], slots: int) -> float:
+    """The plan's wall time with `slots` jobs side by side, each run starting in queue order
+    on the first free slot (as samlib.sweep starts them)."""
+    ends = [0.0] * max(1, slots)
+    for item in plan:
+        if not item.finished:
+            ends[ends.index(min(ends))] += item.seconds
+    return max(ends)
+
+
 def format_plan(plan: list[PlannedRun], device_name: str = "") -> str:
     """A plain-text table of the plan and its total (notebooks, make report and sweep print it)."""
     lines = [f"{'run':<34}{'epochs':>8}  {'state':<24}{'estimate':>12}"]

@@ -79,3 +79,34 @@ def test_sweep_shows_the_plan_first_and_plan_only_trains_nothing(tmp_path, capsy
     assert "baseline seed 84" in out and "finished (reused)" in out and "se seed 84" in out
     assert "2 runs, 1 to train, about 20 s" in out                     # 2 epochs x 10 s
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [finished.path.name]   # nothing new
+
+
+def test_wall_time_of_jobs_side_by_side_follows_the_sweeps_queue(tmp_path):
+    def runs(*seconds):
+        return [P.PlannedRun("c", i, tmp_path, 1, 0, False, s) for i, s in enumerate(seconds)]
+    assert P.wall_seconds(runs(100, 100), 2) == 100
+    assert P.wall_seconds(runs(100, 50, 50), 2) == 100            # the two short runs share a slot
+    assert P.wall_seconds(runs(30, 60, 90), 2) == 120             # 90 waits for the first free slot
+    assert P.wall_seconds(runs(30, 60, 90), 1) == 180
+    done = [P.PlannedRun("c", 9, tmp_path, 1, 1, True, 0.0)]
+    assert P.wall_seconds(done + runs(40), 3) == 40
+
+
+def test_a_cpu_sweep_probes_at_each_jobs_thread_count_and_prints_its_wall_time(tmp_path, monkeypatch, capsys):
+    """Two jobs on 2 cores train with 1 thread each: the probe runs at 1 thread (then the
+    process's threads are back), and the plan says how long the two take side by side."""
+    import os
+    import torch
+    from samlib.cli import main
+
+    seen = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(P, "epoch_seconds", lambda cfg, device=None: seen.append(torch.get_num_threads()) or 30.0)
+    before = torch.get_num_threads()
+    assert main(["sweep", "--configs", "final", "--seeds", "84,85", "--profile", "smoke", "--data-dir",
+                 str(tmp_path), "--out", str(tmp_path), "--devices", "cpu,cpu", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert seen == [1] and torch.get_num_threads() == before
+    assert "about 2 min 00 s" in out                                     # 2 runs x 2 epochs x 30 s
+    assert "2 jobs side by side, 1 thread(s) each: about 1 min 00 s from start to end" in out
