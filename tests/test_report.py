@@ -286,6 +286,20 @@ def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeyp
     assert t.loc["sw", "delta_sd"] == pytest.approx(2 ** 0.5)
     assert t.loc["one", "delta_vs_final"] == pytest.approx(-1.0)     # 83 - 84 (seed 85), not 83 - 82
     assert t.loc["one", "seeds"] == "85" and np.isnan(t.loc["one", "delta_sd"])
+    assert "delta_lo" not in t.columns                               # no data given: no test-image interval
+
+    # With the data: the interval of the mean per-image difference over the paired seeds.
+    n = 200
+    right = lambda k: np.arange(n) < k                                # the first k images right
+    correct = {("final", 84): right(160), ("sw", 84): right(164),     # +4 images: +2 points
+               ("final", 85): right(170), ("sw", 85): right(170),     # the same images: 0
+               ("one", 85): right(170)}
+    monkeypatch.setattr(tables, "correct_on_test", lambda d, dataset, kind, device=None: correct[d])
+    t = tables.discrepancy_table([("final", 84), ("final", 85)], {"sw": [("sw", 84), ("sw", 85)],
+                                 "one": [("one", 85)]}, dataset="data").set_index("switch")
+    lo, hi = t.loc["sw", ["delta_lo", "delta_hi"]]
+    assert 0 <= lo < 1.0 < hi                                         # mean +1 point, never below 0
+    assert tuple(t.loc["one", ["delta_lo", "delta_hi"]]) == (0, 0)    # identical predictions
 
 
 @pytest.mark.parametrize("trained, native, amp, expected", [

@@ -96,24 +96,34 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
         "params (this profile)": t1["params_profile"]})
 
 
-def discrepancy_table(reference: list, variants: dict) -> pd.DataFrame:
+def discrepancy_table(reference: list, variants: dict, dataset=None, device=None) -> pd.DataFrame:
     """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus that of
-    `final` at the same seed, paired by seed (mean and sd over the seeds both have)."""
+    `final` at the same seed, paired by seed (mean and sd over the seeds both have).  With the
+    `dataset`, also a 95% paired-bootstrap interval over the test images of that mean
+    difference (`delta_lo`, `delta_hi`): the test set's share of the noise, which one seed
+    can measure; the sd over seeds adds training's share."""
     def by_seed(dirs):
-        runs = [load_run(d) for d in dirs]
-        return {r["config"].seed: 100 * r["final"]["test_acc_ema"] for r in runs}
+        return {load_run(d)["config"].seed: d for d in dirs}
+
+    def acc(run_dir):
+        return 100 * load_run(run_dir)["final"]["test_acc_ema"]
 
     ref = by_seed(reference)
-    m, sd = _mean_sd(list(ref.values()))
+    m, sd = _mean_sd([acc(d) for d in ref.values()])
     rows = [{"switch": "final (code as run)", "seeds": ", ".join(map(str, ref)), "test_acc": m,
              "test_acc_sd": sd, "delta_vs_final": 0.0, "delta_sd": float("nan")}]
     for name, dirs in variants.items():
-        acc = by_seed(dirs)
-        paired = [s for s in acc if s in ref]
-        m, sd = _mean_sd([acc[s] for s in paired])
-        dm, dsd = _mean_sd([acc[s] - ref[s] for s in paired])
-        rows.append({"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
-                     "delta_vs_final": dm, "delta_sd": dsd})
+        runs = by_seed(dirs)
+        paired = [s for s in runs if s in ref]
+        m, sd = _mean_sd([acc(runs[s]) for s in paired])
+        dm, dsd = _mean_sd([acc(runs[s]) - acc(ref[s]) for s in paired])
+        row = {"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
+               "delta_vs_final": dm, "delta_sd": dsd}
+        if dataset is not None and paired:
+            mean_correct = [np.mean([correct_on_test(d[s], dataset, "ema", device) for s in paired], axis=0)
+                            for d in (runs, ref)]
+            _, row["delta_lo"], row["delta_hi"] = paired_bootstrap(*mean_correct)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
