@@ -68,6 +68,20 @@ def _cpu_flags() -> set:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name from Linux's /proc/cpuinfo ("AMD EPYC", "Intel(R) Xeon(R) ..."),
+    or "" where there is none: which machine a CPU number came from."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
     return bool(_cpu_flags() & set(CPU_BF16_FLAGS))

@@ -26,7 +26,7 @@ import torch
 from . import data as D
 from . import dist
 from .config import Config, from_dict
-from .device import cpu_has_native_bf16
+from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
 from .io import (atomic_write_text, check_fields, clip, load_checkpoint, present, read_json, save_checkpoint,
                  write_json)
@@ -184,8 +184,9 @@ def describe_device(device: torch.device) -> str:
     """The GPU's name, or the CPU and its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    bf16 = ", native bf16" if cpu_has_native_bf16() else ""
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{bf16})"
+    bf16 = ", native bf16" if cpu_has_native_bf16() else ", no native bf16"
+    model = f"{cpu_model()}, " if cpu_model() else ""
+    return f"cpu ({model}{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{bf16})"
 
 
 def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:

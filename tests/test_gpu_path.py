@@ -221,3 +221,27 @@ def test_a_run_started_on_a_gpu_does_not_resume_on_the_cpu_with_a_raw_rng_error(
     save_checkpoint(state, run / "last.pt", keep_previous=False)
     with pytest.raises(SamlibError, match="random stream of another kind of device than cpu"):
         train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("text, model", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t: fpu avx2\n", "AMD EPYC"),
+    ("model name\t: Intel(R) Xeon(R)   Platinum 8481C CPU @ 2.70GHz\n", "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"),
+    ("Features\t: fp asimd\n", ""),                                            # no model name line (Arm)
+    (None, ""),                                                                # no /proc/cpuinfo
+    (b"model name\t: \xff\xfe\n", "")])                                        # not text: no name, no error
+def test_the_cpu_model_in_provenance_comes_from_the_kernels_cpuinfo(monkeypatch, tmp_path, text, model):
+    import samlib.device as dev
+    from samlib.rundir import describe_device
+
+    path = tmp_path / "cpuinfo"
+    if isinstance(text, str):
+        path.write_text(text)
+    elif text is not None:
+        path.write_bytes(text)
+    monkeypatch.setattr(dev, "CPUINFO", str(path))
+    dev.cpu_model.cache_clear()
+    try:
+        assert dev.cpu_model() == model
+        assert describe_device(torch.device("cpu")).startswith(f"cpu ({model}, " if model else "cpu (")
+    finally:
+        dev.cpu_model.cache_clear()
