@@ -48,6 +48,19 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = "/proc/cpuinfo"
 
 
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first `key` line of Linux's /proc/cpuinfo, or None (no such line, no
+    such file, not text)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
 def _cpu_flags() -> set:
     """The CPU's feature flags: torch's own detection when this torch has it, else Linux's
     /proc/cpuinfo; an empty set where neither answers (macOS, Windows, an old torch)."""
@@ -57,28 +70,14 @@ def _cpu_flags() -> set:
             return {name for name, present in detect().items() if present is True}
         except Exception:   # a private API: any failure falls back to the kernel's list
             pass
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name from Linux's /proc/cpuinfo ("AMD EPYC", "Intel(R) Xeon(R) ..."),
     or "" where there is none: which machine a CPU number came from."""
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return " ".join(line.split(":", 1)[1].split())
-    except (OSError, UnicodeDecodeError):
-        pass
-    return ""
+    return " ".join((_cpuinfo("model name") or "").split())
 
 
 @functools.lru_cache(maxsize=None)

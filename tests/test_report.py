@@ -294,9 +294,11 @@ def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeyp
     correct = {("final", 84): right(160), ("sw", 84): right(164),     # +4 images: +2 points
                ("final", 85): right(170), ("sw", 85): right(170),     # the same images: 0
                ("one", 85): right(170)}
-    monkeypatch.setattr(tables, "correct_on_test", lambda d, dataset, kind, device=None: correct[d])
+    asked = []
+    monkeypatch.setattr(tables, "correct_on_test", lambda d, dataset, kind, device=None: asked.append(d) or correct[d])
     t = tables.discrepancy_table([("final", 84), ("final", 85)], {"sw": [("sw", 84), ("sw", 85)],
                                  "one": [("one", 85)]}, dataset="data").set_index("switch")
+    assert sorted(asked) == sorted(correct)                          # final's seeds evaluated once, not per switch
     lo, hi = t.loc["sw", ["delta_lo", "delta_hi"]]
     assert 0 <= lo < 1.0 < hi                                         # mean +1 point, never below 0
     assert tuple(t.loc["one", ["delta_lo", "delta_hi"]]) == (0, 0)    # identical predictions

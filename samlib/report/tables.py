@@ -102,27 +102,29 @@ def discrepancy_table(reference: list, variants: dict, dataset=None, device=None
     `dataset`, also a 95% paired-bootstrap interval over the test images of that mean
     difference (`delta_lo`, `delta_hi`): the test set's share of the noise, which one seed
     can measure; the sd over seeds adds training's share."""
-    def by_seed(dirs):
-        return {load_run(d)["config"].seed: d for d in dirs}
-
-    def acc(run_dir):
-        return 100 * load_run(run_dir)["final"]["test_acc_ema"]
+    def by_seed(dirs):   # {seed: (run dir, EMA test accuracy in %)}, each run read once
+        runs = {d: load_run(d) for d in dirs}
+        return {r["config"].seed: (d, 100 * r["final"]["test_acc_ema"]) for d, r in runs.items()}
 
     ref = by_seed(reference)
-    m, sd = _mean_sd([acc(d) for d in ref.values()])
+    ref_correct = {}      # final's per-image correctness, computed once for all the switches
+    m, sd = _mean_sd([a for _, a in ref.values()])
     rows = [{"switch": "final (code as run)", "seeds": ", ".join(map(str, ref)), "test_acc": m,
              "test_acc_sd": sd, "delta_vs_final": 0.0, "delta_sd": float("nan")}]
     for name, dirs in variants.items():
         runs = by_seed(dirs)
         paired = [s for s in runs if s in ref]
-        m, sd = _mean_sd([acc(runs[s]) for s in paired])
-        dm, dsd = _mean_sd([acc(runs[s]) - acc(ref[s]) for s in paired])
+        m, sd = _mean_sd([runs[s][1] for s in paired])
+        dm, dsd = _mean_sd([runs[s][1] - ref[s][1] for s in paired])
         row = {"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
                "delta_vs_final": dm, "delta_sd": dsd}
         if dataset is not None and paired:
-            mean_correct = [np.mean([correct_on_test(d[s], dataset, "ema", device) for s in paired], axis=0)
-                            for d in (runs, ref)]
-            _, row["delta_lo"], row["delta_hi"] = paired_bootstrap(*mean_correct)
+            for s in paired:
+                if s not in ref_correct:
+                    ref_correct[s] = correct_on_test(ref[s][0], dataset, "ema", device)
+            variant = np.mean([correct_on_test(runs[s][0], dataset, "ema", device) for s in paired], axis=0)
+            final = np.mean([ref_correct[s] for s in paired], axis=0)
+            _, row["delta_lo"], row["delta_hi"] = paired_bootstrap(variant, final)
         rows.append(row)
     return pd.DataFrame(rows)
 
