@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .config import PROFILES
 from .errors import SamlibError
 from .infer import STRATEGIES
 
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a named config at a profile (or reuse/resume its run)")
     t.add_argument("--config", default="final", help="baseline | se | se_mixup | final | final+<switch>")
-    t.add_argument("--profile", default="paper", help="smoke | quick | paper")
+    t.add_argument("--profile", default="paper", help=" | ".join(PROFILES))
     t.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir if absent")
     t.add_argument("--out", default="runs", help="parent folder of run directories")
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="run configs x seeds side by side, one process per device")
     w.add_argument("--configs", default="baseline,se,se_mixup,final")
     w.add_argument("--seeds", default="84")
-    w.add_argument("--profile", default="paper")
+    w.add_argument("--profile", default="paper", help=" | ".join(PROFILES))
     w.add_argument("--data-dir", required=True)
     w.add_argument("--out", default="runs")
     w.add_argument("--devices", help="comma-separated, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")

@@ -8,11 +8,16 @@ Rapids and newer; AMD Zen 4 and newer), fp32 on any other CPU.  `amp="off"` is f
 everywhere.  `torch.cuda.is_bf16_supported()` is not the GPU test: it says yes on a T4
 too, through a slow emulation, and it asks about the current GPU rather than the chosen
 one.  On a CPU without native bf16, autocast would emulate it, slower than fp32.
+
+`SAMLIB_CPU_AMP=off` in the environment makes "auto" pick fp32 on a CPU with native bf16
+too: a report whose runs are trained on several machines (some with bf16, some without)
+stays in one precision.  A run already started keeps its own precision either way.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 
 import torch
@@ -20,6 +25,7 @@ import torch
 from .errors import SamlibError
 
 AMP_MODES = ("auto", "off")
+CPU_AMP_ENV = "SAMLIB_CPU_AMP"     # "auto" (default) | "off": what amp="auto" picks on a CPU
 
 
 SUPPORTED_DEVICES = "cpu, cuda or cuda:N (N = 0, 1, ...)"
@@ -97,10 +103,19 @@ def amp_dtype_for(amp: str, device: torch.device):
     if amp == "off":
         return None
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+        return torch.bfloat16 if cpu_has_native_bf16() and cpu_amp_setting() == "auto" else None
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, _ = torch.cuda.get_device_capability(index)
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def cpu_amp_setting() -> str:
+    """$SAMLIB_CPU_AMP: "auto" (bf16 where native, the default) or "off" (fp32 on every CPU)."""
+    value = os.environ.get(CPU_AMP_ENV, "auto").strip().lower() or "auto"
+    if value not in AMP_MODES:
+        raise SamlibError(f"{CPU_AMP_ENV}={os.environ[CPU_AMP_ENV]!r} is not one of {AMP_MODES}; "
+                          f"unset it, or set {CPU_AMP_ENV}=off to train new CPU runs in fp32")
+    return value
 
 
 def precision_name(dtype) -> str:
@@ -110,11 +125,14 @@ def precision_name(dtype) -> str:
 
 def runs_natively(precision: str, device: torch.device) -> bool:
     """Whether `device` computes `precision` in hardware: fp32 everywhere, fp16 on every CUDA
-    GPU, bf16 where amp="auto" would choose it (elsewhere it is emulated, or not offered)."""
+    GPU, bf16 on a GPU of compute capability 8.0+ or a CPU with native bf16 (elsewhere it is
+    emulated, or not offered).  Hardware only: $SAMLIB_CPU_AMP does not change it."""
     if precision == "fp32":
         return True
     if precision == "fp16":
         return device.type == "cuda"
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
     return amp_dtype_for("auto", device) == torch.bfloat16
 
 

@@ -1,5 +1,6 @@
 """Defects of the GPU path, each caught on the CPU: how a run resumes (RNG states, precision),
 how data-parallel slices split a batch, when an fp16 run that diverged stops."""
+import json
 import types
 
 import pytest
@@ -62,6 +63,37 @@ def test_a_run_resumes_in_the_precision_it_started_in(tmp_path, dataset, monkeyp
     assert _untimed(resumed) == _untimed(whole)
     for k, v in whole["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_samlib_cpu_amp_off_starts_new_runs_in_fp32_and_leaves_bf16_runs_in_bf16(tmp_path, dataset, monkeypatch,
+                                                                              one_thread):
+    """SAMLIB_CPU_AMP=off (a report trained on machines with and without bf16 stays in fp32):
+    amp="auto" picks fp32 on a CPU with native bf16, the provenance says so, and a run that
+    already started in bf16 resumes in bf16, exactly as if it had not been interrupted."""
+    import samlib.device as dev
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    cfg = resolve("final", "smoke", **TINY)
+    whole = load_checkpoint(train(cfg, dataset=dataset, out=tmp_path / "whole", device="cpu",
+                                  progress=False) / "last.pt")
+    train(cfg, dataset=dataset, out=tmp_path / "split", device="cpu", progress=False, stop_after=1)
+    monkeypatch.setenv("SAMLIB_CPU_AMP", "off")
+    assert dev.amp_dtype_for("auto", torch.device("cpu")) is None
+    assert dev.runs_natively("bf16", torch.device("cpu"))            # hardware, not the setting
+    resumed = load_checkpoint(train(cfg, dataset=dataset, out=tmp_path / "split", device="cpu",
+                                    progress=False) / "last.pt")
+    assert whole["precision"] == resumed["precision"] == "bf16"
+    assert _untimed(resumed) == _untimed(whole)
+    fresh = RunDir(train(cfg, dataset=dataset, out=tmp_path / "fresh", device="cpu", progress=False))
+    assert load_checkpoint(fresh / "last.pt")["precision"] == "fp32"
+    assert "SAMLIB_CPU_AMP=off" in json.loads((fresh / "provenance.json").read_text())["device"]
+
+
+@pytest.mark.parametrize("value", ["fp32", "0", "bf16"])
+def test_a_wrong_samlib_cpu_amp_is_one_clear_error(monkeypatch, value):
+    import samlib.device as dev
+    monkeypatch.setenv("SAMLIB_CPU_AMP", value)
+    with pytest.raises(SamlibError, match=f"SAMLIB_CPU_AMP='{value}' is not one of .*SAMLIB_CPU_AMP=off"):
+        dev.amp_dtype_for("auto", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("amp", ["auto", "off"])
