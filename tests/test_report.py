@@ -8,6 +8,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from samlib.config import SWITCHES, resolve
@@ -320,6 +321,8 @@ def test_a_run_is_evaluated_in_the_precision_it_trained_in_where_native(monkeypa
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
     run = {"config": resolve("final", "smoke", amp=amp), "provenance": {"precision": trained}}
     assert inference_amp(run) == expected
+    for device in ("cpu", torch.device("cpu")):        # notebooks pass their parameter, a str
+        assert inference_amp(run, device) == expected
     assert inference_amp(dict(run, provenance=None)) == amp
 
 

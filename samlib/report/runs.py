@@ -134,8 +134,9 @@ def inference_amp(run: dict, device=None) -> str:
     """The precision a run is evaluated in: the one it trained in (provenance.json) where this
     device computes it natively, so a run trained in fp32 on a CPU without bf16 is evaluated in
     fp32 on one with bf16 too; otherwise (or unrecorded) the device's own rule for its amp."""
+    device = resolve_device(device) if device is not None else torch.device("cpu")   # "cpu" as a str too
     trained = (run.get("provenance") or {}).get("precision")
-    if isinstance(trained, str) and trained in PRECISIONS and runs_natively(trained, device or torch.device("cpu")):
+    if isinstance(trained, str) and trained in PRECISIONS and runs_natively(trained, device):
         return trained
     return run["config"].amp
 
