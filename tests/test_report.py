@@ -238,6 +238,25 @@ def test_table1_view_shows_sd_for_seeds_and_an_interval_for_one_seed():
     view = table1_view(t1)
     assert view["test % 95% interval (1 seed)"].tolist() == ["89.40 - 90.60", ""]
     assert view["test % sd (>= 2 seeds)"].isna().tolist() == [True, False]
+    assert view["trained in"].tolist() == ["", ""]          # a table from before it was recorded
+
+
+def test_table1_names_the_precision_each_configs_seeds_trained_in(monkeypatch):
+    import samlib.report.tables as tables
+
+    def fake_run(path):
+        name, seed, precision = path.split(":")
+        final = {"test_acc_ema": 0.8, "test_acc_regular": 0.7, "train_acc_mixed": 0.6, "train_acc_clean": 0.9,
+                 "test_size": 10000}
+        return {"config": resolve(name, "smoke", seed=int(seed)), "final": final,
+                "provenance": {"precision": precision} if precision else {}}
+
+    monkeypatch.setattr(tables, "load_run", fake_run)
+    t1 = tables.table1({"baseline": ["baseline:84:fp32"], "final": ["final:84:bf16", "final:85:fp32"],
+                        "se": ["se:84:"]})
+    assert dict(zip(t1["config"], t1["trained_in"])) == {"baseline": "fp32", "final": "bf16, fp32",
+                                                         "se": "unrecorded"}
+    assert tables.table1_view(t1)["trained in"].tolist() == ["fp32", "bf16, fp32", "unrecorded"]
 
 
 def test_drop_table_removes_an_earlier_reports_table_only(tmp_path):

@@ -55,6 +55,7 @@ def table1(runs: dict) -> pd.DataFrame:
     Test accuracy is the selected checkpoint's on the full test set: the EMA model for
     configs with EMA (the paper's "final"), the regular model otherwise.  Train accuracy is
     shown both ways: lambda-weighted on mixed batches (what the paper reports) and clean.
+    `trained_in`: the precision(s) its seeds trained in (fp32, bf16, fp16).
     """
     rows = []
     for name, dirs in runs.items():
@@ -67,7 +68,9 @@ def table1(runs: dict) -> pd.DataFrame:
         # noise: sd over seeds when there are several, else the 95% binomial interval
         n_test = loaded[0]["final"].get("test_size", 0)
         lo, hi = binomial_interval(test[0] / 100, n_test) if len(loaded) == 1 else (float("nan"),) * 2
-        rows.append({"config": name, "seeds": len(loaded),
+        # the precision each seed trained in (provenance.json): a report trained across machines shows it
+        precisions = sorted({str((r["provenance"] or {}).get("precision") or "unrecorded") for r in loaded})
+        rows.append({"config": name, "seeds": len(loaded), "trained_in": ", ".join(precisions),
                      "train_acc_mixed": mixed[0], "train_acc_clean": clean[0],
                      "test_acc": test[0], "test_acc_sd": test[1],
                      "test_acc_ci_low": 100 * lo, "test_acc_ci_high": 100 * hi,
@@ -87,6 +90,7 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "configuration": t1["paper_row"], "seeds": t1["seeds"],
+        "trained in": t1["trained_in"] if "trained_in" in t1 else "",
         "paper train %": t1["paper_train_acc"], "train % (mixed batches, as paper)": t1["train_acc_mixed"],
         "train % (clean)": t1["train_acc_clean"],
         "paper test %": t1["paper_test_acc"], "test %": t1["test_acc"],
