@@ -185,8 +185,9 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     bf16 = ", native bf16" if cpu_has_native_bf16() else ", no native bf16"
-    if cpu_amp_setting() != "auto":
-        bf16 += f", {CPU_AMP_ENV}={cpu_amp_setting()}"
+    setting = cpu_amp_setting()
+    if setting != "auto":
+        bf16 += f", {CPU_AMP_ENV}={setting}"
     model = cpu_model()
     named = f"{model}, " if model else ""
     return f"cpu ({named}{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{bf16})"
