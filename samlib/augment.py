@@ -117,8 +117,10 @@ def cutout(images: torch.Tensor, size: int = 16,
 
 def one_hot(labels: torch.Tensor, num_classes: int = 10,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Integer labels (B,) -> soft targets (B, num_classes)."""
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    """Integer labels (B,) -> soft targets (B, num_classes).  A scatter, not F.one_hot, whose
+    range check reads the labels' min and max on the host (a GPU sync every epoch)."""
+    labels = labels.long()
+    return torch.zeros(len(labels), num_classes, dtype=dtype, device=labels.device).scatter_(1, labels[:, None], 1)
 
 
 def sample_lambda(alpha: float, generator: torch.Generator | None = None) -> float:

@@ -9,9 +9,9 @@ everywhere.  `torch.cuda.is_bf16_supported()` is not the GPU test: it says yes o
 too, through a slow emulation, and it asks about the current GPU rather than the chosen
 one.  On a CPU without native bf16, autocast would emulate it, slower than fp32.
 
-`SAMLIB_CPU_AMP=off` in the environment makes "auto" pick fp32 on a CPU with native bf16
-too: a report whose runs are trained on several machines (some with bf16, some without)
-stays in one precision.  A run already started keeps its own precision either way.
+The config's `amp` is the one setting of the precision (`--set amp=off`: fp32 everywhere);
+a run already started keeps the precision it started in (see Trainer.load_state_dict).  The
+environment variable SAMLIB_CPU_AMP, which once chose fp32 on CPUs with bf16, is refused.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from .errors import SamlibError
 
 AMP_MODES = ("auto", "off")
-CPU_AMP_ENV = "SAMLIB_CPU_AMP"     # "auto" (default) | "off": what amp="auto" picks on a CPU
+REMOVED_ENV = "SAMLIB_CPU_AMP"
 
 
 SUPPORTED_DEVICES = "cpu, cuda or cuda:N (N = 0, 1, ...)"
@@ -33,12 +33,14 @@ _DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
 
 
 def resolve_device(device=None) -> torch.device:
-    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) or a clear error.
+    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) as a torch.device
+    (a GPU always with its index: "cuda" is the current one), or a clear error.
 
     Only the CPU and CUDA GPUs are supported: other torch devices (mps, meta, xla, ...)
     are refused here rather than failing somewhere in the loop."""
+    check_environment()
     if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(device).strip() if isinstance(device, (str, torch.device)) else None
     if name is None or not _DEVICE.fullmatch(name):
         raise SamlibError(f"unknown device {device!r}; supported: {SUPPORTED_DEVICES} "
@@ -47,6 +49,10 @@ def resolve_device(device=None) -> torch.device:
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise SamlibError(f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) "
                           "are visible; use --device cpu (or leave --device out)")
+    if dev.type == "cuda" and dev.index is None:
+        # "cuda" means the current GPU; an indexed device is what torch.cuda.set_device and
+        # the device queries accept, and what the provenance names.
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -103,19 +109,19 @@ def amp_dtype_for(amp: str, device: torch.device):
     if amp == "off":
         return None
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() and cpu_amp_setting() == "auto" else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, _ = torch.cuda.get_device_capability(index)
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
-def cpu_amp_setting() -> str:
-    """$SAMLIB_CPU_AMP: "auto" (bf16 where native, the default) or "off" (fp32 on every CPU)."""
-    value = os.environ.get(CPU_AMP_ENV, "auto").strip().lower() or "auto"
-    if value not in AMP_MODES:
-        raise SamlibError(f"{CPU_AMP_ENV}={os.environ[CPU_AMP_ENV]!r} is not one of {AMP_MODES}; "
-                          f"unset it, or set {CPU_AMP_ENV}=off to train new CPU runs in fp32")
-    return value
+def check_environment() -> None:
+    """Every command's device choice starts here, on every machine: an environment setting
+    this project no longer reads is one clear error, not silently ignored."""
+    if REMOVED_ENV in os.environ:
+        raise SamlibError(f"{REMOVED_ENV} is no longer read: the config's amp setting alone decides "
+                          "the precision (--set amp=off trains in fp32 everywhere; a started run keeps "
+                          f"its own precision); unset {REMOVED_ENV}")
 
 
 def precision_name(dtype) -> str:
@@ -126,7 +132,7 @@ def precision_name(dtype) -> str:
 def runs_natively(precision: str, device: torch.device) -> bool:
     """Whether `device` computes `precision` in hardware: fp32 everywhere, fp16 on every CUDA
     GPU, bf16 on a GPU of compute capability 8.0+ or a CPU with native bf16 (elsewhere it is
-    emulated, or not offered).  Hardware only: $SAMLIB_CPU_AMP does not change it."""
+    emulated, or not offered)."""
     if precision == "fp32":
         return True
     if precision == "fp16":

@@ -34,7 +34,21 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _joined
+    _joined = True
     return device
+
+
+_joined = False     # whether setup() joined the group (a group the caller made is the caller's)
+
+
+def teardown() -> None:
+    """Leave the process group setup() joined: an undestroyed NCCL group can hang the exit,
+    and torch warns about it."""
+    global _joined
+    if _joined and td.is_initialized():
+        td.destroy_process_group()
+    _joined = False
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

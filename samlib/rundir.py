@@ -26,7 +26,7 @@ import torch
 from . import data as D
 from . import dist
 from .config import Config, from_dict
-from .device import CPU_AMP_ENV, cpu_amp_setting, cpu_has_native_bf16, cpu_model
+from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
 from .io import (atomic_write_text, check_fields, clip, load_checkpoint, present, read_json, save_checkpoint,
                  write_json)
@@ -39,7 +39,8 @@ except ImportError:
     fcntl = None
 
 METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean",
-                 "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "seconds")
+                 "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "skipped_steps",
+                 "seconds")
 
 
 class RunDir:
@@ -185,9 +186,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     bf16 = ", native bf16" if cpu_has_native_bf16() else ", no native bf16"
-    setting = cpu_amp_setting()
-    if setting != "auto":
-        bf16 += f", {CPU_AMP_ENV}={setting}"
     model = cpu_model()
     named = f"{model}, " if model else ""
     return f"cpu ({named}{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{bf16})"

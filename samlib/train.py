@@ -61,15 +61,19 @@ def mix_alpha_at(cfg: Config, epoch: int) -> float:
 
 
 class EpochMeter:
-    """Loss, lambda-weighted accuracy and non-finite steps of one epoch, summed on the device."""
+    """Loss, lambda-weighted accuracy, non-finite losses and steps the loss scaler skipped, of
+    one epoch, kept on the device."""
 
     def __init__(self, steps: int, device):
         self.loss = torch.zeros((), device=device)
         self.mixed_correct = torch.zeros((), device=device)
         self.finite = torch.ones(steps, device=device, dtype=torch.bool)
+        self.skipped = torch.zeros(steps, device=device, dtype=torch.bool)
 
-    def add(self, step: int, loss, logits, targets) -> None:
+    def add(self, step: int, loss, logits, targets, skipped=None) -> None:
         self.finite[step] = torch.isfinite(loss)
+        if skipped is not None:
+            self.skipped[step] = skipped
         self.loss += torch.nan_to_num(loss) * len(targets)
         # The paper's "train acc": the target mass on the predicted class, i.e. lam * [pred ==
         # y_a] + (1 - lam) * [pred == y_b] on mixed batches (Table 1's 67% is this number).
@@ -78,10 +82,11 @@ class EpochMeter:
     def result(self, images: int) -> dict:
         """Means over `images`, summed over data-parallel ranks: one host read per epoch."""
         bad = (~self.finite).float()
-        totals = dist.all_reduce_sum(torch.cat([torch.stack([self.loss, self.mixed_correct]), bad]))
-        bad_steps = torch.nonzero(totals[2:]).flatten().tolist()
+        totals = dist.all_reduce_sum(torch.cat([torch.stack([self.loss, self.mixed_correct,
+                                                             self.skipped.sum().float()]), bad])).cpu()
+        bad_steps = torch.nonzero(totals[3:]).flatten().tolist()
         return {"train_loss": totals[0].item() / images, "train_acc_mixed": totals[1].item() / images,
-                "nonfinite_steps": len(bad_steps),
+                "nonfinite_steps": len(bad_steps), "skipped_steps": round(totals[2].item() / dist.world_size()),
                 "first_nonfinite_step": bad_steps[0] + 1 if bad_steps else None}
 
 
@@ -215,7 +220,9 @@ class Trainer:
 
     # -- one optimiser step on a mixed batch
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA. Returns (loss, logits), detached."""
+        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA.  Returns (loss, logits,
+        skipped), detached; `skipped` (fp16 only, else None) is a device bool: the loss scaler
+        found inf/NaN gradients and skipped this optimizer step."""
         if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
@@ -227,11 +234,15 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
-        self.scaler.update()
+        skipped = None
+        if self.scaler.is_enabled():                 # it skipped iff update() backs the scale off
+            scale = self.scaler._scale.clone()       # (read on the device: no host sync)
+            self.scaler.update()
+            skipped = self.scaler._scale < scale
         self.scheduler.step()                        # the LR schedules are per step
         if self.ema:
             self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
-        return loss.detach(), logits.detach()
+        return loss.detach(), logits.detach(), skipped
 
     # -- one epoch
     def train_epoch(self, progress: bool = False) -> dict:
@@ -241,8 +252,8 @@ class Trainer:
         batches = tqdm(self.epoch_batches(alpha), total=self.steps_per_epoch, leave=False,
                        desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not progress)
         for step, (x, y) in enumerate(batches):      # permute, crop/flip/Cutout, MixUp
-            loss, logits = self.train_step(x, y)     # forward/backward, clip, step, LR, EMA
-            meter.add(step, loss, logits, y)
+            loss, logits, skipped = self.train_step(x, y)   # forward/backward, clip, step, LR, EMA
+            meter.add(step, loss, logits, y, skipped)
         if self.cfg.ema_reset == "epoch":            # the authors' apply()/restore() bug: go on
             self.ema.copy_to(self.model)             # from the EMA (optimizer state untouched)
         return {**meter.result(self.steps_per_epoch * self.cfg.batch_size), "mix_alpha": alpha}
@@ -260,11 +271,18 @@ class Trainer:
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
-        """fp16's GradScaler skips overflowing steps by design (counted in the metrics), but a
-        whole epoch of skipped steps means the run diverged; without a scaler a NaN/inf loss
-        has already spoiled the weights.  Either way: stop, keep the last checkpoint."""
-        skipped_all = row["nonfinite_steps"] == self.steps_per_epoch
-        if row["nonfinite_steps"] and (skipped_all or not self.scaler.is_enabled()):
+        """fp16's GradScaler skips overflowing steps by design (skipped_steps in the metrics),
+        but an epoch whose every step it skipped trained nothing: the run diverged (or the
+        scale underflowed).  Without a scaler a NaN/inf loss has already spoiled the weights.
+        Either way: stop, keep the last checkpoint."""
+        if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= self.steps_per_epoch:
+            raise NonFiniteLossError(
+                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all "
+                f"{self.steps_per_epoch} steps (loss scale now {self.scaler.get_scale():g}), so the "
+                f"weights did not change; nothing of this epoch was saved. Last good checkpoint: "
+                f"{last_good or 'none (first epoch)'}. Lower the learning rate (--set lr=...), or train "
+                "in fp32 (--set amp=off), then rerun to resume.")
+        if row["nonfinite_steps"] and not self.scaler.is_enabled():
             raise NonFiniteLossError(
                 f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
                 f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
@@ -297,6 +315,14 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     """
     t0 = time.time()
     device = dist.setup(resolve_device(device))
+    try:
+        return _train(cfg, data_dir, dataset, out, device, profile, progress, stop_after, wait,
+                      later_seconds, t0)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg, data_dir, dataset, out, device, profile, progress, stop_after, wait, later_seconds, t0):
     run = RunDir.for_config(cfg, out)
     if dataset is None:
         if data_dir is None:

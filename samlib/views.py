@@ -5,7 +5,7 @@ Views act on pixel-space float images (B, 3, H, W) in [0, 1]; the model normalis
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -31,12 +31,29 @@ def hflip(images: torch.Tensor) -> torch.Tensor:
     return images.flip(-1)
 
 
+# ---------------------------------------------------------------- constants, made once per device
+# A view is called once per batch: its index and per-channel tensors are made on the first
+# call for a device and kept (outside inference mode, so they serve any caller).
+
+@lru_cache(maxsize=64)
+def _shifted_index(n: int, offset: int, lo: int, device: torch.device) -> torch.Tensor:
+    """arange(n) - offset, clamped to [lo, n - 1]: the source row/column of each output one."""
+    with torch.inference_mode(False):
+        return (torch.arange(n, device=device) - offset).clamp(lo, n - 1)
+
+
+@lru_cache(maxsize=64)
+def _channel_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 def shift(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """Move the content dx px right and dy px down (negative: left/up), filling with the edge
     pixels: the same as replicate-padding by (dx, dy) and cropping back to H x W."""
     h, w = images.shape[-2:]
-    rows = (torch.arange(h, device=images.device) - dy).clamp(0, h - 1)
-    cols = (torch.arange(w, device=images.device) - dx).clamp(0, w - 1)
+    rows = _shifted_index(h, dy, 0, images.device)
+    cols = _shifted_index(w, dx, 0, images.device)
     return images.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -58,15 +75,14 @@ PAPER_TTA = [
 
 
 def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    return _channel_constant(tuple(float(v) for v in values), like.dtype, like.device)
 
 
 def as_run_hpad(images: torch.Tensor) -> torch.Tensor:
     """The reference's "horizontal shift" ``pad(img[..., 1:], (1, 0, 0, 0), 'replicate')``:
     drop column 0, replicate the new first column on the left.  Only column 0 changes (it
     becomes a copy of column 1); every other pixel stays put - nearly the identity."""
-    w = images.shape[-1]
-    cols = torch.arange(w, device=images.device).clamp(min=1)
+    cols = _shifted_index(images.shape[-1], 0, 1, images.device)
     return images.index_select(-1, cols)
 
 

@@ -68,3 +68,35 @@ def test_cpu_jobs_of_a_sweep_share_the_cores(monkeypatch):
     assert job_env(["cpu", "cpu"], {"OMP_NUM_THREADS": "2"})["OMP_NUM_THREADS"] == "2"
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert job_env(["cpu"] * 3, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "5"}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_process_group_train_joined_is_destroyed_at_the_end(tmp_path, monkeypatch, fails):
+    """torchrun's group (here recorded, not joined) is left when train returns or raises; a
+    group the caller made is not train's to destroy."""
+    import torch.distributed as td
+
+    import samlib.dist
+    from samlib.config import resolve
+    from samlib.data import synthetic_cifar10
+    from samlib.errors import SamlibError
+    from samlib.train import train
+
+    calls, joined = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(td, "init_process_group", lambda backend: calls.append("init") or joined.append(1))
+    monkeypatch.setattr(td, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(td, "destroy_process_group", lambda: calls.append("destroy") or joined.clear())
+    monkeypatch.setattr(td, "get_world_size", lambda: 1)
+    monkeypatch.setattr(td, "get_rank", lambda: 0)
+    cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs=1, batch_size=32, val_size=32,
+                  train_subset=None, test_subset=None, train_eval_size=32)
+    if fails:
+        with pytest.raises(SamlibError):
+            train(cfg, data_dir=None, out=tmp_path, device="cpu", progress=False)
+    else:
+        train(cfg, dataset=synthetic_cifar10(96, 32), out=tmp_path, device="cpu", progress=False)
+    assert calls == ["init", "destroy"]
+    joined.append(1)                                   # the caller's own group: left alone
+    train(cfg, dataset=synthetic_cifar10(96, 32), out=tmp_path / "again", device="cpu", progress=False)
+    assert calls == ["init", "destroy"] and joined

@@ -316,6 +316,7 @@ def test_nonfinite_steps_skipped_by_the_amp_scaler_are_counted(tmp_path, dataset
     run_dir = train(CFG, dataset=dataset, out=tmp_path, device="cpu", progress=False)
     assert (run_dir / "final.json").exists()
     assert [int(r["nonfinite_steps"]) for r in metrics(run_dir)] == [0, 1, 0]
+    assert [int(r["skipped_steps"]) for r in metrics(run_dir)] == [0, 1, 0]
     last = load_checkpoint(run_dir / "last.pt")
     assert last["scaler"]["scale"] == 65536.0 / 2             # the scaler backed off once
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())

@@ -166,7 +166,7 @@ def replay_train_steps(dataset, n_steps, **overrides):
         assert group["lr"] == pytest.approx(lr, rel=1e-12)
         assert group["momentum"] == pytest.approx(momentum, rel=1e-12)
         x, y = soft_batch(trainer, step, cfg.batch_size)
-        loss, logits = trainer.train_step(x, y)
+        loss, logits, _ = trainer.train_step(x, y)
         hand.step(x, y, lr, momentum)
         assert_close(dict(trainer.model.named_parameters()), dict(hand.model.named_parameters()),
                      f"params after step {step + 1}")

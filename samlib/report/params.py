@@ -164,6 +164,9 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"notebook parameter device={device!r} but this machine has no CUDA device; "
                           'use device="auto" or "cpu"')
+    from ..device import resolve_device
+
+    resolve_device(device)               # a GPU index that exists; the environment's settings
     if profile == "auto":
         resolved = "paper" if dev.type == "cuda" else "quick"
     elif isinstance(profile, str) and profile in PROFILES:

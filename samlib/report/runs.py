@@ -134,7 +134,7 @@ def inference_amp(run: dict, device=None) -> str:
     """The precision a run is evaluated in: the one it trained in (provenance.json) where this
     device computes it natively, so a run trained in fp32 on a CPU without bf16 is evaluated in
     fp32 on one with bf16 too; otherwise (or unrecorded) the device's own rule for its amp."""
-    device = resolve_device(device) if device is not None else torch.device("cpu")   # "cpu" as a str too
+    device = resolve_device(device)                  # a str too; default: the GPU when there is one
     trained = (run.get("provenance") or {}).get("precision")
     if isinstance(trained, str) and trained in PRECISIONS and runs_natively(trained, device):
         return trained
@@ -161,16 +161,16 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
         raise SamlibError(f"{run_dir} was trained on other data (fingerprint {trained_on}) than "
                           f"{data_dir or 'the data given'} (fingerprint {data_id}); pass the run's own "
                           "data, or --allow-other-data to evaluate it on this data anyway")
-    device = resolve_device(device) if device is not None else None
+    device = resolve_device(device)                  # default: the GPU when there is one
     amp = inference_amp(run, device)
-    key = _cache_key(data_id, precision_name(amp_dtype_for(amp, device or torch.device("cpu"))))
+    key = _cache_key(data_id, precision_name(amp_dtype_for(amp, device)))
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists():
         table = _cached_table(cached, meta, key)
         if table is not None:
             return table
     splits = D.split_data(cfg, dataset)
-    regular, ema = load_run_models(run_dir, device or "cpu")
+    regular, ema = load_run_models(run_dir, device)
     rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
                                                    batch_size=cfg.eval_batch_size, amp=amp)
     table = pd.DataFrame(rows)
@@ -204,6 +204,6 @@ def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch
     probs, saved_labels = saved_test_probs(run_dir) if labels is not None else (None, None)
     if probs is not None and strategy in probs and np.array_equal(saved_labels, np.asarray(labels)):
         return probs[strategy]
-    regular, ema = load_run_models(run_dir, device or "cpu")
-    device = resolve_device(device) if device is not None else None
+    device = resolve_device(device)
+    regular, ema = load_run_models(run_dir, device)
     return strategy_probs(regular, ema, images, strategy, device=device, amp=inference_amp(load_run(run_dir), device))

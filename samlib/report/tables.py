@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import split_data
+from ..device import resolve_device
 from ..errors import SamlibError
 from ..infer import calibration_bins, predict_logits
 from ..model import build_model, count_parameters
@@ -138,7 +139,8 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
     ("ema" | "regular") gets right, without TTA, in the precision the run is evaluated in."""
     run = load_run(run_dir)
     test_x, test_y = split_data(run["config"], dataset)["test"]
-    regular, ema = load_run_models(run_dir, device or "cpu")
+    device = resolve_device(device)
+    regular, ema = load_run_models(run_dir, device)
     model = {"regular": regular, "ema": ema}[kind]
     if model is None:
         raise SamlibError(f"{run_dir} holds no EMA checkpoint: compare kind='regular'")
