@@ -34,7 +34,7 @@ AUGMENT_CHUNK = 8192   # images per crop/flip/Cutout call: big enough to amortis
 
 
 class NonFiniteLossError(SamlibError):
-    """The loss became NaN/inf and no AMP scaler was there to skip the step."""
+    """The loss became NaN/inf without a scaler to skip the step, or the scaler skipped a whole epoch."""
 
 
 def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
@@ -61,8 +61,7 @@ def mix_alpha_at(cfg: Config, epoch: int) -> float:
 
 
 class EpochMeter:
-    """Loss, lambda-weighted accuracy, non-finite losses and steps the loss scaler skipped, of
-    one epoch, kept on the device."""
+    """One epoch's loss, lambda-weighted accuracy, non-finite losses and skipped steps, on the device."""
 
     def __init__(self, steps: int, device):
         self.loss = torch.zeros((), device=device)
@@ -220,9 +219,8 @@ class Trainer:
 
     # -- one optimiser step on a mixed batch
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA.  Returns (loss, logits,
-        skipped), detached; `skipped` (fp16 only, else None) is a device bool: the loss scaler
-        found inf/NaN gradients and skipped this optimizer step."""
+        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA.  Returns (loss, logits, skipped),
+        detached; `skipped` (fp16 only, else None): on the device, whether the scaler skipped the step."""
         if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
@@ -234,11 +232,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
-        skipped = None
-        if self.scaler.is_enabled():                 # it skipped iff update() backs the scale off
-            scale = self.scaler._scale.clone()       # (read on the device: no host sync)
-            self.scaler.update()
-            skipped = self.scaler._scale < scale
+        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None   # stays on the device
+        self.scaler.update()                         # after a skipped step it backs the scale off
+        skipped = None if scale is None else self.scaler._scale < scale
         self.scheduler.step()                        # the LR schedules are per step
         if self.ema:
             self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
@@ -271,17 +267,15 @@ class Trainer:
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
-        """fp16's GradScaler skips overflowing steps by design (skipped_steps in the metrics),
-        but an epoch whose every step it skipped trained nothing: the run diverged (or the
-        scale underflowed).  Without a scaler a NaN/inf loss has already spoiled the weights.
+        """fp16's GradScaler skips overflowing steps by design (skipped_steps), but an epoch of only
+        skipped steps trained nothing; without a scaler a NaN/inf loss has spoiled the weights.
         Either way: stop, keep the last checkpoint."""
         if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= self.steps_per_epoch:
             raise NonFiniteLossError(
-                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all "
-                f"{self.steps_per_epoch} steps (loss scale now {self.scaler.get_scale():g}), so the "
-                f"weights did not change; nothing of this epoch was saved. Last good checkpoint: "
-                f"{last_good or 'none (first epoch)'}. Lower the learning rate (--set lr=...), or train "
-                "in fp32 (--set amp=off), then rerun to resume.")
+                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all {self.steps_per_epoch}"
+                f" steps (loss scale now {self.scaler.get_scale():g}); nothing of this epoch was saved. Last good "
+                f"checkpoint: {last_good or 'none (first epoch)'}. Lower the learning rate (--set lr=...) "
+                "or train in fp32 (--set amp=off), then rerun to resume.")
         if row["nonfinite_steps"] and not self.scaler.is_enabled():
             raise NonFiniteLossError(
                 f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
@@ -303,9 +297,9 @@ class Trainer:
         return final
 
 
-def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs",
-          device=None, profile: str | None = None, progress: bool = True,
-          stop_after: int | None = None, wait: bool = False, later_seconds: float = 0.0):
+def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs", device=None,
+          profile: str | None = None, progress: bool = True, stop_after: int | None = None,
+          wait: bool = False, later_seconds: float = 0.0):
     """Train `cfg` (or reuse / resume its run) and return the run directory's path.
 
     data_dir: parent of cifar-10-batches-py; or pass `dataset` directly (tests, synthetic).
@@ -315,48 +309,43 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
     """
     t0 = time.time()
     device = dist.setup(resolve_device(device))
-    try:
-        return _train(cfg, data_dir, dataset, out, device, profile, progress, stop_after, wait,
-                      later_seconds, t0)
+    try:                                         # the process group is left however this ends
+        run = RunDir.for_config(cfg, out)
+        if dataset is None:
+            if data_dir is None:
+                raise SamlibError("give data_dir (the folder holding cifar-10-batches-py) or a dataset")
+            dataset = D.load_cifar10(data_dir)
+        data_id = D.fingerprint(dataset)
+        run.check_data(data_id)
+        with run.lock(wait=wait):                    # one writer per run directory
+            if run.finished:                         # (perhaps finished while we waited)
+                if dist.is_main():
+                    print(f"reusing finished run {run.path}")
+                return run.path
+            if device.type == "cuda":
+                torch.cuda.set_device(device)        # so device queries (bf16 support, name) read this GPU
+                torch.backends.cudnn.benchmark = True
+            trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
+            run.start(cfg, profile, data_id)
+            state = run.resume_state("cpu")          # parts move to their devices as they load
+            if state is not None:
+                trainer.load_state_dict(state)
+                if dist.is_main():
+                    print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
+            if dist.is_main():
+                print(f"run directory: {run.path}")
+            if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
+                dist.barrier()
+                if dist.is_main():
+                    run.finish(trainer.final_test(run), {
+                        **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
+                        "precision": trainer.precision,
+                        "profile": profile, "wall_seconds": round(time.time() - t0, 1),
+                        "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
+                dist.barrier()
+        return run.path
     finally:
         dist.teardown()
-
-
-def _train(cfg, data_dir, dataset, out, device, profile, progress, stop_after, wait, later_seconds, t0):
-    run = RunDir.for_config(cfg, out)
-    if dataset is None:
-        if data_dir is None:
-            raise SamlibError("give data_dir (the folder holding cifar-10-batches-py) or a dataset")
-        dataset = D.load_cifar10(data_dir)
-    data_id = D.fingerprint(dataset)
-    run.check_data(data_id)
-    with run.lock(wait=wait):                    # one writer per run directory
-        if run.finished:                         # (perhaps finished while we waited)
-            if dist.is_main():
-                print(f"reusing finished run {run.path}")
-            return run.path
-        if device.type == "cuda":
-            torch.cuda.set_device(device)        # so device queries (bf16 support, name) read this GPU
-            torch.backends.cudnn.benchmark = True
-        trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
-        run.start(cfg, profile, data_id)
-        state = run.resume_state("cpu")          # parts move to their devices as they load
-        if state is not None:
-            trainer.load_state_dict(state)
-            if dist.is_main():
-                print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
-        if dist.is_main():
-            print(f"run directory: {run.path}")
-        if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
-            dist.barrier()
-            if dist.is_main():
-                run.finish(trainer.final_test(run), {
-                    **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
-                    "precision": trainer.precision,
-                    "profile": profile, "wall_seconds": round(time.time() - t0, 1),
-                    "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
-            dist.barrier()
-    return run.path
 
 
 def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None,

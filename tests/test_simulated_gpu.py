@@ -229,3 +229,37 @@ def test_samlib_cpu_amp_is_one_clear_error_on_every_cpu(monkeypatch, capsys, tmp
     code = cli.main(["train", "--profile", "smoke", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: SAMLIB_CPU_AMP is no longer read") and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- make report, Colab
+
+@pytest.mark.slow
+def test_make_report_with_device_auto_runs_the_notebooks_on_the_simulated_gpu(tmp_path):
+    """`make report PROFILE=smoke` with DEVICE=auto on a machine with a GPU: every notebook's
+    kernel trains and evaluates there, in bf16."""
+    repo = Path(__file__).resolve().parent.parent
+    write_cifar10(tmp_path / "data", synthetic_cifar10(1200, 600, seed=0))
+    env = simulated_gpu_env(tmp_path, 1, (9, 0), H100_NAME)
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(repo), "report", "PROFILE=smoke", "DEVICE=auto",
+                           f"DATA_DIR={tmp_path / 'data'}", f"RESULTS={tmp_path / 'results'}",
+                           f"RUNS={tmp_path / 'runs'}", f"PY={sys.executable}"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kernels = [log for log in simulated_gpu_logs(tmp_path) if any("ipykernel" in a for a in log["argv"])]
+    assert len(kernels) == 4                                     # one kernel per notebook
+    trained = [k for k in kernels if k["autocast"]]
+    assert trained and all(k["placed"] == [0] and k["autocast"] == ["bfloat16"] for k in trained)
+    provenance = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("provenance.json")]
+    assert provenance and all(p["device"] == H100_NAME and p["precision"] == "bf16" for p in provenance)
+
+
+def test_the_notebook_parameters_pick_the_gpu_as_in_colab(monkeypatch, tmp_path):
+    """A notebook opened on a GPU runtime (Colab's T4): device="auto" and profile="auto"
+    resolve to the GPU and the paper profile."""
+    from samlib.report.params import check_params
+
+    with simgpu.simulated_gpu(1, (7, 5), T4_NAME):
+        p = check_params("auto", tmp_path, None, tmp_path / "results", tmp_path / "runs", "auto")
+        assert p.device == "cuda" and p.profile == "paper"
+        from samlib.device import resolve_device
+        assert resolve_device(p.device) == torch.device("cuda:0")
