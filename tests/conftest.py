@@ -17,14 +17,16 @@ SIMGPU = __import__("pathlib").Path(__file__).parent / "simgpu"
 
 def simulated_gpu_env(tmp_path, count: int = 1, capability=(9, 0), name: str = "NVIDIA H100 (simulated)") -> dict:
     """The environment of a subprocess that sees `count` simulated GPUs (tests/simgpu); each
-    Python process of it logs what it did with them to tmp_path/simlog/<pid>.json."""
+    Python process of it logs what it did with them to tmp_path/simlog/<pid>.json, and tracks
+    devices (an op mixing a GPU tensor with a CPU one fails, as on CUDA)."""
     import os
 
     import simgpu
 
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(SIMGPU), os.environ.get("PYTHONPATH", "")]),
                 SAMLIB_SIMULATED_GPU=simgpu.env_value(count, capability, name),
-                SAMLIB_SIMULATED_GPU_LOG=str(tmp_path / "simlog"), OMP_NUM_THREADS="1")
+                SAMLIB_SIMULATED_GPU_LOG=str(tmp_path / "simlog"), SAMLIB_SIMULATED_GPU_TRACK="1",
+                OMP_NUM_THREADS="1")
 
 
 def simulated_gpu_logs(tmp_path) -> list:

@@ -5,9 +5,14 @@ aten op of the real step - batched crop/flip/Cutout, MixUp, forward under autoca
 backward, clipping, (GradScaler,) SGD + Lookahead, the LR scheduler, the EMA - and counts
 the ops that make a GPU wait for the host to read a value (``.item()``, ``bool(t)``,
 ``nonzero``).  bf16: none per step; fp16: GradScaler's one (its skip decision).
-Device mixing is not checked here: with fake CUDA tensors (FakeTensorMode) on a machine
-without a driver, torch's CUDA random generator, autocast's weight cast, the model's forward
-and the autograd engine each reach the CUDA driver, so no part of the step runs fake.
+
+Device mixing, on the simulated GPU with device tracking: every tensor placed on the GPU is
+a SimulatedCudaTensor (a CPU tensor that reports cuda:0 and keeps doing so through every op,
+gradients included), and an op mixing one with a non-scalar CPU tensor fails with CUDA's
+own error.  A whole run (training, per-epoch evaluation, checkpoints, the final test) and
+its Figure 1 evaluation (TTA, ensembles, temperature) go through it.  FakeTensorMode on a
+fake cuda device was tried first: without a CUDA driver, batch norm, channels_last copies,
+CUDA random draws and the autograd engine each reach the driver, so no step runs fake.
 """
 from __future__ import annotations
 
@@ -159,3 +164,32 @@ def test_tta_views_make_their_constants_once_per_device():
     made = [str(op) for op in recorder.ops if op in (aten.arange.start_step, aten.arange.default,
                                                      aten.lift_fresh.default, aten._to_copy.default)]
     assert made == []
+
+
+# ---------------------------------------------------------------- device mixing
+
+@pytest.mark.parametrize("capability", [(9, 0), (7, 5)])
+def test_a_whole_run_and_its_evaluation_mix_no_devices(tmp_path, capability):
+    from samlib.report.runs import evaluate_run, run_probs
+    from samlib.train import train
+
+    cfg = resolve("final", "smoke", **TINY)
+    ds = synthetic_cifar10(160, 64, seed=2)
+    with simgpu.simulated_gpu(1, capability, track_devices=True):
+        run = train(cfg, dataset=ds, out=tmp_path, progress=False)
+        table = evaluate_run(run, dataset=ds)
+        probs = run_probs(run, "ensemble+tta (as run)", ds.test_images[:10])
+    assert (run / "final.json").exists() and len(table) >= 7 and probs.shape == (10, 10)
+
+
+def test_the_tracking_sees_gpu_tensors_and_refuses_a_cpu_one_in_the_step(monkeypatch):
+    cfg = resolve("final", "smoke", **TINY)
+    ds = synthetic_cifar10(160, 32, seed=2)
+    with simgpu.simulated_gpu(1, (9, 0), track_devices=True):
+        trainer = Trainer(cfg, split_data(cfg, ds), torch.device("cuda:0"))
+        assert all(isinstance(p, simgpu.SimulatedCudaTensor) for p in trainer.model.parameters())
+        assert trainer.train_x.device == torch.device("cuda:0")
+        real = samlib.train.one_hot
+        monkeypatch.setattr(samlib.train, "one_hot", lambda labels, n: real(labels, n).cpu())   # planted
+        with pytest.raises(RuntimeError, match="found at least two devices, cuda:0 and cpu"):
+            trainer.train_epoch()

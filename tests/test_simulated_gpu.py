@@ -107,7 +107,7 @@ def test_a_t4_trains_in_fp16_with_loss_scaling_and_resumes_in_fp16(tmp_path, dat
 
     cfg = resolve("final", "smoke", **TINY_CFG)
     dataset = load_cifar10(data_dir)
-    with simgpu.simulated_gpu(1, (7, 5), T4_NAME):
+    with simgpu.simulated_gpu(1, (7, 5), T4_NAME, track_devices=True):     # as the subprocess
         whole = train(cfg, dataset=dataset, out=tmp_path / "whole", progress=False)
         half = train(cfg, dataset=dataset, out=tmp_path / "split", progress=False, stop_after=1)
     assert load_checkpoint(half / "last.pt")["epoch"] == 1

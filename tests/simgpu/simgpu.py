@@ -85,6 +85,82 @@ class _State:
                                      is_integrated=False, is_multi_gpu_board=False)
 
 
+# Functions a GPU tensor may meet a (non-scalar) CPU tensor in: copies, indexing with CPU
+# indices (torch moves them), metadata and module plumbing.
+MIXING_ALLOWED = {"copy_", "__setitem__", "__getitem__", "index_put_", "_has_compatible_shallow_copy_type",
+                  "swap_tensors", "module_load", "__get__", "__set__", "to", "cpu", "cuda", "set_", "data", "grad"}
+
+
+class SimulatedCudaTensor(torch.Tensor):
+    """A CPU tensor that says it lives on GPU 0 of the simulation (device, is_cuda), keeps
+    saying so through every op (torch's subclass propagation), and refuses, as CUDA does,
+    an op that mixes it with a non-scalar CPU tensor.  `.cpu()` gives a plain tensor;
+    `.numpy()` is refused as on a GPU.  Gradients read through `.grad` are GPU tensors too."""
+
+    index = 0          # the GPU this process placed its tensors on
+
+    @property
+    def device(self):
+        return torch.device("cuda", SimulatedCudaTensor.index)
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def grad(self):
+        g = torch.Tensor.grad.__get__(self)
+        return g.as_subclass(SimulatedCudaTensor) if g is not None and type(g) is torch.Tensor else g
+
+    @grad.setter
+    def grad(self, value):
+        torch.Tensor.grad.__set__(self, value)
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            with torch._C.DisableTorchFunctionSubclass(), torch.no_grad():
+                copy = self.as_subclass(torch.Tensor).clone().as_subclass(SimulatedCudaTensor)
+            copy.requires_grad_(self.requires_grad)
+            if getattr(self, "_is_param", False):
+                copy._is_param = True
+            memo[id(self)] = copy
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol):
+        """Saved as the plain tensor it is (torch.save of a GPU tensor, loaded on the CPU)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "numpy":
+            raise TypeError(f"can't convert cuda:{cls.index} device type tensor to numpy. Use Tensor.cpu() to copy "
+                            "the tensor to host memory first. (simulated GPU)")
+        if name not in MIXING_ALLOWED:
+            for t in _tensors((args, kwargs)):
+                if not isinstance(t, SimulatedCudaTensor) and t.dim() > 0:
+                    raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                                       f"devices, cuda:{cls.index} and cpu! (simulated GPU, in {name})")
+        if name == "cpu" or (name == "to" and _targets_cpu(args[1:], kwargs)):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            return out.as_subclass(torch.Tensor) if torch.is_tensor(out) else out
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _tensors(tree) -> list:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _targets_cpu(args, kwargs) -> bool:
+    for value in (*args, kwargs.get("device")):
+        if isinstance(value, (str, torch.device)) and torch.device(value).type == "cpu":
+            return True
+    return False
+
+
 def _is_cuda(value) -> bool:
     if isinstance(value, torch.device):
         return value.type == "cuda"
@@ -94,31 +170,44 @@ def _is_cuda(value) -> bool:
 class _OnTheCpu(TorchFunctionMode):
     """Tensors asked for on a CUDA device are made (or kept) on the CPU."""
 
-    def __init__(self, state: _State):
+    def __init__(self, state: _State, track: bool = False):
         super().__init__()
-        self.state = state
+        self.state, self.track = state, track
+
+    def _on_gpu(self, out):
+        """With tracking, what was placed on a GPU becomes a SimulatedCudaTensor."""
+        if self.track and torch.is_tensor(out) and not isinstance(out, SimulatedCudaTensor):
+            if isinstance(out, torch.nn.Parameter):
+                return torch.nn.Parameter(out.detach().as_subclass(SimulatedCudaTensor), out.requires_grad)
+            return out.as_subclass(SimulatedCudaTensor)
+        return out
 
     def _host(self, value):
         if _is_cuda(value):
             index = torch.device(value).index
-            self.state.placed.add(self.state.check_index(self.state.current if index is None else index))
+            index = self.state.check_index(self.state.current if index is None else index)
+            self.state.placed.add(index)
+            SimulatedCudaTensor.index = index
             return torch.device("cpu")
         return value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        to_gpu = _is_cuda(kwargs.get("device"))
         if "device" in kwargs:
             kwargs["device"] = self._host(kwargs["device"])
         if func in (torch.Tensor.cuda,):
             device = args[1] if len(args) > 1 else kwargs.get("device")
             device = torch.device("cuda", device) if isinstance(device, int) else device or "cuda"
             self._host(device)
-            return args[0]
+            return self._on_gpu(args[0])
         if func in (torch.Tensor.pin_memory,):
             return args[0]
         if func in (torch.Tensor.to,):
+            to_gpu = to_gpu or any(_is_cuda(a) for a in args[1:])
             args = tuple(self._host(a) for a in args)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        return self._on_gpu(out) if to_gpu else out
 
 
 def _generator_class(state: _State):
@@ -161,14 +250,18 @@ def _autocast_class(state: _State):
 
 
 @contextlib.contextmanager
-def simulated_gpu(count: int = 1, capability=(9, 0), name: str = H100[2], place_on_cpu: bool = True):
+def simulated_gpu(count: int = 1, capability=(9, 0), name: str = H100[2], place_on_cpu: bool = True,
+                  track_devices: bool = False):
     """torch sees `count` CUDA GPUs of `capability` named `name`; tensors stay on the CPU.
     Yields the simulation's state (current device, synchronize count).
 
     place_on_cpu=False: the CUDA runtime and torch.Generator("cuda") only, for fake CUDA
-    tensors (FakeTensorMode), which keep their device and need no placement or autocast help."""
+    tensors (FakeTensorMode), which keep their device and need no placement or autocast help.
+    track_devices=True: tensors placed on a GPU are SimulatedCudaTensors, so an op mixing
+    them with CPU tensors fails as it would on CUDA (a process using one GPU: the index is
+    the last one placed on)."""
     state = _State(count, tuple(capability), name)
-    mode = _OnTheCpu(state)
+    mode = _OnTheCpu(state, track=track_devices)
     real_load = torch.load
 
     def load(f, map_location=None, *args, **kwargs):
@@ -213,10 +306,14 @@ def simulated_gpu(count: int = 1, capability=(9, 0), name: str = H100[2], place_
     saved = [(obj, attr, getattr(obj, attr, missing)) for obj, attr, _ in patches]
     for obj, attr, value in patches:
         setattr(obj, attr, value)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    # Module.to swaps each parameter for its GPU one (else it would set .data, keeping the class)
+    torch.__future__.set_swap_module_params_on_conversion(swap or track_devices)
     try:
         with mode if place_on_cpu else contextlib.nullcontext():
             yield state
     finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
         for obj, attr, value in saved:
             if value is missing:
                 delattr(obj, attr)
@@ -231,7 +328,7 @@ def install_from_env() -> None:
     value = os.environ.get(ENV)
     if value:
         global _ACTIVE
-        _ACTIVE = simulated_gpu(*parse_env(value))
+        _ACTIVE = simulated_gpu(*parse_env(value), track_devices=os.environ.get(ENV + "_TRACK") == "1")
         state = _ACTIVE.__enter__()
         log = os.environ.get(ENV + "_LOG")
         if log:
