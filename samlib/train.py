@@ -1,12 +1,10 @@
 """The training loop (paper Section 3.3), one readable path in the airbench manner.
 
-The whole training set sits on the device as uint8.  Each epoch: one permutation, crop /
-flip / Cutout over the whole epoch in a few large chunks, then per step MixUp, forward and
-backward under autocast, gradient clipping, Lookahead-SGD, the per-step LR schedule and
-the EMA update.  Then evaluation, checkpoint selection and an atomic checkpoint holding
-everything needed to continue bit for bit.  Metrics stay on the device until the epoch
-ends, so a GPU never waits on the host mid-epoch.  Run bookkeeping (reuse, resume, the
-data check, provenance) lives in samlib.rundir; selection in samlib.selection.
+The training set sits on the device as uint8.  Each epoch: one permutation, crop/flip/Cutout
+over the epoch in a few large chunks, then per step MixUp, forward and backward under
+autocast, gradient clipping, Lookahead-SGD, the per-step LR schedule, the EMA.  Then
+evaluation, selection and an atomic checkpoint to continue bit for bit.  Metrics stay on
+the device until the epoch ends (no host sync mid-epoch).  Bookkeeping: samlib.rundir.
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as D
 from . import dist
@@ -27,6 +24,7 @@ from .errors import SamlibError
 from .infer import predict_logits
 from .model import build_model
 from .optim import build_ema, build_optimizer, build_scheduler
+from .progress import progress_bar
 from .rundir import RunDir, check_arch, describe_data, load_model, provenance
 from .selection import BestCheckpoints
 
@@ -44,7 +42,7 @@ def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
 
 
 def accuracy_of(model, images, labels, batch_size, amp: str = "auto") -> float:
-    if len(labels) == 0:
+    if len(labels) == 0:                         # (a split of zero images)
         return float("nan")
     logits = predict_logits(model, images, batch_size=batch_size, amp=amp)[0]
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
@@ -52,10 +50,8 @@ def accuracy_of(model, images, labels, batch_size, amp: str = "auto") -> float:
 
 def mix_alpha_at(cfg: Config, epoch: int) -> float:
     """The reference code ramps MixUp's alpha: 0.15, 0.225, then 0.3 from epoch 100 of 200."""
-    if cfg.mix == "none":
-        return 0.0
-    if not cfg.alpha_ramp:
-        return cfg.mix_alpha
+    if cfg.mix == "none" or not cfg.alpha_ramp:
+        return 0.0 if cfg.mix == "none" else cfg.mix_alpha
     progress = epoch / cfg.epochs
     return cfg.mix_alpha * (0.5 if progress < 0.25 else 0.75 if progress < 0.5 else 1.0)
 
@@ -245,11 +241,11 @@ class Trainer:
         self.net.train()
         alpha = mix_alpha_at(self.cfg, self.epoch)
         meter = EpochMeter(self.steps_per_epoch, self.device)
-        batches = tqdm(self.epoch_batches(alpha), total=self.steps_per_epoch, leave=False,
-                       desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not progress)
-        for step, (x, y) in enumerate(batches):      # permute, crop/flip/Cutout, MixUp
-            loss, logits, skipped = self.train_step(x, y)   # forward/backward, clip, step, LR, EMA
-            meter.add(step, loss, logits, y, skipped)
+        with progress_bar(self.epoch_batches(alpha), total=self.steps_per_epoch, disable=not progress,
+                          desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}") as batches:
+            for step, (x, y) in enumerate(batches):  # permute, crop/flip/Cutout, MixUp
+                loss, logits, skipped = self.train_step(x, y)   # forward/backward, clip, step, LR, EMA
+                meter.add(step, loss, logits, y, skipped)
         if self.cfg.ema_reset == "epoch":            # the authors' apply()/restore() bug: go on
             self.ema.copy_to(self.model)             # from the EMA (optimizer state untouched)
         return {**meter.result(self.steps_per_epoch * self.cfg.batch_size), "mix_alpha": alpha}
@@ -327,7 +323,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
                 torch.backends.cudnn.benchmark = True
             trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
             run.start(cfg, profile, data_id)
-            state = run.resume_state("cpu")          # parts move to their devices as they load
+            state = run.resume_state("cpu", cfg)     # this run's; parts move to their devices as they load
             if state is not None:
                 trainer.load_state_dict(state)
                 if dist.is_main():
@@ -391,9 +387,8 @@ def epoch_line(trainer: Trainer, later_seconds: float = 0.0) -> str:
 
 def format_duration(seconds: float) -> str:
     """7 h 01 min, 1 min 01 s, 59 s."""
-    if not math.isfinite(seconds):
+    if not math.isfinite(seconds):               # (an estimate that could not be made)
         return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
+    h, rest = divmod(int(round(seconds)), 3600)
     m, s = divmod(rest, 60)
     return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

@@ -61,7 +61,7 @@ def test_detection(env):
 def test_off_colab_nothing_but_the_thread_setting(env, commands):
     env.setattr(colab, "mount_drive", lambda: pytest.fail("mounted Drive off Colab"))
     path_before = list(sys.path)
-    assert colab.setup(drive=True) == ("../data", "../runs", "../results")
+    assert colab.setup(drive=True) == ("../data", "../runs", "../local/results")  # yours, git-ignored
     assert commands == [] and sys.path == path_before
     assert not any(v in os.environ for v in colab.ENV.values())
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
@@ -70,7 +70,7 @@ def test_off_colab_nothing_but_the_thread_setting(env, commands):
 def test_off_colab_returns_given_folders_then_the_parameters_cell_defaults(env, commands):
     env.setenv("SAMLIB_RUNS_DIR", "/elsewhere/runs")           # what make nbval exports
     folders = colab.setup(data_dir=Path("/d"))
-    assert folders == ("/d", "/elsewhere/runs", "../results") and commands == []
+    assert folders == ("/d", "/elsewhere/runs", "../local/results") and commands == []
 
 
 def test_user_wait_policy_is_kept(env):
@@ -111,7 +111,7 @@ def test_colab_without_drive_keeps_folders_in_the_clone_and_skips_pip_when_insta
     root = colab.repo_root()
     folders = colab.setup(runs_dir="/content/my_runs")
     assert commands == [] and mounts == []
-    assert folders == (str(root / "data"), "/content/my_runs", str(root / "results"))
+    assert folders == (str(root / "data"), "/content/my_runs", str(root / "local" / "results"))   # never the clone's published results/
 
 
 def test_colab_outside_a_clone_clones_first(env, commands, mounts, tmp_path):

@@ -127,3 +127,57 @@ def test_stored_notebook_has_outputs_only_in_checked_cells(name):
         else:   # nbval refuses stored outputs without an execution count ("unrun reference cell")
             assert cell["outputs"] and cell["execution_count"], \
                 "a # NBVAL_CHECK_OUTPUT cell needs its output stored (make notebook-outputs)"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_a_notebooks_default_output_folders_are_git_ignored_and_not_the_published_reports(name, monkeypatch):
+    """Run unchanged, a notebook writes where git never looks: never into results/, the
+    committed reports (`make publish` alone writes there)."""
+    import subprocess
+
+    for var in ("SAMLIB_RESULTS_DIR", "SAMLIB_RUNS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    namespace: dict = {}
+    exec("".join(_parameters_cell(_load(name))["source"]), namespace)
+    for key in ("results_dir", "runs_dir"):
+        target = (ROOT / "notebooks" / namespace[key] / "smoke" / "summary.json").resolve()
+        assert not target.is_relative_to(ROOT / "results"), (key, target)
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", str(target)])
+        assert ignored.returncode == 0, f"{key} default {namespace[key]} is not git-ignored"
+
+
+def test_make_report_writes_into_an_ignored_folder_and_publish_into_results():
+    import subprocess
+
+    dry = lambda *a: subprocess.run(["make", "-n", "-C", str(ROOT), *a], capture_output=True, text=True).stdout
+    assert "--results local/results " in dry("report", "PROFILE=smoke")
+    assert "RESULTS=results " in dry("publish", "PROFILE=quick")
+
+
+@pytest.mark.slow
+def test_running_a_notebook_unchanged_leaves_git_status_clean(tmp_path):
+    """Notebook 00 run as a user runs it (papermill, defaults for the output folders) in a
+    checkout: nothing git tracks or would add changes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from samlib.data import synthetic_cifar10, write_cifar10
+
+    checkout = tmp_path / "checkout"
+    (checkout / "notebooks").mkdir(parents=True)
+    shutil.copy(ROOT / ".gitignore", checkout)
+    shutil.copy(ROOT / "notebooks" / "00_data_exploration.ipynb", checkout / "notebooks")
+    git = lambda *a: subprocess.run(["git", "-C", str(checkout), *a], capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "checkout")
+    write_cifar10(tmp_path / "data", synthetic_cifar10(300, 100, seed=0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAMLIB_")}
+    env.update(SAMLIB_PROFILE="smoke", SAMLIB_DATA_DIR=str(tmp_path / "data"))
+    subprocess.run([sys.executable, "-m", "papermill", "-k", "python3", "--cwd", str(checkout / "notebooks"),
+                    str(checkout / "notebooks" / "00_data_exploration.ipynb"), str(tmp_path / "executed.ipynb")],
+                   env=env, check=True, capture_output=True, timeout=300)
+    assert (checkout / "local" / "results" / "smoke" / "summary.json").exists()
+    assert git("status", "--porcelain", "--untracked-files=all") == ""

@@ -26,6 +26,9 @@ DRIVE_MOUNT = Path("/content/drive")
 DRIVE_DIR = DRIVE_MOUNT / "MyDrive" / "samresnets"
 # folder -> the variable the notebooks' parameters cell reads its default from
 ENV = {"data": "SAMLIB_DATA_DIR", "runs": "SAMLIB_RUNS_DIR", "results": "SAMLIB_RESULTS_DIR"}
+# In a checkout: your reports go to local/results/ (git-ignored); results/ holds the published
+# reports, which only `make publish` writes.
+IN_CHECKOUT = {"data": "data", "runs": "runs", "results": "local/results"}
 
 
 class Folders(NamedTuple):
@@ -101,12 +104,12 @@ def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
     quiet_threads()
     given = {"data": data_dir, "runs": runs_dir, "results": results_dir}
     if not on_colab():
-        return Folders(*(str(v) if v else os.environ.get(ENV[k], f"../{k}") for k, v in given.items()))
+        return Folders(*(str(v) if v else os.environ.get(ENV[k], f"../{IN_CHECKOUT[k]}") for k, v in given.items()))
     root = ensure_importable(repo_url, clone_dir)
     if drive:
         mount_drive()
     base = DRIVE_DIR if drive else root
-    folders = {k: Path(v) if v else base / k for k, v in given.items()}
+    folders = {k: Path(v) if v else base / (k if drive else IN_CHECKOUT[k]) for k, v in given.items()}
     for k, path in folders.items():       # samlib creates them when it first writes there
         os.environ[ENV[k]] = str(path)
     print(f"Colab: samlib from {root}; " + ", ".join(f"{k} in {p}" for k, p in folders.items()))

@@ -41,21 +41,27 @@ STRATEGY_CHOICES = ("best", *STRATEGIES)
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 
+INTERRUPTED = ("interrupted: every file written so far is intact (a run keeps its last finished epoch, "
+               "an evaluation its finished parts); run this cell again to go on from there")
+
+
 def _one_line_user_errors() -> None:
     """In a notebook kernel, show a samlib error (a user mistake: a bad parameter, missing
-    data) as one `error:` line instead of a traceback; the cell still fails, so papermill
-    and nbval still stop there.  Any other exception keeps its traceback."""
+    data) as one `error:` line, and Kernel -> Interrupt as one `interrupted:` line, instead of
+    a traceback; the cell still fails, so Run All, papermill and nbval still stop there.
+    Any other exception keeps its traceback."""
     try:
         shell = get_ipython()  # noqa: F821 - defined inside IPython only
     except NameError:
         return
 
     def show(shell, etype, value, tb, tb_offset=None):
-        stb = [f"error: {value}"]                  # the cell's whole "traceback"
+        line = INTERRUPTED if issubclass(etype, KeyboardInterrupt) else f"error: {value}"
+        stb = [line]                               # the cell's whole "traceback"
         shell._showtraceback(etype, value, stb)    # as IPython shows any error (kernel: an error output)
         return stb
 
-    shell.set_custom_exc((SamlibError,), show)
+    shell.set_custom_exc((SamlibError, KeyboardInterrupt), show)
 
 
 _one_line_user_errors()
@@ -297,17 +303,27 @@ def _jsonable(obj):
     return obj
 
 
-def update_summary(p: Params, **sections) -> dict:
-    """Merge sections into results/<profile>/summary.json ('timings' merges per notebook)."""
+def update_summary(p: Params, notebook: str | None = None, **sections) -> dict:
+    """Merge sections into results/<profile>/summary.json ('timings' merges per notebook).
+
+    Each notebook's part records the commit it ran at (`provenance`: notebook -> commit,
+    dirty, updated); the top-level commit is given only while every part agrees, so a summary
+    never presents numbers of two commits as one."""
     path = p.results / "summary.json"
     summary = read_json(path) if path.exists() else {}
     timings = dict(summary.get("timings", {}), **sections.pop("timings", {}))
-    prov = p.provenance
+    prov, now = p.provenance, time.strftime("%Y-%m-%d %H:%M:%S")
+    parts = dict(summary.get("provenance") or {})
+    if notebook:
+        parts[notebook] = {"commit": prov.get("git_commit"), "commit_dirty": prov.get("git_dirty"), "updated": now}
+    commits = {(v or {}).get("commit") for v in parts.values()} or {prov.get("git_commit")}
+    dirty = any((v or {}).get("commit_dirty") for v in parts.values()) if parts else prov.get("git_dirty")
     summary.update({"profile": p.profile, "data_source": p.data_source,
-                    "device": prov.get("device", p.device), "commit": prov.get("git_commit"),
-                    "commit_dirty": prov.get("git_dirty"), "torch": prov.get("torch"),
-                    "seeds": p.seeds, **_jsonable(sections), "timings": timings,
-                    "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+                    "device": prov.get("device", p.device),
+                    "commit": commits.pop() if len(commits) == 1 else "several: see provenance",
+                    "commit_dirty": dirty, "torch": prov.get("torch"),
+                    "seeds": p.seeds, **_jsonable(sections), "timings": timings, "provenance": parts,
+                    "updated": now})
     write_json(path, summary)
     return summary
 
@@ -315,7 +331,7 @@ def update_summary(p: Params, **sections) -> dict:
 def finish(p: Params, notebook: str, **sections) -> None:
     """Record this notebook's wall time (and any sections) in summary.json; print where."""
     seconds = round(time.time() - p.started, 1)
-    update_summary(p, timings={notebook: seconds}, **sections)
+    update_summary(p, notebook, timings={notebook: seconds}, **sections)
     print(f"{notebook}: {seconds} s; summary in {p.results / 'summary.json'}")
 
 

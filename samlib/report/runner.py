@@ -1,7 +1,7 @@
 """`make report`'s notebook runner: every report notebook, in order, through papermill.
 
     python -m samlib.report.runner --profile quick --data-dir data [--seeds 84,85] [--final-seeds 84,85]
-        [--switches schedule,cutout] [--kaggle-file F] [--device auto] [--results results] [--runs runs]
+        [--switches schedule,cutout] [--kaggle-file F] [--device auto] [--results local/results] [--runs runs]
 
 The parameters are checked here, once, before anything is written (a bad profile never
 creates results/<profile>/).  A notebook that stops on a user mistake (a samlib error in a
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--final-seeds", help="more seeds for final only (default: the profile's)")
     ap.add_argument("--switches")
     ap.add_argument("--kaggle-file")
-    ap.add_argument("--results", default="results")
+    ap.add_argument("--results", default="local/results",
+                    help="parent of <profile>/ (default local/results, git-ignored; results/ is for `make publish`)")
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[2] / "notebooks"))
     args = ap.parse_args(argv)
