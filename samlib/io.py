@@ -228,6 +228,32 @@ def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix:
     return obj
 
 
+def check_tensors(state, template: dict, where, field: str) -> None:
+    """`state` (a checkpoint's field) must be a state_dict with exactly `template`'s keys, each
+    a dense tensor of the same shape and kind (floating point or integer), with finite values:
+    a NaN or an infinity in weights is damage, whatever made it (CheckpointError naming the first)."""
+    def bad(problem):
+        raise CheckpointError(f"{where}: field '{field}' {problem}; it is damaged or belongs to another config")
+
+    if not isinstance(state, dict):
+        bad(f"must be a dict of tensors, got {type(state).__name__}")
+    missing, extra = [k for k in template if k not in state], [k for k in state if k not in template]
+    if missing or extra:
+        bad(f"lacks {len(missing)} of the model's tensors and holds {len(extra)} it does not have, "
+            f"e.g. {reprlib.repr((missing or extra)[0])}")
+    for key, want in template.items():
+        got = state[key]
+        if (not isinstance(got, torch.Tensor) or got.layout != torch.strided or got.is_meta
+                or got.is_quantized or got.is_complex()):
+            bad(f"entry {key!r} must be a dense real tensor, got {reprlib.repr(got)}")
+        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
+            bad(f"entry {key!r} is {got.dtype} {tuple(got.shape)}, the model needs "
+                f"{want.dtype} {tuple(want.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{where}: field '{field}' entry {key!r} holds NaN or infinite values "
+                                  "(its run diverged, or the file is damaged)")
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 

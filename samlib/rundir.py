@@ -28,8 +28,8 @@ from . import dist
 from .config import Config, from_dict
 from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
-from .io import (atomic_write_text, check_fields, clip, load_checkpoint, present, read_json, save_checkpoint,
-                 write_json)
+from .io import (atomic_write_text, check_fields, check_tensors, clip, load_checkpoint, present, read_json,
+                 save_checkpoint, write_json)
 from .model import NORM_STDS, SE_PLACEMENTS, build_model
 from .optim import build_ema, build_optimizer, build_scheduler
 
@@ -84,16 +84,17 @@ class RunDir:
     def resume_state(self, device, cfg: Config | None = None) -> dict | None:
         """The last epoch's full training state, or None for a new run.
 
-        The state is checked against what `Trainer.load_state_dict` needs for `cfg` (default:
-        the run's config.json): every problem is a CheckpointError naming the file and field."""
+        The state must record `cfg` (default: the run's config.json; check_same_run) and hold what
+        `Trainer.load_state_dict` needs: every problem is a CheckpointError naming the file and field."""
         if not (present(self / "last.pt") or present(self / "last.prev.pt")):
             return None
         try:
             state = load_checkpoint(self / "last.pt", map_location=device)
             if cfg is None and not present(self / "config.json"):
                 cfg = from_dict(state.get("config"), source=f"{state['_path']} field 'config'")
-            check_resume_state(state, cfg or from_dict(read_json(self / "config.json", fix=self._fix()),
-                                                         source=str(self / "config.json")))
+            cfg = cfg or from_dict(read_json(self / "config.json", fix=self._fix()), source=str(self / "config.json"))
+            check_same_run(state, cfg)
+            check_resume_state(state, cfg)
         except (CheckpointError, ConfigError) as e:
             raise CheckpointError(f"cannot resume {self.path}: {e}; move that folder away (or delete "
                                   "it) to start the run again from scratch") from None
@@ -119,7 +120,6 @@ class RunDir:
         if dist.is_main():
             write_json(self / "provenance.json", provenance)
             write_json(self / "final.json", final)
-
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False):
@@ -158,21 +158,31 @@ class RunDir:
 
 # ---------------------------------------------------------------- provenance
 
+def _git(repo, *args):
+    """`git -C repo args` (its CompletedProcess), or None when git cannot be run."""
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_dirty(repo) -> bool | None:
+    """Whether the tracked files of `repo` differ from its HEAD commit as git would store them:
+    after the clean filters, so a notebook JupyterLab only re-saved (outputs) is no change, while
+    `git status` lists it.  None when git cannot tell (no git, not a repository, no commit)."""
+    _git(repo, "update-index", "-q", "--refresh")
+    done = _git(repo, "diff", "--quiet", "HEAD", "--")
+    return {0: False, 1: True}.get(done.returncode) if done is not None else None
+
+
 def provenance(device: torch.device, data_source: str) -> dict:
     """Commit, library versions, device and data: what every reported number names."""
     repo = Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
+    commit = _git(repo, "rev-parse", "HEAD")
     import torchvision
     return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": (commit.stdout.strip() or None) if commit and commit.returncode == 0 else None,
+        "git_dirty": git_dirty(repo),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "device": describe_device(device),
@@ -244,28 +254,6 @@ def _meta(arch: dict) -> torch.nn.Module:
         return build_model(**arch)
 
 
-def check_tensors(state, template: dict, where, field: str) -> None:
-    """`state` (a checkpoint's field) must be a state_dict with exactly `template`'s keys, each
-    a dense tensor of the same shape and kind (floating point or integer)."""
-    def bad(problem):
-        raise CheckpointError(f"{where}: field '{field}' {problem}; it is damaged or belongs to another config")
-
-    if not isinstance(state, dict):
-        bad(f"must be a dict of tensors, got {type(state).__name__}")
-    missing, extra = [k for k in template if k not in state], [k for k in state if k not in template]
-    if missing or extra:
-        bad(f"lacks {len(missing)} of the model's tensors and holds {len(extra)} it does not have, "
-            f"e.g. {reprlib.repr((missing or extra)[0])}")
-    for key, want in template.items():
-        got = state[key]
-        if (not isinstance(got, torch.Tensor) or got.layout != torch.strided or got.is_meta
-                or got.is_quantized or got.is_complex()):
-            bad(f"entry {key!r} must be a dense real tensor, got {reprlib.repr(got)}")
-        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
-            bad(f"entry {key!r} is {got.dtype} {tuple(got.shape)}, the model needs "
-                f"{want.dtype} {tuple(want.shape)}")
-
-
 def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.Module:
     """Rebuild a model from a samlib checkpoint (weights_only load; architecture and every
     tensor checked before anything is built): any problem is a CheckpointError naming the file."""
@@ -314,6 +302,20 @@ _CPU_RNG = len(torch.Generator().get_state())   # mt19937 state; a CUDA generato
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_same_run(ckpt: dict, cfg: Config) -> None:
+    """Refuse a resume checkpoint that records another run's config (early files record none):
+    every setting that names a run (Config.hash: the seed too, not the speed knobs) must be `cfg`'s."""
+    where, recorded = ckpt.get("_path", "checkpoint"), ckpt.get("config")
+    recorded = recorded if recorded is None else from_dict(recorded, source=f"{where} field 'config'")
+    if recorded is not None and recorded.hash() != cfg.hash():
+        a, b, skip = recorded.to_dict(), cfg.to_dict(), {*recorded.inert_fields()} & {*cfg.inert_fields()}
+        keys = [k for k in b if a[k] != b[k] and k not in skip | {"eval_batch_size", "compile", "channels_last"}]
+        show = lambda d: ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}"  # noqa: E731
+                                   for k in keys)
+        raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to "
+                              "another run")
 
 
 def check_resume_state(ckpt: dict, cfg: Config) -> None:

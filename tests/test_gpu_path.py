@@ -35,7 +35,8 @@ def test_a_resume_reads_the_checkpoint_on_the_cpu_whatever_device_trains(tmp_pat
     cfg, run = _half_run(tmp_path, dataset)
     seen = []
     real = samlib.rundir.RunDir.resume_state
-    monkeypatch.setattr(samlib.rundir.RunDir, "resume_state", lambda self, device: seen.append(device) or real(self, device))
+    monkeypatch.setattr(samlib.rundir.RunDir, "resume_state",
+                        lambda self, device, cfg=None: seen.append(device) or real(self, device, cfg))
     train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
     assert [str(d) for d in seen] == ["cpu"]
     state = load_checkpoint(run / "last.pt")

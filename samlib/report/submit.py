@@ -97,6 +97,10 @@ def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=No
     images, ids = load_unlabeled(input_path)
     regular, ema = load_run_models(run_dir, device)
     probs = strategy_probs(regular, ema, images, strategy, device)
+    if not bool(probs.isfinite().all()):          # argmax would write a guess (class 0) for each
+        raise DataError(f"the {strategy} predictions of {run_dir} for {input_path} are not all finite "
+                        f"(NaN or inf), so nothing was written to {output}: check the input file, or "
+                        "evaluate the run (python -m samlib evaluate) and train it again if it diverged")
     labels = probs.argmax(1).numpy()
     text = _csv_text(ids, labels)
     summary = _check(_read(io.StringIO(text), output), output, ids, 10)
