@@ -22,11 +22,14 @@ CHECKED = "# NBVAL_CHECK_OUTPUT\nprint('a')\nprint('b')"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+
+
 def _git(repo, *args, **kw):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True, **kw).stdout
+    return subprocess.run(["git", *args], cwd=repo, env=_env(), capture_output=True, text=True, check=True, **kw).stdout
 
 
 def _stored():
@@ -67,7 +70,7 @@ def repo(tmp_path):
         pytest.skip("no git")
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "config", "filter.samlib-strip.clean",
-         f"{shlex.quote(sys.executable)} -m samlib.report.notebooks clean")
+         f"{shlex.quote(sys.executable)} -m samlib.report.notebooks clean %f")     # as make git-filter
     shutil.copy(ROOT / ".gitattributes", tmp_path / ".gitattributes")
     (tmp_path / "notebooks").mkdir()
     nbformat.write(_stored(), str(tmp_path / "notebooks" / "n.ipynb"))
@@ -121,6 +124,129 @@ def test_what_is_not_a_notebook_passes_through(raw):
 def test_gitattributes_and_makefile_name_the_filter():
     assert "notebooks/*.ipynb filter=samlib-strip" in (ROOT / ".gitattributes").read_text().splitlines()
     assert "filter.samlib-strip.clean" in (ROOT / "Makefile").read_text()
+
+
+# The reference outputs of the checked cells (nbrefs): a partial, failed or interrupted run
+# committed through the filter, or stripped, keeps the reference stored in HEAD.
+
+REFERENCE = [{"name": "stdout", "output_type": "stream", "text": ["a\n", "b\n"]}]
+READ_BACK = [{"name": "stdout", "output_type": "stream", "text": "a\nb\n"}]      # as nbformat reads it
+ERROR = new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=["Traceback", "1/0"])
+INTERRUPT = new_output("error", ename="KeyboardInterrupt", evalue="", traceback=["KeyboardInterrupt"])
+
+
+def _rerun(path, outputs, execution_count=8, later=None):
+    """The working copy after a JupyterLab session whose checked cell shows `outputs`, and the
+    cell after it, when `later` is given, shows that output."""
+    nb = _executed()
+    nb.cells[2].outputs, nb.cells[2].execution_count = outputs, execution_count
+    if later is not None:
+        nb.cells.append(new_code_cell("import time\ntime.sleep(99)", execution_count=9, outputs=[later]))
+    nbformat.write(nb, str(path))
+    return nb
+
+
+def _staged_checked(repo, name="n.ipynb"):
+    return json.loads(_git(repo, "show", f":notebooks/{name}"))["cells"][2]
+
+
+@pytest.mark.parametrize("outputs, count, later", [
+    ([], None, None),                                                        # (a) outputs cleared
+    ([], 8, None),                                                           # ran, printed nothing (yet)
+    ([new_output("stream", name="stdout", text="a\n"), ERROR], 8, None),     # (b) failed half-way
+    ([new_output("stream", name="stdout", text="a\nb\n")], None, None),      # stale: not run
+    ([new_output("stream", name="stdout", text="x\n")], 8, INTERRUPT),       # run interrupted later
+    ([new_output("stream", name="stdout", text="x\n")], 8, ERROR),           # a later cell failed
+], ids=["cleared", "empty", "error", "not-run", "interrupted", "later-error"])
+def test_an_unfinished_run_keeps_the_reference(repo, outputs, count, later):
+    path = repo / "notebooks" / "n.ipynb"
+    _rerun(path, outputs, count, later)
+    res = subprocess.run(["git", "add", "-A"], cwd=repo, env=_env(), capture_output=True, text=True, check=True)
+    assert res.stderr == ""
+    staged = _staged_checked(repo)
+    assert staged["outputs"] == REFERENCE and staged["execution_count"] == 1
+    if later is None:                          # nothing else changed: nothing staged, status clean
+        _git(repo, "diff", "--cached", "--exit-code")
+        assert _git(repo, "status", "--porcelain") == ""
+    assert path.read_text().count('"output_type"') >= 3          # the working copy is left alone
+
+
+def test_a_complete_run_replaces_the_reference(repo):
+    """(c) how references are updated on purpose (make notebook-outputs)."""
+    _rerun(repo / "notebooks" / "n.ipynb", [new_output("stream", name="stdout", text="a\n"),
+                                            new_output("stream", name="stdout", text="c\n")])
+    _git(repo, "add", "-A")
+    staged = _staged_checked(repo)
+    assert staged["outputs"] == [{"name": "stdout", "output_type": "stream", "text": ["a\n", "c\n"]}]
+    assert staged["execution_count"] == 1
+
+
+def test_an_edited_checked_cell_has_no_reference(repo):
+    """No reference (a new or edited checked cell): git add still stages a stripped notebook,
+    with one warning line, the error output dropped (failing would make git store it unstripped)."""
+    nb = _executed()
+    nb.cells[2].source += "\n1 / 0"
+    nb.cells[2].outputs = [new_output("stream", name="stdout", text="a\nb\n"), ERROR]
+    nbformat.write(nb, str(repo / "notebooks" / "n.ipynb"))
+    res = subprocess.run(["git", "add", "-A"], cwd=repo, env=_env(), capture_output=True, text=True, check=True)
+    assert len(res.stderr.splitlines()) == 1 and "notebooks/n.ipynb" in res.stderr
+    assert "cell 3 (an error output)" in res.stderr and "make notebook-outputs" in res.stderr
+    staged = json.loads(_git(repo, "show", ":notebooks/n.ipynb"))
+    assert staged["cells"][2]["outputs"] == [] and staged["cells"][1]["outputs"] == []
+
+
+def _strip(*paths, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "strip", *map(str, paths)],
+                          cwd=cwd, env=_env(), capture_output=True, text=True)
+
+
+def test_strip_refuses_without_a_reference(repo):
+    """(d) a new notebook (nothing in HEAD) whose checked cell has no output: one line, exit 1,
+    the file byte for byte as it was; the other notebooks are still stripped."""
+    new = repo / "notebooks" / "new.ipynb"
+    _rerun(new, [], None)
+    before = new.read_bytes()
+    _rerun(repo / "notebooks" / "n.ipynb", [])
+    res = _strip(new, "notebooks/n.ipynb", cwd=repo)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "new.ipynb: refused" in res.stderr and "cell 3 (no output)" in res.stderr
+    assert new.read_bytes() == before
+    assert "kept outputs of 1 checked cell(s)" in res.stdout                      # n.ipynb, from HEAD
+    assert nbformat.read(str(repo / "notebooks" / "n.ipynb"), as_version=4).cells[2].outputs == READ_BACK
+
+
+def test_strip_takes_the_reference_from_the_notebooks_own_repo(repo, tmp_path_factory):
+    """Called from elsewhere (another directory, an absolute path), HEAD is the notebook's."""
+    path = repo / "notebooks" / "n.ipynb"
+    _rerun(path, [new_output("stream", name="stdout", text="a\n"), INTERRUPT])
+    res = _strip(path, cwd=tmp_path_factory.mktemp("elsewhere"))
+    assert res.returncode == 0, res.stderr
+    assert nbformat.read(str(path), as_version=4).cells[2].outputs == READ_BACK
+    _git(repo, "diff", "--exit-code")
+
+
+def test_clean_without_a_path_still_works(repo):
+    """A filter configured before %f (an old `make git-filter`): no HEAD to read, a warning."""
+    nb = _executed()
+    nb.cells[2].outputs = []
+    res = subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "clean"], cwd=repo, env=_env(),
+                         input=nbformat.writes(nb).encode(), capture_output=True, check=True)
+    assert json.loads(res.stdout)["cells"][2]["outputs"] == []
+    assert res.stderr.decode().count("\n") == 1 and b"<stdin>" in res.stderr
+
+
+def test_identical_checked_cells_match_in_order(repo):
+    from samlib.report import nbrefs
+
+    path = repo / "notebooks" / "n.ipynb"
+    nb = _stored()
+    second = new_output("stream", name="stdout", text="2\n")
+    nb.cells.append(new_code_cell(CHECKED, execution_count=2, outputs=[second]))
+    nbformat.write(nb, str(path))
+    _git(repo, "commit", "-q", "-am", "two")
+    nb.cells[2].outputs, nb.cells[3].outputs = [new_output("stream", name="stdout", text="new\n")], []
+    assert nbrefs.keep_references(nb, path) == []
+    assert nb.cells[2].outputs[0]["text"] == "new\n" and nb.cells[3].outputs[0]["text"] == "2\n"
 
 
 # scrub_paths: a hand-made executed notebook whose paths are all under tmp_path

@@ -69,20 +69,33 @@ def strip_notebook(nb) -> int:
 
 
 def strip_outputs(path) -> int:
-    """`strip_notebook` on a notebook file, rewritten in place; returns the cells kept."""
+    """`strip_notebook` on a notebook file, rewritten in place; returns the cells kept.  A check
+    cell without a complete output keeps the reference stored in git's HEAD (`nbrefs`); with
+    none there it raises `nbrefs.MissingReference` (one line) and leaves the file alone."""
     import nbformat
 
+    from .nbrefs import MissingReference, describe, keep_references
+
     nb = nbformat.read(str(path), as_version=4)
+    missing = keep_references(nb, path)
+    if missing:
+        raise MissingReference(f"{path}: refused, file left unchanged: # {CHECK_MARK} {describe(missing)} "
+                               "and git's HEAD holds no reference output for it; run `make notebook-outputs`")
     kept = strip_notebook(nb)
     nbformat.write(nb, str(path))
     return kept
 
 
-def clean_stream(src=None, dst=None) -> int:
+def clean_stream(src=None, dst=None, path=None) -> int:
     """The git clean filter: a notebook on stdin, `strip_notebook`-ed, on stdout (UTF-8).  What
     is not notebook JSON (an empty file, merge-conflict markers) passes through unchanged, as git
-    would pass it after a failed filter, without the error."""
+    would pass it after a failed filter, without the error.  With the notebook's `path` (git's
+    %f), a check cell without a complete output keeps the reference in git's HEAD (`nbrefs`).
+    With none there it never fails (git, the filter not being `required`, would then store the
+    unstripped notebook): one warning line, and such a cell's unfinished outputs are emptied."""
     import nbformat
+
+    from .nbrefs import describe, keep_references
 
     raw = (src or sys.stdin.buffer).read()
     dst = dst or sys.stdout.buffer
@@ -91,6 +104,14 @@ def clean_stream(src=None, dst=None) -> int:
     except ValueError:            # nbformat's NotJSONError, UnicodeDecodeError
         dst.write(raw)
         return 0
+    missing = keep_references(nb, path)
+    for i, why in missing:
+        if why != "an interrupted run":                  # its own output is whole: keep it
+            nb.cells[i - 1].outputs = []
+    if missing:
+        print(f"samlib-strip: {path or '<stdin>'}: # {CHECK_MARK} {describe(missing)}: no reference output "
+              "in git's HEAD to keep, unfinished outputs stored empty; run `make notebook-outputs`",
+              file=sys.stderr)
     kept = strip_notebook(nb)
     text = nbformat.writes(nb)
     dst.write((text if text.endswith("\n") else text + "\n").encode("utf-8"))
@@ -195,7 +216,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells")
     s.add_argument("notebooks", nargs="+")
-    sub.add_parser("clean", help="strip a notebook from stdin to stdout (the git filter: make git-filter)")
+    f = sub.add_parser("clean", help="strip a notebook from stdin to stdout (the git filter: make git-filter)")
+    f.add_argument("path", nargs="?", help="its path (git's %%f): where HEAD's reference outputs are read")
     c = sub.add_parser("scrub", help="replace this machine's absolute paths in executed notebooks")
     c.add_argument("notebooks", nargs="+")
     c.add_argument("--paths", nargs="*", default=[], help="data/runs/results folders: made relative to the repo")
@@ -207,10 +229,18 @@ def main(argv=None) -> int:
     k.add_argument("--n", type=int, default=200)
     args = ap.parse_args(argv)
     if args.cmd == "strip":
+        from .nbrefs import MissingReference
+
+        refused = 0
         for nb in args.notebooks:
-            print(f"{nb}: kept outputs of {strip_outputs(nb)} checked cell(s)")
+            try:
+                print(f"{nb}: kept outputs of {strip_outputs(nb)} checked cell(s)")
+            except MissingReference as e:
+                print(e, file=sys.stderr)
+                refused += 1
+        return 1 if refused else 0
     elif args.cmd == "clean":
-        clean_stream()
+        clean_stream(path=args.path)
     elif args.cmd == "scrub":
         table = path_replacements(args.paths)
         for nb in args.notebooks:
