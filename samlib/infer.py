@@ -20,6 +20,7 @@ import torch
 from samlib.data import CIFAR_MEAN, STD_AS_RUN
 from samlib.device import amp_dtype_for, autocast
 from samlib.errors import DataError, SamlibError
+from samlib.progress import progress_bar
 from samlib.views import PAPER_TTA, View, as_run_tta, identity
 
 
@@ -64,7 +65,7 @@ def _forward(model, x: torch.Tensor, device: torch.device, amp: str = "auto") ->
 
 
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                   batch_size: int = 1000, device=None, amp: str = "auto") -> torch.Tensor:
+                   batch_size: int = 1000, device=None, amp: str = "auto", bar=None) -> torch.Tensor:
     """Logits (V, N, classes), float32 on the CPU, for every view of every image.
 
     ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
@@ -74,6 +75,7 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
     inference_mode, autocast as in training (``amp``: samlib.device's rule).  ``views=None``: the
     image itself (V = 1).
     ``device``: where to run (the model is moved there); default the model's device.
+    ``bar``: a progress bar (samlib.progress) advanced by the image-views predicted.
     """
     views = list(views) if views else [View("original", identity)]
     _check_images(images)
@@ -90,6 +92,8 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
                 if out is None:
                     out = torch.empty(len(views), n, logits.shape[-1])
                 out[:, start:start + len(x)] = logits
+                if bar is not None:
+                    bar.update(len(x) * len(views))
     finally:
         model.train(was_training)
     return out
@@ -271,14 +275,16 @@ def model_norm(model: torch.nn.Module):
     return None
 
 
-def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=None,
-                   batch_size: int = 500, temperature=None, amp: str = "auto") -> torch.Tensor:
+def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=None, batch_size: int = 500,
+                   temperature=None, amp: str = "auto", progress: bool = True) -> torch.Tensor:
     """Class probabilities (N, classes) of one registry strategy for a run's two models."""
     s = get_strategy(strategy, has_ema=ema is not None)
     views = s.view_list(model_norm(regular) or (CIFAR_MEAN, STD_AS_RUN))
     models = {"regular": regular, "ema": ema}
-    logits = {m: predict_logits(models[m], images, views, batch_size, device, amp).double()
-              for m in s.models}
+    with progress_bar(total=len(s.models) * len(views) * len(images), unit="img", disable=not progress,
+                      desc=f"{strategy}: {len(s.models)} model(s) x {len(views)} views") as bar:
+        logits = {m: predict_logits(models[m], images, views, batch_size, device, amp, bar).double()
+                  for m in s.models}
     return s.probs(logits, [v.weight for v in views], temperature).float()
 
 
@@ -287,7 +293,7 @@ def _has_data(split) -> bool:
 
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
-                        norm=None, amp: str = "auto"):
+                        norm=None, amp: str = "auto", progress: bool = True):
     """Figure 1's comparison: one row per registry strategy, then the validation-best one
     again at the paper's T = 1.2 and at the T fitted on validation (one T divides every logit).
 
@@ -297,7 +303,8 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     and there is no fitted row.  Returns (rows, test probabilities of each strategy at its
     own temperature, selected_on); every row has strategy, temperature, temperature_from
     ("strategy" | "paper" | "fitted on validation"), selected (the best strategy's rows),
-    test_images, test_accuracy, test_nll, test_ece, val_accuracy.
+    test_images, test_accuracy, test_nll, test_ece, val_accuracy.  ``progress``: one bar over
+    every image-view predicted, with the time left.
     """
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
@@ -305,8 +312,12 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
     splits = {"test": test, "val": val} if _has_data(val) else {"test": test}
-    logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, amp).double()
-              for m in models for split in splits}
+    total = len(models) * len(union) * sum(len(splits[s][1]) for s in splits)
+    with progress_bar(total=total, unit="img", desc=f"{len(strategies)} strategies: {len(models)} model(s) x "
+                      f"{len(union)} views x {' + '.join(splits)}", disable=not progress) as bar:
+        logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, amp,
+                                             bar).double()
+                  for m in models for split in splits}
 
     def probs(s: Strategy, split: str, t=None):
         views = s.view_list(norm)

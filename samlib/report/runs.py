@@ -4,6 +4,7 @@ inference strategies once and cache the result in its run directory.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..plan import estimate, format_plan, plan_runs
 from ..rundir import METRIC_FIELDS, RunDir, describe_device, load_run_models
 from ..train import train
 
-CACHE_VERSION = 2   # strategies.csv with temperature_from / selected columns
+CACHE_VERSION = 3   # 2: strategies.csv with temperature_from / selected columns; 3: keyed by the run's state
 
 
 # What the report reads from a run's files: a field of another kind is a DataError naming it.
@@ -88,6 +89,8 @@ def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs",
     """
     plan = plan_runs(configs, seeds, profile, out, **overrides)
     if progress:
+        if any(not item.finished for item in plan):
+            print(f"timing a few training steps here for the estimate ({len(plan)} runs planned)...", flush=True)
         estimate(plan, profile, device, **overrides)
         print(format_plan(plan, describe_device(resolve_device(device))), flush=True)
     runs = {name: [] for name in configs}
@@ -110,8 +113,30 @@ def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> P
     return run.path
 
 
-def _cache_key(data_id: str, precision: str) -> dict:
-    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision}
+def _digest(path) -> str | None:
+    """sha256 of a file's bytes; None when there is none ("unreadable": its reader says why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "unreadable"
+    return digest.hexdigest()
+
+
+def _run_state(run_dir: Path) -> dict:
+    """What an evaluation of the run directory is computed from: its selected checkpoints (their
+    content) and whether the run had finished."""
+    return {"finished": present(run_dir / "final.json"),
+            **{name: _digest(run_dir / name) for name in ("best_regular.pt", "best_ema.pt")}}
+
+
+def _cache_key(run_dir: Path, data_id: str, precision: str) -> dict:
+    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision,
+            "run": _run_state(run_dir)}
 
 
 STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "test_images",
@@ -120,11 +145,15 @@ STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "
 
 def _cached_table(cached: Path, meta: Path, key: dict):
     """The cached strategy table when it is intact and was made for `key`; None (recompute)
-    when it was made for other data or precision, or is damaged."""
+    when it was made for other data, precision, checkpoints, or is damaged.  The key file
+    (strategies.json) holds the sha256 of the table it was written with: a table written by
+    another evaluation (one killed before its key, or a concurrent one) is never served."""
     try:
-        if read_json(meta) != key:
+        recorded = read_json(meta)
+        text = read_bytes(cached)
+        if recorded != dict(key, table_sha256=hashlib.sha256(text).hexdigest()):
             return None
-        table = pd.read_csv(cached)
+        table = pd.read_csv(io.BytesIO(text))
     except (SamlibError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
     return table if set(STRATEGY_COLUMNS) <= set(table.columns) and len(table) else None
@@ -147,8 +176,10 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
 
     Refuses data other than the run was trained on (run.json's fingerprint) unless
     `allow_other_data`.  Cached in the run directory (strategies.csv, the test probabilities
-    of every strategy in strategy_probs.pt), keyed by the data fingerprint and the strategy
-    registry: other data or another samlib version recomputes instead of reusing.
+    of every strategy in strategy_probs.pt), keyed (strategies.json) by the data fingerprint,
+    the strategy registry, the precision and the run's state (the content of best_regular.pt
+    and best_ema.pt, finished or not): other data, another samlib version, new checkpoints or
+    a run finished since recompute instead of reusing.
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir)
@@ -163,7 +194,7 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                           "data, or --allow-other-data to evaluate it on this data anyway")
     device = resolve_device(device)                  # default: the GPU when there is one
     amp = inference_amp(run, device)
-    key = _cache_key(data_id, precision_name(amp_dtype_for(amp, device)))
+    key = _cache_key(run_dir, data_id, precision_name(amp_dtype_for(amp, device)))
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists():
         table = _cached_table(cached, meta, key)
@@ -176,25 +207,40 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     table = pd.DataFrame(rows)
     table.attrs["selected_on"] = selected_on
     # Test probabilities of every strategy, for the reliability diagram, the confusion matrix
-    # and the submission: computed once here, never again.
-    save_checkpoint({"probs": probs, "labels": torch.as_tensor(splits["test"][1])},
+    # and the submission: computed once here, never again.  Each file names its key: the key
+    # file is removed first and written last, with the sha256 of the table.
+    try:
+        meta.unlink(missing_ok=True)
+    except OSError:                     # e.g. a folder in its place: write_json below says so
+        pass
+    save_checkpoint({"key": key, "probs": probs, "labels": torch.as_tensor(splits["test"][1])},
                     run_dir / "strategy_probs.pt", keep_previous=False)
-    atomic_write_text(cached, table.to_csv(index=False))
-    write_json(meta, key)
+    text = table.to_csv(index=False)
+    atomic_write_text(cached, text)
+    write_json(meta, dict(key, table_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest()))
     return table
 
 
-def saved_test_probs(run_dir) -> tuple:
-    """({strategy: test probabilities}, labels) that evaluate_run saved, or (None, None)."""
-    path = Path(run_dir) / "strategy_probs.pt"
+def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
+    """({strategy: test probabilities}, labels) that evaluate_run saved for `key`, or (None,
+    None).  Default key: the one of the cached table (strategies.json), while it still fits
+    the run (its checkpoints, finished or not): probabilities of other checkpoints, another
+    evaluation or an older samlib are never served."""
+    run_dir = Path(run_dir)
+    path = run_dir / "strategy_probs.pt"
     if not path.exists():
         return None, None
     try:
+        if key is None:
+            key = read_json(run_dir / "strategies.json")
+            key.pop("table_sha256", None)
+            if key.get("run") != _run_state(run_dir):
+                return None, None
         saved = load_checkpoint(path, fallback=False)
-        probs, labels = saved["probs"], saved["labels"].numpy()
+        probs, labels, fits = saved["probs"], saved["labels"].numpy(), saved.get("key") == key
     except (SamlibError, KeyError, TypeError, AttributeError):   # damaged: evaluate_run writes it again
         return None, None
-    return (probs, labels) if isinstance(probs, dict) else (None, None)
+    return (probs, labels) if fits and isinstance(probs, dict) else (None, None)
 
 
 def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:

@@ -3,11 +3,14 @@ claims, reliability bins - each with the paper's value beside the reproduced one
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from ..data import split_data
 from ..device import resolve_device
+from ..progress import progress_bar
 from ..errors import SamlibError
 from ..infer import calibration_bins, predict_logits
 from ..model import build_model, count_parameters
@@ -144,8 +147,9 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
     model = {"regular": regular, "ema": ema}[kind]
     if model is None:
         raise SamlibError(f"{run_dir} holds no EMA checkpoint: compare kind='regular'")
-    logits = predict_logits(model, test_x, batch_size=run["config"].eval_batch_size, device=device,
-                            amp=inference_amp(run, device))[0]
+    with progress_bar(total=len(test_y), unit="img", desc=f"test predictions of {Path(run_dir).name}") as bar:
+        logits = predict_logits(model, test_x, batch_size=run["config"].eval_batch_size, device=device,
+                                amp=inference_amp(run, device), bar=bar)[0]
     return logits.argmax(1).numpy() == np.asarray(test_y)
 
 
