@@ -302,7 +302,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     (batched TTA).  Without validation data the best is picked on *test* (``selected_on``)
     and there is no fitted row.  Returns (rows, test probabilities of each strategy at its
     own temperature, selected_on); every row has strategy, temperature, temperature_from
-    ("strategy" | "paper" | "fitted on validation"), selected (the best strategy's rows),
+    ("strategy" | "paper" | "fitted on validation"), selected (True on the best strategy's own row only),
     test_images, test_accuracy, test_nll, test_ece, val_accuracy.  ``progress``: one bar over
     every image-view predicted, with the time left.
     """
@@ -337,7 +337,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
         p = probs(s, "test", t)
         val_acc = accuracy(probs(s, "val", t), val[1]) if "val" in splits else float("nan")
         rows.append({"strategy": s.name, "temperature": float(t), "temperature_from": source,
-                     "selected": s is best, "test_images": len(test[1]), "test_accuracy": accuracy(p, test[1]),
+                     "selected": s is best and source == "strategy", "test_images": len(test[1]), "test_accuracy": accuracy(p, test[1]),
                      "test_nll": nll(p, test[1]), "test_ece": ece(p, test[1]), "val_accuracy": val_acc})
         return p
 

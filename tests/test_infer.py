@@ -253,8 +253,8 @@ def test_evaluate_strategies_rows_and_ensemble():
                                                    amp="off")
     frame = pd.DataFrame(rows)
     assert selected_on == "validation"
-    best = frame.loc[frame["selected"], "strategy"].unique().tolist()
-    assert len(best) == 1 and best[0] in STRATEGIES
+    best = frame.loc[frame["selected"], "strategy"].tolist()
+    assert len(best) == 1 and best[0] in STRATEGIES              # exactly one row is selected
     assert frame["strategy"].tolist() == list(STRATEGIES) + best * 2
     assert frame["temperature_from"].tolist() == ["strategy"] * len(STRATEGIES) + ["paper", "fitted on validation"]
     assert frame["temperature"].iloc[-2] == 1.2 and set(probs) == set(STRATEGIES)

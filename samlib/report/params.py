@@ -260,10 +260,21 @@ def markdown_table(frame) -> str:
     return text.to_markdown(index=False, floatfmt=",.2f", intfmt=",", missingval="") + "\n"
 
 
+# The report shows column names a reader understands; the CSV files keep the short ones.
+READABLE = {"test_acc": "test %", "test_acc_sd": "test % sd (>= 2 seeds)",
+            "delta_vs_final": "test - final (points)", "delta_sd": "sd of the difference (>= 2 seeds)",
+            "delta_lo": "95% interval low (test images)", "delta_hi": "95% interval high (test images)",
+            "temperature": "T", "temperature_from": "T from", "selected": "selected (best on validation)",
+            "test_images": "test images", "test_accuracy": "test accuracy", "test_nll": "test NLL",
+            "test_ece": "test ECE", "val_accuracy": "validation accuracy"}
+
+
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
     """Write results/<profile>/<name>.csv and .md (title, caption, notes, the profile's scale
-    note) and return a Styler (captioned, 2 decimals) for display."""
+    note) and return a Styler (captioned, 2 decimals) for display; the .md and the display
+    use READABLE column names."""
     atomic_write_text(p.results / f"{name}.csv", frame.to_csv(index=False))
+    frame = frame.rename(columns=READABLE)
     notes = "\n\n".join(n.strip() for n in (notes, p.scale_note) if n)
     md = f"### {title}\n\n_{p.caption}_\n\n{markdown_table(frame)}" + (f"\n{notes}\n" if notes else "")
     atomic_write_text(p.results / f"{name}.md", md)

@@ -233,7 +233,8 @@ def figure1_across_seeds(tables: dict, paper: dict = PAPER_FIGURE1) -> pd.DataFr
 
 def temperature_table(table: pd.DataFrame) -> pd.DataFrame:
     """The selected strategy at each temperature, and the code's as-run row (accuracy, ECE in %)."""
-    rows = table[table["selected"].astype(bool) | table["strategy"].eq("ensemble+tta (as run)")]
+    rows = table[table["selected"].astype(bool) | table["temperature_from"].ne("strategy")
+                 | table["strategy"].eq("ensemble+tta (as run)")]
     rows = rows[["strategy", "temperature", "temperature_from", "test_accuracy", "test_nll", "test_ece"]]
     return rows.assign(test_accuracy=100 * rows["test_accuracy"], test_ece=100 * rows["test_ece"])
 
