@@ -3,14 +3,19 @@
 #   make report [PROFILE=smoke|quick|cpu|paper] [DATA_DIR=data] [DEVICE=auto|cpu|cuda]
 #               [SEEDS=84,85] [FINAL_SEEDS=84,85] [SWITCHES=schedule,cutout]
 #               [KAGGLE_FILE=path/cifar_test_nolabel.pkl]
-#       runs notebooks/*.ipynb in order with papermill into results/<profile>/ (runs, i.e.
+#       runs notebooks/*.ipynb in order with papermill into local/results/<profile>/ (runs, i.e.
 #       checkpoints, go to runs/<profile>/; an interrupted report resumes), then `make html`.
-#   make html [PROFILE=...]   static pages of the executed notebooks: results/<profile>/html/
+#       Both folders are git-ignored: your work never touches the committed reports.
+#   make publish PROFILE=...  regenerate the committed report results/<profile>/ (the one command
+#                             that writes there; its runs: results/runs/<profile>/ when committed, else runs/)
+#   make html [PROFILE=...]   static pages of the executed notebooks: local/results/<profile>/html/
 #   make test                 pytest, then nbval over the stored notebooks in the smoke profile
 #   make notebook-outputs     after editing notebooks: run them (smoke) and keep only the outputs
 #                             of the # NBVAL_CHECK_OUTPUT cells, which nbval compares
 #   make strip                clear notebook outputs except the # NBVAL_CHECK_OUTPUT cells
 #   make git-filter           once per clone: git sees notebooks as stripped (outputs never reach a commit)
+#   make gpu-check [DATA_DIR=data]   benchmarks/gpu_check.sh: benchmark + a short `final` run + evaluate on
+#                             one GPU, within 8 minutes on an H100, into results/gpu/<device>/
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +30,8 @@ SEEDS ?=
 FINAL_SEEDS ?=
 SWITCHES ?=
 KAGGLE_FILE ?=
-RESULTS ?= results
+RESULTS ?= local/results
+PUBLISHED := results
 RUNS ?= runs
 NOTEBOOKS := 00_data_exploration 01_table1_ablation 02_figure1_inference 03_submission
 NBVAL_DIR := build/nbval
@@ -43,7 +49,8 @@ if [ -z "$$profile" ]; then \
 fi
 endef
 
-.PHONY: venv test unit nbval notebook-outputs report report-notebooks html strip clean-venv
+.PHONY: venv test unit nbval notebook-outputs report publish report-notebooks html strip clean-venv
+.PHONY: gpu-check
 
 venv: $(VENV)/.installed
 
@@ -104,6 +111,13 @@ report: venv
 	$(MAKE) --no-print-directory html PROFILE=$$profile || exit $$?; \
 	echo "report ($$profile) took $$((SECONDS - start)) s: $(RESULTS)/$$profile/html/index.html"
 
+# The committed report of a profile, regenerated: the same notebooks, written into results/.
+publish: venv
+	@test -n "$(PROFILE)" || { echo "make publish needs PROFILE (e.g. make publish PROFILE=cpu)"; exit 2; }
+	@runs=$(RUNS); [ -d $(PUBLISHED)/runs/$(PROFILE) ] && runs=$(PUBLISHED)/runs; \
+	echo "publishing the $(PROFILE) report into $(PUBLISHED)/$(PROFILE)/ (runs from $$runs/$(PROFILE)/)"; \
+	$(MAKE) --no-print-directory report PROFILE=$(PROFILE) RESULTS=$(PUBLISHED) RUNS=$$runs
+
 report-notebooks: venv
 	@test -n "$(PROFILE)" || { echo "report-notebooks needs PROFILE (or use make report)"; exit 2; }
 	@$(PY) -m samlib.report.runner --profile $(PROFILE) --data-dir $(DATA_DIR) --device $(DEVICE) \
@@ -126,8 +140,13 @@ strip: venv
 # with the venv gone git falls back to the unfiltered file instead of refusing to run.
 .PHONY: git-filter
 git-filter: venv
-	git config filter.samlib-strip.clean '"$(abspath $(PY))" -m samlib.report.notebooks clean'
+	git config filter.samlib-strip.clean '"$(abspath $(PY))" -m samlib.report.notebooks clean %f'
 	@echo "notebook outputs are now invisible to git; undo: git config --remove-section filter.samlib-strip"
 
 clean-venv:
 	rm -rf $(VENV)
+
+# One GPU, end to end (see benchmarks/README.md).  Runs with PYTHON (default python3), not the venv:
+# a GPU machine needs only torch & co.  Data: DATA_DIR, else built there from SAMLIB_SHARED_DATA.
+gpu-check:
+	DATA_DIR="$(DATA_DIR)" bash benchmarks/gpu_check.sh

@@ -126,7 +126,7 @@ def cmd_sweep(args) -> None:
     import torch
 
     from .config import resolve
-    from .sweep import job_env, sweep
+    from .sweep import job_env
 
     configs, seeds = _items(args.configs, "--configs", "baseline,se"), _seeds(args.seeds)
     devices = _items(args.devices, "--devices", "cuda:0,cuda:1") if args.devices else None  # sweep checks each
@@ -141,9 +141,15 @@ def cmd_sweep(args) -> None:
 
     device = resolve_device(devices[0] if devices else None)
     slots = [str(resolve_device(d)) for d in devices] if devices else [str(device)]
+    if device.type == "cuda" and not args.plan:
+        # The timing probe in a process of its own: in this one it would keep a CUDA context
+        # (and its memory) on the GPU for the whole sweep, beside that GPU's training job.
+        _plan_in_child(args)
+        return _start_sweep(args, configs, seeds, devices)
     # Jobs that share the CPU each get OMP_NUM_THREADS threads (samlib.sweep.job_env): probe at that.
     threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
     before = torch.get_num_threads()
+    print(f"timing a few training steps on {device} for the estimate...", flush=True)
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -157,8 +163,25 @@ def cmd_sweep(args) -> None:
         parallel = (f"; {len(slots)} jobs side by side{each}: about {format_duration(wall_seconds(plan, len(slots)))} "
                     "from start to end")
     print(format_plan(plan, describe_device(device)) + parallel, flush=True)
-    if args.plan:
-        return
+    if not args.plan:
+        _start_sweep(args, configs, seeds, devices)
+
+
+def _plan_in_child(args) -> None:
+    """`sweep ... --plan` in a child process (it prints the plan, or one error line)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "samlib", "sweep", "--configs", args.configs, "--seeds", args.seeds,
+            "--profile", args.profile, "--data-dir", str(args.data_dir), "--out", str(args.out), "--plan",
+            *(["--devices", args.devices] if args.devices else []),
+            *[a for pair in (args.set or ()) for a in ("--set", pair)]]
+    if subprocess.run(argv).returncode != 0:
+        raise SamlibError("the sweep's plan failed (see the line above); nothing was trained")
+
+
+def _start_sweep(args, configs, seeds, devices) -> None:
+    from .sweep import sweep
+
     extra = [a for pair in (args.set or ()) for a in ("--set", pair)]
     results = sweep(configs, seeds, args.profile, args.data_dir, args.out, devices, extra)
     failed = [r for r in results if r[3] != 0]
@@ -175,7 +198,8 @@ def cmd_bench(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_benchmark(args.out, width=args.width, device=args.device, quick=args.quick,
-                  data_dir=args.data_dir or "auto", compile=False if args.no_compile else None)
+                  data_dir=args.data_dir or "auto", compile=False if args.no_compile else None,
+                  full=args.full)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="json file to write")
     b.add_argument("--width", type=int, help="first-stage width (default: 64 on GPU, 16 on CPU)")
     b.add_argument("--device")
-    b.add_argument("--quick", action="store_true", help="fewer repeats (tests)")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer repeats (tests)")
+    size.add_argument("--full", action="store_true",
+                      help="on a CPU, the long, precise plan (tens of minutes; the default CPU plan "
+                           "takes 1-3 minutes on 2 cores); a GPU always runs its full plan")
     b.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: ./data if present, "
                                       "else synthetic images)")
     b.add_argument("--threads", type=int, help="torch CPU threads for the timed process")

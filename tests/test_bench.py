@@ -135,4 +135,40 @@ def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one
                 "git_commit", "data_source"):
         assert key in env
     assert env["threads"] == 1 and env["width"] == 8 and env["widths"] == [8, 16, 32] and env["batch_size"] == 128
-    assert env["data_source"].startswith("synthetic")
+    assert env["data_source"].startswith("synthetic") and env["plan"] == "quick"
+
+
+@pytest.mark.parametrize("flags, plan", [((), "cpu"), (("--full",), "cpu_full"), (("--quick",), "quick")])
+def test_cli_default_plan_on_a_cpu_is_the_small_one_and_full_the_long_one(tmp_path, monkeypatch, flags, plan):
+    """`python -m samlib bench --out X` on a CPU runs the small plan, `--full` the long one
+    (the old CPU plan); the plan chosen, not its speed, is what is checked."""
+    from samlib import cli
+    from samlib.report import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda out, **kw: calls.append(kw))
+    assert cli.main(["bench", "--out", str(tmp_path / "b.json"), "--device", "cpu", *flags]) == 0
+    (kw,) = calls
+    assert bench.select_plan(torch.device("cpu"), quick=kw["quick"], full=kw["full"]) == plan
+    small, full = bench.PLANS["cpu"], bench.PLANS["cpu_full"]
+    for key in ("n_train", "n_tta", "aug_naive", "steps", "tta_repeats", "amp_repeats"):
+        assert small[key] <= full[key]
+    assert small["n_tta"] < full["n_tta"] and small["steps"] < full["steps"]
+    assert small["amp_widths"] == ("cpu_profile",) and full["amp_widths"] == ("paper", "cpu_profile")
+
+
+def test_gpu_plan_is_the_cuda_one_whatever_full_says():
+    from samlib.report.bench import PLAN_COST, PLANS, select_plan
+
+    for full in (False, True):
+        assert select_plan(torch.device("cuda"), full=full) == "cuda"
+    assert select_plan(torch.device("cuda"), quick=True) == "quick"
+    assert set(PLAN_COST) == set(PLANS)
+
+
+def test_quick_and_full_exclude_each_other(tmp_path, capsys):
+    from samlib import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--out", str(tmp_path / "b.json"), "--quick", "--full"])
+    assert "not allowed with" in capsys.readouterr().err

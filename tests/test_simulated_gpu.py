@@ -263,3 +263,25 @@ def test_the_notebook_parameters_pick_the_gpu_as_in_colab(monkeypatch, tmp_path)
         assert p.device == "cuda" and p.profile == "paper"
         from samlib.device import resolve_device
         assert resolve_device(p.device) == torch.device("cuda:0")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_mode_on_a_simulated_h100(tmp_path):
+    """benchmarks/gpu_check.sh's dry mode (smoke profile, one epoch) as on a GPU machine: its
+    estimate comes first, and the benchmark, the run and its evaluation all compute on the GPU."""
+    repo = Path(__file__).resolve().parent.parent
+    write_cifar10(tmp_path / "data", synthetic_cifar10(600, 300, seed=0))
+    env = dict(simulated_gpu_env(tmp_path, 1, (9, 0), H100_NAME), GPU_CHECK_EPOCHS="1", GPU_CHECK_PROFILE="smoke",
+               DATA_DIR=str(tmp_path / "data"), GPU_CHECK_RUNS=str(tmp_path / "runs"),
+               GPU_CHECK_RESULTS=str(tmp_path / "results"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    first = [line for line in out.splitlines() if "] " in line][:3]
+    assert any("estimate" in line for line in first), first
+    for command in ("bench", "train", "evaluate"):
+        log = only_log(tmp_path, command)
+        assert log["placed"] == [0], (command, log)
+    assert only_log(tmp_path, "evaluate")["autocast"] == ["bfloat16"]
+    assert json.loads((tmp_path / "results" / "provenance.json").read_text())["device"] == H100_NAME

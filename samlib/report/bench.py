@@ -1,11 +1,8 @@
 """Speed benchmark: the paper's input pipeline against samlib's, side by side.
 
-The paper's code (SAMResNet.py) feeds training through a torch Dataset in the manner of
-torchvision's CIFAR10: each image becomes a PIL image and is cropped, flipped, converted,
-cut out and normalised on its own, in DataLoader worker processes (num_workers=2), then
-copied to the GPU.  samlib does what airbench does: the training set lives on the device
-as uint8 and each step augments a whole batch there with tensor ops (samlib.augment) -
-no PIL, no workers, no host-to-device copy per step.
+The paper's code (SAMResNet.py) augments each image on its own as a PIL image in DataLoader
+workers (num_workers=2), then copies batches to the GPU.  samlib does what airbench does: the
+training set lives on the device as uint8 and each step augments a whole batch there.
 
 Four comparisons, each naive vs samlib in the same process, on the same data and device
 (and a fifth, amp_train, of samlib against itself: fp32 vs automatic mixed precision):
@@ -18,14 +15,12 @@ Four comparisons, each naive vs samlib in the same process, on the same data and
   tta           predict_logits (all PAPER_TTA views in one forward per batch) vs
                 predict_logits_sequential (one pass over the data per view); also the
                 model's forward alone on the same inputs, the ceiling for any TTA loop.
-  amp_train     Trainer.train_step on samlib's feed with amp="off" (fp32) and amp="auto"
-                (samlib.device's rule: bf16 on a GPU sm80+ or a CPU with native bf16), at
-                the paper's width and at the cpu profile's; ratio = AMP / fp32 images/s.
-Each figure is the median images/s over timed windows, each window one
-torch.utils.benchmark.Timer.timeit of a fixed number of calls.  Warm-up steps come first
-(worker start-up, allocator, cudnn autotuning, torch.compile) and are not timed; CUDA is
-synchronised before every clock read.  Each side's windows run back to back, not
-interleaved, so idle DataLoader workers cannot prefetch free batches while samlib is timed.
+  amp_train     Trainer.train_step on samlib's feed, amp="off" (fp32) vs amp="auto"; ratio =
+                AMP / fp32 images/s, per width.
+Plans (PLANS; costs in benchmarks/README.md): "cuda" on a GPU; on a CPU "cpu" (small samples)
+or "cpu_full" (`bench --full`); "quick" tests the benchmark itself.  Each figure is the
+median images/s over timed windows (torch.utils.benchmark.Timer), after untimed warm-up;
+CUDA is synchronised before every clock read; each side's windows run back to back.
 """
 from __future__ import annotations
 
@@ -54,16 +49,25 @@ from ..rundir import describe_data, provenance
 from ..train import Trainer, to_device
 from ..views import View, identity
 
-# Sizes per mode: training images on the device, test images for TTA, steps per timed
-# window (naive augment, train step; samlib's augment windows are one epoch each), timed
-# windows per side (TTA apart).
+# Per plan: training images, TTA test images, steps per timed window, windows per side, and
+# the widths amp_train compares (why these sizes: benchmarks/README.md, "What it costs").
+PAPER_AND_CPU = ("paper", "cpu_profile")
 PLANS = {
     "quick": dict(n_train=1024, n_tta=256, aug_naive=4, steps=2, repeats=2, tta_repeats=2,
-                  amp_steps=1, amp_repeats=1),
-    "cpu": dict(n_train=8000, n_tta=2000, aug_naive=20, steps=8, repeats=3, tta_repeats=2,
-                amp_steps=3, amp_repeats=3),
+                  amp_steps=1, amp_repeats=1, amp_widths=()),
+    "cpu": dict(n_train=4096, n_tta=128, aug_naive=10, steps=3, repeats=3, tta_repeats=2,
+                amp_steps=2, amp_repeats=2, amp_widths=("cpu_profile",)),
+    "cpu_full": dict(n_train=8000, n_tta=2000, aug_naive=20, steps=8, repeats=3, tta_repeats=2,
+                     amp_steps=3, amp_repeats=3, amp_widths=PAPER_AND_CPU),
     "cuda": dict(n_train=45000, n_tta=5000, aug_naive=40, steps=60, repeats=5,
-                 tta_repeats=3, amp_steps=30, amp_repeats=3),
+                 tta_repeats=3, amp_steps=30, amp_repeats=3, amp_widths=PAPER_AND_CPU),
+}
+# What each plan is for and roughly how long it takes (printed before timing starts).
+PLAN_COST = {
+    "quick": "a test of the benchmark itself, well under a minute",
+    "cpu": "the default on a CPU, small samples: 1-3 minutes on 2 cores; --full for the long plan",
+    "cpu_full": "the long CPU plan (--full): 7 to 20+ minutes on 2 cores",
+    "cuda": "the GPU plan, paper-sized: about 2 minutes on an H100 (estimated), torch.compile included",
 }
 NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
          "augment": "naive: per-image PIL crop/flip/ToTensor/Cutout/Normalize in a DataLoader; samlib: "
@@ -72,7 +76,8 @@ NOTES = {"ratio": "samlib images/s / naive images/s (medians of timed windows)",
          "augment_mixup": "as augment, then one_hot + MixUp on the device on both sides",
          "train_step": "the same Trainer.train_step; naive feed without Normalize (the model normalises)",
          "amp_train": "Trainer.train_step on samlib's feed, amp='off' (fp32) vs amp='auto'; ratio = "
-                       "AMP images/s / fp32 images/s, per width (first-stage channels)",
+                       "AMP images/s / fp32 images/s, per width (first-stage channels; the default "
+                       "CPU plan: the cpu profile's width only)",
          "tta": "naive: predict_logits_sequential; samlib: predict_logits; images, not image-views; "
                 "forward_only: the model alone on the same view batches (ceiling_ratio = forward_only / naive)"}
 EPOCH_IMAGES = 45_000   # the paper's training images per epoch (50,000 less validation)
@@ -181,17 +186,18 @@ def _clock(device: torch.device):
 
 def images_per_second(step, images_per_step: int, steps: int, repeats: int, device,
                       warmup: int = 0) -> list[float]:
-    """images/s of each of `repeats` windows of `steps` calls of `step`, one
-    torch.utils.benchmark.Timer.timeit per window.
-
-    `warmup` untimed calls come first (e.g. DataLoader worker start-up); Timer.timeit adds
-    its own untimed warm-up calls before each window.  The thread count is left as it is
-    (Timer would otherwise time with one thread)."""
+    """images/s of each of `repeats` windows of `steps` calls of `step` (one Timer.timeit per
+    window, after `warmup` untimed calls; the thread count left as it is, not Timer's one)."""
     for _ in range(warmup):
         step()
     timer = Timer(stmt="step()", globals={"step": step}, timer=_clock(device),
                   num_threads=torch.get_num_threads())
     return [images_per_step / timer.timeit(steps).mean for _ in range(repeats)]
+
+
+def starting(name: str, what: str) -> None:
+    """One line as a comparison (or a long part of one) starts: no long silence before its row."""
+    print(f"  .. {name}: {what}", flush=True)
 
 
 def side_by_side(name: str, naive: list, samlib: list, **extra) -> dict:
@@ -207,19 +213,22 @@ def time_augment(trainer: Trainer, images, labels, plan: dict, alpha: float) -> 
     both followed by MixUp when alpha > 0.  samlib's windows span whole epochs, so each pays
     its share of the per-epoch crop/flip/Cutout, whatever the window length."""
     dev, bs = trainer.device, trainer.cfg.batch_size
+    name = "augment_mixup" if alpha > 0 else "augment"
+    starting(name, f"naive PIL DataLoader, {plan['repeats']} windows of {plan['aug_naive']} batches; "
+                   f"then samlib's feed, {plan['repeats']} one-epoch windows")
     naive = naive_feed(naive_loader(images, labels, dev, normalize=True, batch_size=bs), trainer, alpha)
     n = images_per_second(lambda: next(naive), bs, plan["aug_naive"], plan["repeats"], dev, warmup=4)
     naive.close()   # frees the DataLoader: its workers stop before samlib is timed
     feed = samlib_feed(trainer, alpha)
     s = images_per_second(lambda: next(feed), bs, trainer.steps_per_epoch, plan["repeats"], dev, warmup=2)
-    return side_by_side("augment_mixup" if alpha > 0 else "augment", n, s, naive_normalize=True,
-                        mix_alpha=alpha)
+    return side_by_side(name, n, s, naive_normalize=True, mix_alpha=alpha)
 
 
 def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
     """Trainer.train_step fed by each pipeline; also seconds per 45,000-image epoch."""
     dev, bs = trainer.device, trainer.cfg.batch_size
     alpha = trainer.cfg.mix_alpha
+    starting("train_step", f"each feed, {plan['repeats']} windows of {plan['steps']} training steps")
     naive = naive_feed(naive_loader(images, labels, dev, normalize=False, batch_size=bs), trainer, alpha)
     n = images_per_second(lambda: trainer.train_step(*next(naive)), bs, plan["steps"], plan["repeats"],
                           dev, warmup=4)
@@ -236,6 +245,7 @@ def time_train_step(trainer: Trainer, images, labels, plan: dict) -> dict:
 def time_compiled_step(trainer: Trainer, plan: dict) -> dict:
     """samlib feed + train_step with the model under torch.compile (compile time reported apart)."""
     dev, bs, feed = trainer.device, trainer.cfg.batch_size, samlib_feed(trainer, trainer.cfg.mix_alpha)
+    starting("train_step+compile", "torch.compile of the model (a minute or so), then the timed steps")
     try:
         trainer.net = torch.compile(trainer.model)
         t0 = time.perf_counter()
@@ -261,6 +271,8 @@ def time_amp_train(images, labels, plan: dict, device, widths: dict) -> dict:
     out, holdout = {}, (images[:100], labels[:100])
     for label, w in widths.items():
         rates, precision = {}, None
+        starting(f"amp_train {label}", f"width {w}, fp32 then amp='auto', {plan['amp_repeats']} windows "
+                                       f"of {plan['amp_steps']} steps each")
         for amp in ("off", "auto"):
             cfg = resolve("final", "cpu", widths=(w, 2 * w, 4 * w), epochs=200, amp=amp)
             trainer = Trainer(cfg, {"train": (images, labels), "val": holdout, "test": holdout}, device)
@@ -282,13 +294,16 @@ def time_tta(model, images: torch.Tensor, batch_size: int, plan: dict, device) -
     """All PAPER_TTA views in one forward per batch vs one view after another, and the
     forward passes alone on the same inputs (what no TTA loop can beat)."""
     n, rates = len(images), []
-    for predict in (predict_logits_sequential, predict_logits):
+    for predict, what in ((predict_logits_sequential, "naive: one pass per view"),
+                          (predict_logits, "samlib: all views in one forward per batch")):
+        starting("tta", f"{what}, {n:,} images x {len(PAPER_TTA)} views, {plan['tta_repeats']} windows")
         predict(model, images[:batch_size], PAPER_TTA, batch_size)   # warm-up: full-size batches
         rates.append(images_per_second(lambda: predict(model, images, PAPER_TTA, batch_size),
                                        n, 1, plan["tta_repeats"], device))
     inputs = [v.fn(_pixel_batch(images, s, s + batch_size, device))      # the sequential loop's
               for v in PAPER_TTA for s in range(0, n, batch_size)]         # forward inputs
     model.eval()
+    starting("tta", "the model's forward alone on the same view batches")
     with torch.inference_mode():
         forward = images_per_second(lambda: [_forward(model, x, device) for x in inputs], n, 1,
                                     plan["tta_repeats"], device)
@@ -319,11 +334,22 @@ def _dataset(data_dir, n_train: int, n_test: int):
     return ds.train_images[:n_train], ds.train_labels[:n_train], ds.test_images[:n_test], source
 
 
+def select_plan(device: torch.device, quick: bool = False, full: bool = False) -> str:
+    """The PLANS entry a run uses: quick when asked; on CUDA "cuda"; on a CPU the small
+    "cpu" plan, or "cpu_full" with full (the GPU plan is already the full one)."""
+    if quick:
+        return "quick"
+    if device.type == "cuda":
+        return "cuda"
+    return "cpu_full" if full else "cpu"
+
+
 def run_benchmark(out, width: int | None = None, device=None, quick: bool = False,
-                  data_dir="auto", compile: bool | None = None) -> dict:
-    """Time the three comparisons, print a table as they go, write `out` (json), return it.
+                  data_dir="auto", compile: bool | None = None, full: bool = False) -> dict:
+    """Time the comparisons, print a table as they go, write `out` (json), return it.
 
     width: first-stage channels (stages w, 2w, 4w); default 64 (paper) on CUDA, 16 on CPU.
+    quick / full: the plan (select_plan): a test of the benchmark / the long CPU plan.
     data_dir: folder holding cifar-10-batches-py; "auto" = ./data if present; None = synthetic.
     compile: also time the samlib step under torch.compile (default: on CUDA, not quick).
     """
@@ -331,7 +357,9 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     device = resolve_device(device)
     cuda = device.type == "cuda"
     width = width or (64 if cuda else 16)
-    plan = PLANS["quick" if quick else "cuda" if cuda else "cpu"]
+    plan_name = select_plan(device, quick=quick, full=full)
+    plan = PLANS[plan_name]
+    print(f"samlib bench, plan {plan_name!r}: {PLAN_COST[plan_name]}", flush=True)
     profile = "paper" if cuda else "quick"
     # epochs=200: enough scheduler steps for any benchmark length (speed is unaffected).
     cfg = resolve("final", profile, widths=(width, 2 * width, 4 * width), epochs=200)
@@ -343,7 +371,8 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     env = {**provenance(device, source), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "width": width, "widths": list(cfg.widths), "profile": profile, "batch_size": cfg.batch_size,
            "amp": str(trainer.amp_dtype), "naive_num_workers": min(2, os.cpu_count() or 1),
-           "train_images": len(y_train), "quick": quick, "load_average_at_start": _load()}
+           "train_images": len(y_train), "quick": quick, "plan": plan_name,
+           "load_average_at_start": _load()}
     print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
     print(f"{'images/s':<18}{'naive':>14}{'samlib':>14}{'ratio':>10}", flush=True)
     result = {"augment": time_augment(trainer, x_train, y_train, plan, alpha=0.0),
@@ -353,8 +382,9 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
         result["train_step_compiled"] = time_compiled_step(trainer, plan)
     test_x, _ = to_device(x_test, np.zeros(len(x_test), dtype=np.int64), device)
     result["tta"] = time_tta(trainer.model, test_x, cfg.eval_batch_size, plan, device)
-    amp_widths = ({f"width_{width}": width} if quick else   # quick: a test of the benchmark itself
-                  {"paper": resolve("final", "paper").widths[0], "cpu_profile": resolve("final", "cpu").widths[0]})
+    named = {"paper": resolve("final", "paper").widths[0], "cpu_profile": resolve("final", "cpu").widths[0]}
+    amp_widths = ({k: named[k] for k in plan["amp_widths"]} if plan["amp_widths"] else
+                  {f"width_{width}": width})   # quick: a test of the benchmark itself
     result["amp_train"] = time_amp_train(x_train, y_train, plan, device, amp_widths)
     report = {"augment_ratio": result["augment"]["ratio"],
               "augment_mixup_ratio": result["augment_mixup"]["ratio"],

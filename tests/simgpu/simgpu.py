@@ -299,6 +299,10 @@ def simulated_gpu(count: int = 1, capability=(9, 0), name: str = H100[2], place_
         (torch._C, "_cuda_getDevice", lambda: state.current),
         (torch._C, "_cuda_synchronize", synchronize),
         (torch, "Generator", generator),
+        # DataLoader(pin_memory=True) pins in a thread of its own, outside the placement mode
+        (torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self),
+        (torch.accelerator, "current_device_index", lambda: state.current),
+        (torch.accelerator, "set_device_index", set_device),
     ]
     if place_on_cpu:
         patches += [(torch, "autocast", autocast), (torch.amp, "autocast", autocast), (torch, "load", load)]
