@@ -336,12 +336,35 @@ def _after(previous: dict, program: bool) -> None:
             mask(signal.SIG_SETMASK, blocked)
 
 
+# Every path flag of every command, checked (samlib.paths) before any work starts: inputs for
+# symlink loops (their other faults have messages of their own), outputs for a writable folder.
+PATH_FLAGS = {
+    "train": {"out": ("--out", "out"), "data_dir": ("--data-dir", "in")},
+    "evaluate": {"run_dir": ("the run directory", "in"), "data_dir": ("--data-dir", "in")},
+    "submit": {"run_dir": ("the run directory", "in"), "input": ("--input", "in"), "output": ("--output", "file")},
+    "synthetic": {"dir": ("the folder", "out")},
+    "sweep": {"out": ("--out", "out"), "data_dir": ("--data-dir", "in")},
+    "bench": {"out": ("--out", "file"), "data_dir": ("--data-dir", "in")},
+}
+
+
+def check_paths(args) -> None:
+    from . import paths
+
+    check = {"in": paths.resolved, "out": paths.output_dir, "file": paths.output_file}
+    for name, (what, kind) in PATH_FLAGS.get(args.command, {}).items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check["out" if name == "data_dir" and getattr(args, "download", False) else kind](value, what)
+
+
 def main(argv=None) -> int:
     """Run one command; the one error boundary of the command line (see the module docstring)."""
     args = build_parser().parse_args(argv)
     previous = {}
     try:
         previous = _install_signal_handlers()
+        check_paths(args)
         args.func(args)
     except SamlibError as e:
         return _error(str(e))

@@ -465,15 +465,15 @@ WRITES = {  # (tmp, data_dir, reference run) -> (argv, words, the files that mus
     "--output the input through ..": lambda t, d, r: (
         _submit(r, _kaggle(t), t / "x" / ".." / "kaggle.pkl"), ["is the input file"], [t / "kaggle.pkl"]),
     "--output under a file": lambda t, d, r: (
-        _submit(r, _kaggle(t), _a_file(t) / "s.csv"), ["cannot write to", "Not a directory", "--output"],
+        _submit(r, _kaggle(t), _a_file(t) / "s.csv"), ["--output", "is a file, not a folder"],
         [t / "file"]),
     "train --out under a file": lambda t, d, r: (
-        _train(d, _a_file(t) / "runs"), ["cannot write to", "Not a directory", "--out"], [t / "file"]),
+        _train(d, _a_file(t) / "runs"), ["--out", "is a file, not a folder"], [t / "file"]),
     "sweep --out under a file": lambda t, d, r: (
-        _sweep(d, _a_file(t) / "runs"), ["cannot write the sweep's log", "Not a directory", "--out"],
+        _sweep(d, _a_file(t) / "runs"), ["--out", "is a file, not a folder"],
         [t / "file"]),
     "synthetic into a file": lambda t, d, r: (
-        ["synthetic", _a_file(t)], ["cannot write the synthetic data", "is a file"], [t / "file"]),
+        ["synthetic", _a_file(t)], ["must be a folder, but it is a file"], [t / "file"]),
 }
 
 

@@ -178,10 +178,10 @@ CASES = {
     "--set without =": lambda t, d, r, m: (_train(t, d, "--set", "epochs"), ["--set expects KEY=VALUE", "epochs=5"]),
     "unknown device": lambda t, d, r, m: (_train(t, d, "--device", "gpu"), ["unknown device 'gpu'", "cpu"]),
     "results folder under a file": lambda t, d, r, m: (
-        _train(t, d, "--out", str(_a_file(t) / "runs")), ["cannot write to", "Not a directory", "--out"]),
+        _train(t, d, "--out", str(_a_file(t) / "runs")), ["--out", "is a file, not a folder"]),
     "submission under a file": lambda t, d, r, m: (
         ["submit", r["final"], "--input", _good_kaggle(t), "--output", _a_file(t) / "s.csv", "--device", "cpu"],
-        ["cannot write to", "--output"]),
+        ["--output", "is a file, not a folder"]),
     "evaluate, EMA checkpoint of another width": lambda t, d, r, m: (
         ["evaluate", str(foreign_ema_run(t, r)), "--data-dir", str(d), "--device", "cpu"],
         ["best_ema.pt", "another config"]),

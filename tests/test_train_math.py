@@ -228,9 +228,9 @@ def test_train_acc_mixed_and_loss_are_the_lambda_weighted_hand_formulas(dataset,
     step = trainer.train_step
 
     def recording_step(x, y):
-        loss, logits = step(x, y)
+        loss, logits, skipped = step(x, y)
         steps.append((y.clone(), loss.clone(), logits.clone()))
-        return loss, logits
+        return loss, logits, skipped
 
     monkeypatch.setattr(trainer, "train_step", recording_step)
     checked = []

@@ -145,7 +145,11 @@ def _seed_list(name, seeds) -> list:
 def _path(name, value) -> Path:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         _fail(name, "a path (string)", value)
-    return Path(value).expanduser().resolve()
+    from ..paths import output_dir, resolved
+
+    # the folders a notebook writes: checked before any work (a read-only or file-blocked one)
+    return output_dir(value, f"parameter {name}") if name.endswith(("results_dir", "runs_dir")) else \
+        resolved(value, f"parameter {name}")
 
 
 def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:

@@ -77,7 +77,7 @@ def validate_submission(path, ids=None, num_classes=10) -> dict:
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
+    except (OSError, RuntimeError):      # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
