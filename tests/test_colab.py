@@ -13,6 +13,7 @@ import pytest
 from samlib.report import colab
 
 DRIVE = "/content/drive/MyDrive/samresnets"
+TORCH = sys.modules.get("torch")       # imported by conftest; torch cannot be imported twice
 
 
 @pytest.fixture
@@ -136,3 +137,22 @@ def test_repo_root_without_a_clone_next_to_samlib(env, tmp_path):
     assert colab.repo_root(start=clone / "notebooks", clone_dir=tmp_path / "none") == clone
     assert colab.repo_root(start=tmp_path, clone_dir=clone) == clone
     assert colab.repo_root(start=tmp_path, clone_dir=tmp_path / "none") is None
+
+
+def test_colab_with_a_gpu_runtime_the_notebooks_pick_the_gpu(env, commands, mounts, tmp_path):
+    """A Colab T4 runtime (a simulated GPU): after setup, the parameters cell's defaults
+    resolve to the GPU and the paper profile, with the folders setup exported."""
+    env.setitem(sys.modules, "torch", TORCH)          # (the env fixture forgets it, as a fresh kernel)
+    import simgpu
+    import torch
+
+    from samlib.device import resolve_device
+    from samlib.report.params import check_params
+
+    env.setattr(colab, "installed", lambda: True)
+    with simgpu.simulated_gpu(1, (7, 5), "Tesla T4 (simulated)"):
+        folders = colab.setup(data_dir=tmp_path / "data", runs_dir=tmp_path / "runs", results_dir=tmp_path / "results")
+        p = check_params("auto", os.environ["SAMLIB_DATA_DIR"], None, os.environ["SAMLIB_RESULTS_DIR"],
+                         os.environ["SAMLIB_RUNS_DIR"], "auto")
+        assert p.profile == "paper" and resolve_device(p.device) == torch.device("cuda:0")
+        assert str(p.results) == str(Path(folders.results_dir) / "paper")
