@@ -149,12 +149,11 @@ def cmd_sweep(args) -> None:
     # Jobs that share the CPU each get OMP_NUM_THREADS threads (samlib.sweep.job_env): probe at that.
     threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
     before = torch.get_num_threads()
-    print(f"timing a few training steps on {device} for the estimate...", flush=True)
     try:
         if threads:
             torch.set_num_threads(threads)
         plan = estimate(plan_runs(configs, seeds, args.profile, args.out, **overrides), args.profile, device,
-                        **overrides)
+                        say=lambda line: print(line, flush=True), **overrides)
     finally:
         torch.set_num_threads(before)
     parallel = ""

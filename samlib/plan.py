@@ -105,8 +105,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def estimate(plan: list[PlannedRun], profile: str, device=None, **overrides) -> list[PlannedRun]:
-    """Fill in each unfinished run's estimated seconds (one probe per architecture)."""
+def estimate(plan: list[PlannedRun], profile: str, device=None, say=None, **overrides) -> list[PlannedRun]:
+    """Fill in each unfinished run's estimated seconds (one probe per architecture); `say`
+    (e.g. print) hears of each probe as it starts, so a long one is never silent."""
     probes: dict = {}
     for item in plan:
         if item.finished:
@@ -115,6 +116,8 @@ def estimate(plan: list[PlannedRun], profile: str, device=None, **overrides) -> 
         cfg = resolve(item.config, profile, seed=item.seed, **overrides)
         key = (cfg.se, cfg.se_placement, cfg.widths, cfg.blocks, cfg.batch_size, cfg.mix, cfg.ema)
         if key not in probes:
+            if say:
+                say(f"timing a few training steps of {item.config} here, for the estimate...")
             probes[key] = epoch_seconds(cfg, device)
         item.seconds = probes[key] * item.remaining
     return plan

@@ -41,10 +41,10 @@ def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
     return x.to(device), torch.from_numpy(labels).to(device)
 
 
-def accuracy_of(model, images, labels, batch_size, amp: str = "auto") -> float:
+def accuracy_of(model, images, labels, batch_size, amp: str = "auto", bar=None) -> float:
     if len(labels) == 0:                         # (a split of zero images)
         return float("nan")
-    logits = predict_logits(model, images, batch_size=batch_size, amp=amp)[0]
+    logits = predict_logits(model, images, batch_size=batch_size, amp=amp, bar=bar)[0]
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
 
 
@@ -279,17 +279,19 @@ class Trainer:
                 f"was saved. Last good checkpoint: {last_good or 'none (first epoch)'}. "
                 "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
 
-    def final_test(self, run: RunDir) -> dict:
+    def final_test(self, run: RunDir, progress: bool = False) -> dict:
         """Full-test-set accuracy of the selected checkpoints (what Table 1 reports)."""
         test_x, test_y = self.eval_sets["test"]
+        kinds = [k for k in ("regular", "ema") if (run / f"best_{k}.pt").exists()]
         last = self.metrics[-1]
         final = {"epochs": self.epoch, "best": self.best.state, "train_acc_mixed": last["train_acc_mixed"],
                  "train_acc_clean": last["train_acc_clean"], "test_size": len(test_y)}
-        for kind in ("regular", "ema"):
-            if (run / f"best_{kind}.pt").exists():
+        with progress_bar(total=len(kinds) * len(test_y), desc="test of the selected checkpoints",
+                          disable=not progress) as bar:
+            for kind in kinds:
                 model = load_model(run / f"best_{kind}.pt", self.device, expect_arch=self.model.arch)
                 final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size,
-                                                        self.precision)
+                                                        self.precision, bar)
         return final
 
 
@@ -333,7 +335,7 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
             if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
                 dist.barrier()
                 if dist.is_main():
-                    run.finish(trainer.final_test(run), {
+                    run.finish(trainer.final_test(run, progress), {
                         **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
                         "precision": trainer.precision,
                         "profile": profile, "wall_seconds": round(time.time() - t0, 1),

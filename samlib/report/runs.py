@@ -89,9 +89,7 @@ def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs",
     """
     plan = plan_runs(configs, seeds, profile, out, **overrides)
     if progress:
-        if any(not item.finished for item in plan):
-            print(f"timing a few training steps here for the estimate ({len(plan)} runs planned)...", flush=True)
-        estimate(plan, profile, device, **overrides)
+        estimate(plan, profile, device, say=lambda line: print(line, flush=True), **overrides)
         print(format_plan(plan, describe_device(resolve_device(device))), flush=True)
     runs = {name: [] for name in configs}
     for i, item in enumerate(plan):
