@@ -142,14 +142,14 @@ def _seed_list(name, seeds) -> list:
     return seeds
 
 
-def _path(name, value) -> Path:
+def _path(name, value, written: bool = False) -> Path:
+    """A path parameter, resolved; a folder the notebook writes (`written`) is checked for
+    writing before any work (samlib.paths)."""
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         _fail(name, "a path (string)", value)
     from ..paths import output_dir, resolved
 
-    # the folders a notebook writes: checked before any work (a read-only or file-blocked one)
-    return output_dir(value, f"parameter {name}") if name.endswith(("results_dir", "runs_dir")) else \
-        resolved(value, f"parameter {name}")
+    return (output_dir if written else resolved)(value, f"parameter {name}")
 
 
 def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
@@ -210,8 +210,8 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
         checked[name] = value
     return Params(profile=resolved, requested_profile=str(profile), data_dir=_path("data_dir", data_dir),
                   seeds=[int(s) for s in seeds], device=str(dev),
-                  results=_path("results_dir", results_dir) / resolved,
-                  runs=_path("runs_dir", runs_dir) / resolved, extra=checked)
+                  results=_path("results_dir", results_dir, written=True) / resolved,
+                  runs=_path("runs_dir", runs_dir, written=True) / resolved, extra=checked)
 
 
 # ---------------------------------------------------------------- data and header
