@@ -172,17 +172,20 @@ def _plan_in_child(args) -> None:
 
     argv = [sys.executable, "-m", "samlib", "sweep", "--configs", args.configs, "--seeds", args.seeds,
             "--profile", args.profile, "--data-dir", str(args.data_dir), "--out", str(args.out), "--plan",
-            *(["--devices", args.devices] if args.devices else []),
-            *[a for pair in (args.set or ()) for a in ("--set", pair)]]
+            *(["--devices", args.devices] if args.devices else []), *_set_args(args)]
     if subprocess.run(argv).returncode != 0:
         raise SamlibError("the sweep's plan failed (see the line above); nothing was trained")
+
+
+def _set_args(args) -> list:
+    """The command's --set KEY=VALUE flags, for the processes it starts."""
+    return [a for pair in (args.set or ()) for a in ("--set", pair)]
 
 
 def _start_sweep(args, configs, seeds, devices) -> None:
     from .sweep import sweep
 
-    extra = [a for pair in (args.set or ()) for a in ("--set", pair)]
-    results = sweep(configs, seeds, args.profile, args.data_dir, args.out, devices, extra)
+    results = sweep(configs, seeds, args.profile, args.data_dir, args.out, devices, _set_args(args))
     failed = [r for r in results if r[3] != 0]
     if failed:
         raise SamlibError(f"{len(failed)} of {len(results)} runs failed; see " +

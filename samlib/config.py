@@ -27,6 +27,8 @@ from .model import NORM_STDS, SE_PLACEMENTS
 from .optim import EMA_RESETS, SCHEDULES
 from .selection import SELECTIONS
 
+SPEED_KNOBS = ("eval_batch_size", "compile", "channels_last")   # change the time a run takes, not its numbers
+
 
 @dataclass(frozen=True)
 class Config:
@@ -97,7 +99,7 @@ class Config:
         runs were first named count only away from their default (ADDED_LATER), so the runs
         trained before them keep their names."""
         d = self.to_dict()
-        for k in ("eval_batch_size", "compile", "channels_last") + self.inert_fields():
+        for k in SPEED_KNOBS + self.inert_fields():
             d.pop(k)
         for k, default in ADDED_LATER.items():
             if d.get(k, default) == default:

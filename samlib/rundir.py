@@ -25,7 +25,7 @@ import torch
 
 from . import data as D
 from . import dist
-from .config import Config, from_dict
+from .config import SPEED_KNOBS, Config, from_dict
 from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
 from .io import (atomic_write_text, check_fields, check_tensors, clip, load_checkpoint, present, read_json,
@@ -311,7 +311,7 @@ def check_same_run(ckpt: dict, cfg: Config) -> None:
     recorded = recorded if recorded is None else from_dict(recorded, source=f"{where} field 'config'")
     if recorded is not None and recorded.hash() != cfg.hash():
         a, b, skip = recorded.to_dict(), cfg.to_dict(), {*recorded.inert_fields()} & {*cfg.inert_fields()}
-        keys = [k for k in b if a[k] != b[k] and k not in skip | {"eval_batch_size", "compile", "channels_last"}]
+        keys = [k for k in b if a[k] != b[k] and k not in skip | set(SPEED_KNOBS)]
         show = lambda d: ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}"  # noqa: E731
                                    for k in keys)
         raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to "
