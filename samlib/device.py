@@ -1,6 +1,6 @@
 """Where a run computes and at which precision (paper Section 3.3: "AMP").
 
-One rule for training and inference alike (`amp="auto"`): bf16 autocast on a GPU with
+One rule for training and inference alike (`amp="auto"`, samlib.device.precision_for): bf16 autocast on a GPU with
 native bf16 (compute capability 8.0 or newer: A100, L4, H100...; no loss scaling needed),
 fp16 + GradScaler on an older GPU (T4, V100: the paper's own setting), bf16 autocast on a
 CPU with native bf16 instructions (x86 AVX512-BF16 or AMX-BF16: Xeon Cooper Lake, Sapphire
@@ -101,18 +101,17 @@ def cpu_has_native_bf16() -> bool:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype_for(amp: str, device: torch.device):
-    """The autocast dtype for `amp` on `device`, or None for fp32.  `amp` is a setting
-    ("auto" | "off") or a precision a run already holds ("fp32" | "bf16" | "fp16")."""
-    if amp in PRECISIONS:
-        return PRECISIONS[amp]
+def precision_for(amp: str, device: torch.device) -> str:
+    """The precision ("fp32" | "bf16" | "fp16") the config's `amp` setting ("auto" | "off")
+    picks on `device`: the one place that decides it.  A started run keeps the one it
+    recorded (Trainer.load_state_dict)."""
     if amp == "off":
-        return None
+        return "fp32"
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, _ = torch.cuda.get_device_capability(index)
-    return torch.bfloat16 if major >= 8 else torch.float16
+    return "bf16" if major >= 8 else "fp16"
 
 
 def check_environment() -> None:
@@ -122,11 +121,6 @@ def check_environment() -> None:
         raise SamlibError(f"{REMOVED_ENV} is no longer read: the config's amp setting alone decides "
                           "the precision (--set amp=off trains in fp32 everywhere; a started run keeps "
                           f"its own precision); unset {REMOVED_ENV}")
-
-
-def precision_name(dtype) -> str:
-    """"fp32", "bf16" or "fp16" for an autocast dtype from amp_dtype_for (None: fp32)."""
-    return {v: k for k, v in PRECISIONS.items()}[dtype]
 
 
 def runs_natively(precision: str, device: torch.device) -> bool:
@@ -139,11 +133,11 @@ def runs_natively(precision: str, device: torch.device) -> bool:
         return device.type == "cuda"
     if device.type == "cpu":
         return cpu_has_native_bf16()
-    return amp_dtype_for("auto", device) == torch.bfloat16
+    return precision_for("auto", device) == "bf16"
 
 
-def autocast(device: torch.device, dtype):
-    """torch.autocast for `dtype` on `device`; a no-op context when dtype is None."""
-    if dtype is None:
+def autocast(device: torch.device, precision: str):
+    """torch.autocast in `precision` on `device`; a no-op context for fp32."""
+    if PRECISIONS[precision] is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])

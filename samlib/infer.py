@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from samlib.data import CIFAR_MEAN, STD_AS_RUN
-from samlib.device import amp_dtype_for, autocast
+from samlib.device import autocast, precision_for
 from samlib.errors import DataError, SamlibError
 from samlib.progress import progress_bar
 from samlib.views import PAPER_TTA, View, as_run_tta, identity
@@ -59,20 +59,20 @@ def _model_device(model: torch.nn.Module, device) -> torch.device:
     return device
 
 
-def _forward(model, x: torch.Tensor, device: torch.device, amp: str = "auto") -> torch.Tensor:
-    with autocast(device, amp_dtype_for(amp, device)):   # the training loop's precision rule
+def _forward(model, x: torch.Tensor, device: torch.device, precision: Optional[str] = None) -> torch.Tensor:
+    with autocast(device, precision or precision_for("auto", device)):   # the training loop's rule
         return model(x).float()
 
 
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                   batch_size: int = 1000, device=None, amp: str = "auto", bar=None) -> torch.Tensor:
+                   batch_size: int = 1000, device=None, precision: Optional[str] = None, bar=None) -> torch.Tensor:
     """Logits (V, N, classes), float32 on the CPU, for every view of every image.
 
     ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
     Batched TTA: each chunk of ``batch_size // V`` images goes through the model once with
     all V views concatenated, so a forward pass holds ``batch_size`` inputs whatever V is
     (the same forward size as the one-view-at-a-time loop, for a fair comparison).  Eval mode (restored after),
-    inference_mode, autocast as in training (``amp``: samlib.device's rule).  ``views=None``: the
+    inference_mode, autocast in ``precision`` (default: samlib.device.precision_for's choice).  ``views=None``: the
     image itself (V = 1).
     ``device``: where to run (the model is moved there); default the model's device.
     ``bar``: a progress bar (samlib.progress) advanced by the image-views predicted.
@@ -87,7 +87,7 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
             chunk = max(1, batch_size // len(views))
             for start in range(0, n, chunk):
                 x = _pixel_batch(images, start, start + chunk, device)
-                logits = _forward(model, torch.cat([v.fn(x) for v in views]), device, amp)
+                logits = _forward(model, torch.cat([v.fn(x) for v in views]), device, precision)
                 logits = logits.view(len(views), len(x), -1).cpu()
                 if out is None:
                     out = torch.empty(len(views), n, logits.shape[-1])
@@ -276,14 +276,14 @@ def model_norm(model: torch.nn.Module):
 
 
 def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=None, batch_size: int = 500,
-                   temperature=None, amp: str = "auto", progress: bool = True) -> torch.Tensor:
+                   temperature=None, precision: Optional[str] = None, progress: bool = True) -> torch.Tensor:
     """Class probabilities (N, classes) of one registry strategy for a run's two models."""
     s = get_strategy(strategy, has_ema=ema is not None)
     views = s.view_list(model_norm(regular) or (CIFAR_MEAN, STD_AS_RUN))
     models = {"regular": regular, "ema": ema}
     with progress_bar(total=len(s.models) * len(views) * len(images), unit="img", disable=not progress,
                       desc=f"{strategy}: {len(s.models)} model(s) x {len(views)} views") as bar:
-        logits = {m: predict_logits(models[m], images, views, batch_size, device, amp, bar).double()
+        logits = {m: predict_logits(models[m], images, views, batch_size, device, precision, bar).double()
                   for m in s.models}
     return s.probs(logits, [v.weight for v in views], temperature).float()
 
@@ -293,7 +293,7 @@ def _has_data(split) -> bool:
 
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
-                        norm=None, amp: str = "auto", progress: bool = True):
+                        norm=None, precision: Optional[str] = None, progress: bool = True):
     """Figure 1's comparison: one row per registry strategy, then the validation-best one
     again at the paper's T = 1.2 and at the T fitted on validation (one T divides every logit).
 
@@ -315,7 +315,7 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
     total = len(models) * len(union) * sum(len(splits[s][1]) for s in splits)
     with progress_bar(total=total, unit="img", desc=f"{len(strategies)} strategies: {len(models)} model(s) x "
                       f"{len(union)} views x {' + '.join(splits)}", disable=not progress) as bar:
-        logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, amp,
+        logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, precision,
                                              bar).double()
                   for m in models for split in splits}
 

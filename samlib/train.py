@@ -19,7 +19,7 @@ from . import data as D
 from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
-from .device import PRECISIONS, amp_dtype_for, autocast, precision_name, resolve_device, runs_natively
+from .device import autocast, precision_for, resolve_device, runs_natively
 from .errors import SamlibError
 from .infer import predict_logits
 from .model import build_model
@@ -41,10 +41,10 @@ def to_device(images: np.ndarray, labels: np.ndarray, device) -> tuple:
     return x.to(device), torch.from_numpy(labels).to(device)
 
 
-def accuracy_of(model, images, labels, batch_size, amp: str = "auto", bar=None) -> float:
+def accuracy_of(model, images, labels, batch_size, precision=None, bar=None) -> float:
     if len(labels) == 0:                         # (a split of zero images)
         return float("nan")
-    logits = predict_logits(model, images, batch_size=batch_size, amp=amp, bar=bar)[0]
+    logits = predict_logits(model, images, batch_size=batch_size, precision=precision, bar=bar)[0]
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
 
 
@@ -105,7 +105,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
                                          max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                                          pct_start=cfg.pct_start)
-        self._use_precision(amp_dtype_for(cfg.amp, device))
+        self._use_precision(precision_for(cfg.amp, device))
         # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on
         # the host, so no step waits on the GPU.  Same seeds on every rank: same batches.
         self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
@@ -144,16 +144,11 @@ class Trainer:
                 "rng": {"aug": self.gen_aug.get_state(), "host": self.gen_host.get_state()},
                 "metrics": self.metrics, "best": self.best.state}
 
-    def _use_precision(self, dtype) -> None:
-        """Autocast dtype (None: fp32) and, for fp16 only, the loss scaler."""
-        self.amp_dtype = dtype
-        self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-    @property
-    def precision(self) -> str:
-        """"fp32", "bf16" or "fp16": recorded in checkpoints, never switched mid-run (training
-        and the per-epoch evaluation both use it)."""
-        return precision_name(self.amp_dtype)
+    def _use_precision(self, precision: str) -> None:
+        """"fp32", "bf16" or "fp16" (recorded in checkpoints, never switched mid-run; training and
+        the per-epoch evaluation both use it) and, for fp16 only, the loss scaler."""
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from a checkpoint read on the CPU (load_state_dict moves each part to its
@@ -170,7 +165,7 @@ class Trainer:
                     f"continue in {self.precision} ({saved} is not native here): a run must not switch "
                     f"precision half-way. Resume it on a device with native {saved}, or start it again "
                     "(another --out folder).")
-            self._use_precision(PRECISIONS[saved])
+            self._use_precision(saved)
         aug = ckpt["rng"]["aug"].cpu()
         if aug.numel() != self.gen_aug.get_state().numel():   # a CUDA (Philox) vs CPU (Mersenne) stream
             raise SamlibError(
@@ -219,7 +214,7 @@ class Trainer:
         detached; `skipped` (fp16 only, else None): on the device, whether the scaler skipped the step."""
         if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.precision):
             logits = self.net(x)
         loss = F.cross_entropy(logits.float(), y)   # soft targets: lam*CE(y_a) + (1-lam)*CE(y_b)
         self.optimizer.zero_grad(set_to_none=True)

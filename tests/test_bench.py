@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from samlib.augment import augment_batch, cutout
-from samlib.device import amp_dtype_for
+from samlib.device import precision_for
 from samlib.report.bench import Cutout, PILDataset, images_per_second, paper_transform, run_benchmark
 
 SIZE, HOLE = 32, 16
@@ -126,7 +126,7 @@ def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one
     assert tta["ceiling_ratio"] == pytest.approx(tta["forward_only_images_per_s"] / tta["naive_images_per_s"])
     # fp32 against AMP, side by side: the AMP side runs at samlib.device's precision for this CPU
     amp = saved["amp_train"]["width_8"]
-    expected = {None: "fp32", torch.bfloat16: "bf16"}[amp_dtype_for("auto", torch.device("cpu"))]
+    expected = precision_for("auto", torch.device("cpu"))
     assert amp["amp_precision"] == expected and amp["widths"] == [8, 16, 32]
     assert amp["ratio"] == pytest.approx(amp["amp_images_per_s"] / amp["fp32_images_per_s"])
     assert saved["amp_train_ratio"] == {"width_8": pytest.approx(amp["ratio"])}

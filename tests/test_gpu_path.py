@@ -131,8 +131,8 @@ def test_an_fp16_run_whose_every_step_the_scaler_skipped_stops(dataset):
                               "first_nonfinite_step": None}, None)
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
-                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"),
+                                                  ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_precision_follows_the_chosen_gpus_native_support(monkeypatch, capability, expected):
     """T4 (7.5) and V100 (7.0) train in fp16 + GradScaler even though torch reports bf16 as
     supported there (emulated); A100/L4 (8.x) and H100 (9.0) in bf16.  The chosen GPU is asked,
@@ -143,10 +143,10 @@ def test_precision_follows_the_chosen_gpus_native_support(monkeypatch, capabilit
     capabilities = {0: (6, 1), 1: capability}                    # GPU 0 is another, older card
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or capabilities[i])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # as on a T4
-    assert dev.amp_dtype_for("auto", torch.device("cuda:1")) == expected and asked == [1]
-    assert dev.amp_dtype_for("off", torch.device("cuda:1")) is None
+    assert dev.precision_for("auto", torch.device("cuda:1")) == expected and asked == [1]
+    assert dev.precision_for("off", torch.device("cuda:1")) == "fp32"
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
-    assert dev.amp_dtype_for("auto", torch.device("cpu")) is None
+    assert dev.precision_for("auto", torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -154,8 +154,8 @@ def test_cpu_amp_is_bf16_exactly_when_the_cpu_has_native_bf16(monkeypatch, nativ
     import samlib.device as dev
 
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
-    assert dev.amp_dtype_for("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert dev.amp_dtype_for("off", torch.device("cpu")) is None
+    assert dev.precision_for("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert dev.precision_for("off", torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize("flags, native", [({"avx512_bf16": True, "avx2": True}, True), ({"amx_bf16": True}, True),
@@ -193,8 +193,8 @@ def test_without_torchs_detection_the_kernels_flags_decide(monkeypatch, tmp_path
 
 
 def _expected_cpu_precision() -> str:
-    from samlib.device import amp_dtype_for, precision_name
-    return precision_name(amp_dtype_for("auto", torch.device("cpu")))
+    from samlib.device import precision_for
+    return precision_for("auto", torch.device("cpu"))
 
 
 def test_cpu_runs_repeat_bit_for_bit_at_the_cpus_amp_precision(tmp_path, dataset, one_thread):

@@ -155,8 +155,8 @@ def test_batched_tta_equals_sequential_and_per_image():
     images = uint8_images(37)
     views = PAPER_TTA[:3]
     model.train()
-    batched = predict_logits(model, images, views, batch_size=16, amp="off")   # fp32, as the hand check
-    sequential = predict_logits_sequential(model, images, views, batch_size=16, amp="off")
+    batched = predict_logits(model, images, views, batch_size=16, precision="fp32")   # fp32, as the hand check
+    sequential = predict_logits_sequential(model, images, views, batch_size=16, precision="fp32")
     assert model.training                            # train mode restored
     assert batched.shape == (3, 37, 4) and batched.dtype == torch.float32
     assert torch.allclose(batched, sequential, atol=1e-5)
@@ -250,7 +250,7 @@ def test_evaluate_strategies_rows_and_ensemble():
     val = (uint8_images(40, seed=4), rng.integers(0, 4, 40))
     test = (uint8_images(50, seed=5), rng.integers(0, 4, 50))
     rows, probs, selected_on = evaluate_strategies(regular, ema, val, test, batch_size=16, norm=(MEAN, STD),
-                                                   amp="off")
+                                                   precision="fp32")
     frame = pd.DataFrame(rows)
     assert selected_on == "validation"
     best = frame.loc[frame["selected"], "strategy"].tolist()
@@ -302,7 +302,7 @@ def test_registry_names_models_views_and_combination():
                     "ensemble": 0.4 * soft(regular, PAPER_TTA[:1]) + 0.6 * soft(ema, PAPER_TTA[:1]),
                     "ensemble+tta": 0.4 * soft(regular, PAPER_TTA) + 0.6 * soft(ema, PAPER_TTA)}
     for name, want in expected.items():
-        got = strategy_probs(regular, ema, images, name, batch_size=6, amp="off")   # fp32, as by hand
+        got = strategy_probs(regular, ema, images, name, batch_size=6, precision="fp32")   # fp32, as by hand
         assert torch.allclose(got, want, atol=1e-5), name
     with pytest.raises(SamlibError, match="EMA"):
         strategy_probs(regular, None, images, "ensemble")
@@ -324,8 +324,8 @@ def test_model_norm_reads_normalize_buffers():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_inference_precision_follows_the_training_rule(monkeypatch, native):
-    """amp="auto": bf16 autocast on a CPU with native bf16, else fp32 (samlib.device's rule for
-    training); amp="off": fp32 everywhere.  bf16 logits are close to fp32 ones, not equal."""
+    """precision=None: bf16 autocast on a CPU with native bf16, else fp32 (samlib.device's rule for
+    training); "fp32": fp32 everywhere.  bf16 logits are close to fp32 ones, not equal."""
     import samlib.device as dev
 
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
@@ -337,6 +337,6 @@ def test_inference_precision_follows_the_training_rule(monkeypatch, native):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(x).float()
     assert not torch.equal(fp32, bf16)                  # the two precisions can be told apart
-    auto = predict_logits(model, images, amp="auto")[0]
+    auto = predict_logits(model, images, precision=None)[0]
     assert torch.equal(auto, bf16 if native else fp32)
-    assert torch.equal(predict_logits(model, images, amp="off")[0], fp32)
+    assert torch.equal(predict_logits(model, images, precision="fp32")[0], fp32)

@@ -283,9 +283,9 @@ def test_cache_is_recomputed_when_a_checkpoint_is_replaced(runs, tmp_path, datas
     assert saved_test_probs(run_dir) == (None, None)        # the old code served the old model's
     probs = run_probs(run_dir, "standard", dataset.test_images, dataset.test_labels, device="cpu")
     regular, ema = load_run_models(run_dir, "cpu")
-    amp = samlib.report.runs.inference_amp(load_run(run_dir), "cpu")
+    precision = samlib.report.runs.inference_precision(load_run(run_dir), "cpu")
     assert torch.equal(probs, samlib.infer.strategy_probs(regular, ema, dataset.test_images, "standard",
-                                                          device="cpu", amp=amp))
+                                                          device="cpu", precision=precision))
     assert not torch.allclose(probs, old_probs["standard"])
     second = evaluate_run(run_dir, dataset=dataset, device="cpu")
     assert len(counted) == 2

@@ -327,22 +327,22 @@ def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeyp
 @pytest.mark.parametrize("trained, native, amp, expected", [
     ("fp32", True, "auto", "fp32"),     # trained on a CPU without bf16, evaluated on one with it
     ("bf16", True, "auto", "bf16"),
-    ("bf16", False, "auto", "auto"),    # bf16 not native here: the device's own rule (fp32)
-    ("fp16", True, "auto", "auto"),     # fp16 is native on GPUs only
-    (None, True, "auto", "auto"),       # unrecorded (older runs)
-    ("fp64", True, "off", "off"),       # a damaged provenance.json is ignored
-    (3, True, "auto", "auto")])
+    ("bf16", False, "auto", "fp32"),    # bf16 not native here: the device's own rule (fp32)
+    ("fp16", True, "auto", "bf16"),     # fp16 is native on GPUs only: this CPU's own choice
+    (None, True, "auto", "bf16"),       # unrecorded (older runs)
+    ("fp64", True, "off", "fp32"),      # a damaged provenance.json is ignored
+    (3, True, "auto", "bf16")])
 def test_a_run_is_evaluated_in_the_precision_it_trained_in_where_native(monkeypatch, trained, native, amp, expected):
     import samlib.device as dev
     from samlib.config import resolve
-    from samlib.report.runs import inference_amp
+    from samlib.report.runs import inference_precision
 
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
     run = {"config": resolve("final", "smoke", amp=amp), "provenance": {"precision": trained}}
-    assert inference_amp(run) == expected
+    assert inference_precision(run) == expected
     for device in ("cpu", torch.device("cpu")):        # notebooks pass their parameter, a str
-        assert inference_amp(run, device) == expected
-    assert inference_amp(dict(run, provenance=None)) == amp
+        assert inference_precision(run, device) == expected
+    assert inference_precision(dict(run, provenance=None)) == {"off": "fp32"}.get(amp, "bf16" if native else "fp32")
 
 
 def test_paired_difference_against_hand_counts():

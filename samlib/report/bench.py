@@ -128,7 +128,7 @@ def naive_loader(images, labels, device, normalize: bool, batch_size: int = 128)
 # ---------------------------------------------------------------- the naive TTA loop
 
 def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
-                              batch_size: int = 1000, device=None, amp: str = "auto") -> torch.Tensor:
+                              batch_size: int = 1000, device=None, precision=None) -> torch.Tensor:
     """Same result as samlib.infer.predict_logits, one view at a time over the whole set:
     the benchmark's naive TTA baseline (V passes over the data, one forward per view and batch)."""
     views = list(views) if views else [View("original", identity)]
@@ -140,7 +140,7 @@ def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Se
         with torch.inference_mode():
             per_view = []
             for view in views:
-                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device, amp).cpu()
+                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device, precision).cpu()
                           for s in range(0, n, batch_size)]
                 per_view.append(torch.cat(chunks))
     finally:
@@ -370,7 +370,7 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     trainer = Trainer(cfg, {"train": (x_train, y_train), "val": test, "test": test}, device)
     env = {**provenance(device, source), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "width": width, "widths": list(cfg.widths), "profile": profile, "batch_size": cfg.batch_size,
-           "amp": str(trainer.amp_dtype), "naive_num_workers": min(2, os.cpu_count() or 1),
+           "amp": trainer.precision, "naive_num_workers": min(2, os.cpu_count() or 1),
            "train_images": len(y_train), "quick": quick, "plan": plan_name,
            "load_average_at_start": _load()}
     print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")

@@ -14,7 +14,7 @@ import torch
 
 from .. import data as D
 from ..config import from_dict, resolve
-from ..device import PRECISIONS, amp_dtype_for, precision_name, resolve_device, runs_natively
+from ..device import PRECISIONS, precision_for, resolve_device, runs_natively
 from ..errors import DataError, SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
 from ..io import (atomic_write_text, check_fields, load_checkpoint, present, read_bytes, read_json,
@@ -157,15 +157,15 @@ def _cached_table(cached: Path, meta: Path, key: dict):
     return table if set(STRATEGY_COLUMNS) <= set(table.columns) and len(table) else None
 
 
-def inference_amp(run: dict, device=None) -> str:
+def inference_precision(run: dict, device=None) -> str:
     """The precision a run is evaluated in: the one it trained in (provenance.json) where this
     device computes it natively, so a run trained in fp32 on a CPU without bf16 is evaluated in
-    fp32 on one with bf16 too; otherwise (or unrecorded) the device's own rule for its amp."""
+    fp32 on one with bf16 too; otherwise (or unrecorded) the device's own choice for its amp."""
     device = resolve_device(device)                  # a str too; default: the GPU when there is one
     trained = (run.get("provenance") or {}).get("precision")
     if isinstance(trained, str) and trained in PRECISIONS and runs_natively(trained, device):
         return trained
-    return run["config"].amp
+    return precision_for(run["config"].amp, device)
 
 
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
@@ -191,8 +191,8 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                           f"{data_dir or 'the data given'} (fingerprint {data_id}); pass the run's own "
                           "data, or --allow-other-data to evaluate it on this data anyway")
     device = resolve_device(device)                  # default: the GPU when there is one
-    amp = inference_amp(run, device)
-    key = _cache_key(run_dir, data_id, precision_name(amp_dtype_for(amp, device)))
+    precision = inference_precision(run, device)
+    key = _cache_key(run_dir, data_id, precision)
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists():
         table = _cached_table(cached, meta, key)
@@ -201,7 +201,7 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     splits = D.split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device)
     rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
-                                                   batch_size=cfg.eval_batch_size, amp=amp)
+                                                   batch_size=cfg.eval_batch_size, precision=precision)
     table = pd.DataFrame(rows)
     table.attrs["selected_on"] = selected_on
     # Test probabilities of every strategy, for the reliability diagram, the confusion matrix
@@ -250,4 +250,4 @@ def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch
         return probs[strategy]
     device = resolve_device(device)
     regular, ema = load_run_models(run_dir, device)
-    return strategy_probs(regular, ema, images, strategy, device=device, amp=inference_amp(load_run(run_dir), device))
+    return strategy_probs(regular, ema, images, strategy, device=device, precision=inference_precision(load_run(run_dir), device))

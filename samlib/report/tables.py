@@ -15,7 +15,7 @@ from ..errors import SamlibError
 from ..infer import calibration_bins, predict_logits
 from ..model import build_model, count_parameters
 from ..rundir import load_run_models
-from .runs import inference_amp, load_run
+from .runs import inference_precision, load_run
 
 # Paper Table 1 (CIFAR-10; percent) and its parameter column, as printed.
 PAPER_TABLE1 = pd.DataFrame([
@@ -149,7 +149,7 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
         raise SamlibError(f"{run_dir} holds no EMA checkpoint: compare kind='regular'")
     with progress_bar(total=len(test_y), unit="img", desc=f"test predictions of {Path(run_dir).name}") as bar:
         logits = predict_logits(model, test_x, batch_size=run["config"].eval_batch_size, device=device,
-                                amp=inference_amp(run, device), bar=bar)[0]
+                                precision=inference_precision(run, device), bar=bar)[0]
     return logits.argmax(1).numpy() == np.asarray(test_y)
 
 
