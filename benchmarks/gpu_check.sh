@@ -31,8 +31,7 @@
 # 10,000 for the model and its EMA), so budget 10 s per epoch.  Around it: data <= 30 s (the
 # JPEG copy builds in ~15 s), the probe ~15 s, the benchmark's cuda plan ~2 min (torch.compile
 # included), the run's start and final evaluation ~30 s, `evaluate` ~30 s: ~4 min in all.
-# 20 x 10 s = 3.3 min of epochs brings the pessimistic total to ~7.3 min, ~5.6 at 5 s/epoch;
-# the old default of 30 epochs would have needed ~9 min at 10 s/epoch.
+# 20 x 10 s = 3.3 min of epochs brings the pessimistic total to ~7.3 min, ~5.6 at 5 s/epoch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -1,14 +1,8 @@
-"""Configurations as plain data: the Table 1 configs, the paper/code switches, profiles.
+"""Configurations as plain data: the Table 1 configs (Section 4), the paper/code switches, profiles.
 
-A config says *what method* runs (paper Sections 3-4); a profile says *how big* the run is
-(width, epochs, data subset) without changing the method.  `resolve(config, profile,
-**overrides)` gives the frozen `Config` that a run records in config.json and hashes into
-its run-directory name, so a finished run is found again instead of retrained.
-
-Defaults follow what the authors' code actually ran (schedule, SE placement, Cutout,
-MixUp alpha ramp, normalisation std), with one exception: checkpoints are selected on a
-validation split carved from the training set, never on the test set, unless
-`selection="test"` (the "as run" mode) is asked for by name.
+A config says *what method* runs; a profile says *how big* the run is.  `resolve(config, profile,
+**overrides)` gives the frozen, validated `Config` a run records in config.json and hashes into
+its folder name.  This module is the one validation of every setting.
 """
 from __future__ import annotations
 
@@ -69,7 +63,7 @@ class Config:
     ema: bool = False
     ema_decay: float = 0.999
     ema_reset: str = "never"          # "epoch": the authors' code put the EMA into the model each epoch
-    amp: str = "auto"                 # "auto": bf16 (GPU sm80+, CPU with native bf16) or fp16 (older GPU) | "off"
+    amp: str = "auto"                 # "auto": samlib.device.precision_for decides | "off": fp32
     selection: str = "val"            # "val" | "test" (the reference code's as-run selection)
     seed: int = 84                    # the reference code's seed
     # Speed knobs (do not change the method).
@@ -82,44 +76,27 @@ class Config:
 
     def inert_fields(self) -> tuple:
         """Settings that have no effect given the others (e.g. ema_decay without EMA)."""
-        inert = []
-        if not self.ema:
-            inert += ["ema_decay", "ema_reset"]
-        if self.mix == "none":
-            inert += ["mix_alpha", "alpha_ramp"]
-        if self.schedule == "as_run":
-            inert.append("warmup_epochs")
-        if not self.se:
-            inert.append("se_placement")
-        return tuple(inert)
+        rules = {"ema_decay": not self.ema, "ema_reset": not self.ema, "mix_alpha": self.mix == "none",
+                 "alpha_ramp": self.mix == "none", "warmup_epochs": self.schedule == "as_run",
+                 "se_placement": not self.se}
+        return tuple(field for field, inert in rules.items() if inert)
 
     def hash(self) -> str:
-        """Stable hash of everything that affects the result: not the speed knobs, not the
-        inert settings, so a run is reused whenever only those differ.  Settings added after
-        runs were first named count only away from their default (ADDED_LATER), so the runs
-        trained before them keep their names."""
-        d = self.to_dict()
-        for k in SPEED_KNOBS + self.inert_fields():
-            d.pop(k)
-        for k, default in ADDED_LATER.items():
-            if d.get(k, default) == default:
-                d.pop(k, None)
+        """Stable hash of what affects the result: not the speed knobs nor the inert settings, nor
+        an ADDED_LATER setting at its default (so older runs keep their names)."""
+        skip = set(SPEED_KNOBS + self.inert_fields())
+        skip |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Settings added after runs were named: left out of the run hash at these (default) values.
-ADDED_LATER = {"ema_reset": "never"}
+ADDED_LATER = {"ema_reset": "never"}   # settings added after runs were named, at their default
 
 # Table 1 (Section 4): each row adds one component.
-CONFIGS = {
-    "baseline": dict(se=False),
-    "se": dict(se=True),
-    "se_mixup": dict(se=True, mix="mixup"),
-    "final": dict(se=True, mix="mixup", ema=True),
-}
 TABLE1 = ("baseline", "se", "se_mixup", "final")
+FINAL = dict(se=True, mix="mixup", ema=True)
 
-# Each paper/code discrepancy as a switch on `final`: field -> value that departs from the
+# Each paper/code discrepancy as a switch on `final`: field -> the value that departs from the
 # code as run (see ../shared/reference and the README's discrepancy table).
 SWITCHES = {
     "schedule": "as_written",     # paper's 10-epoch warm-up (the code's OneCycle overrode it)
@@ -131,40 +108,32 @@ SWITCHES = {
     "mix": "cutmix",              # the paper's rejected alternative
     "ema_reset": "epoch",         # the code put the EMA into the trained model every epoch
 }
-for _field, _value in SWITCHES.items():
-    CONFIGS[f"final+{_field}={_value}"] = dict(CONFIGS["final"], **{_field: _value})
+CONFIGS = {
+    "baseline": dict(se=False),
+    "se": dict(se=True),
+    "se_mixup": dict(se=True, mix="mixup"),
+    "final": FINAL,
+    **{f"final+{field}={value}": dict(FINAL, **{field: value}) for field, value in SWITCHES.items()},
+}
 
-# Profiles scale a config without changing the method.  Two knobs are tied to the run's
-# length and scale with it.  The warm-up: 10 of 200 epochs.  The EMA horizon: the paper's
-# decay 0.999 averages over ~1/(1 - 0.999) = 1000 steps, 1.4% of its 200 x 351 steps, so
-# its EMA is taken deep in the annealing phase of OneCycle.  A short profile keeps that
-# fraction, 1 - decay = 1 / (0.014 * total steps); with 0.999 in an 8-epoch run the EMA
-# would mix in weights from the high-LR phase and trail the model badly (measured: quick
-# `final` EMA 31.6% vs regular 45.2% test accuracy with a 2.6-epoch horizon, decay 0.993).
+# Profiles scale a config without changing the method.  Two knobs tied to the run's length scale
+# with it: the warm-up (10 of 200 epochs) and the EMA decay, whose horizon 1 / (1 - decay) stays
+# at the paper's 1.4% of all steps (smoke: 0.5, since the rule gives less than one step).
 PROFILES = {
-    # Seconds on a CPU: CI and nbval.  (2 epochs x 8 steps; the rule gives < 1 step, so
-    # 0.5 keeps a 2-step average: smoke checks the pipeline, not the numbers.)
     "smoke": dict(widths=(8, 16, 32), epochs=2, batch_size=64, train_subset=768, val_size=256,
                   test_subset=512, train_eval_size=256, warmup_epochs=1, eval_batch_size=256,
-                  ema_decay=0.5),
-    # A CPU-sized run on real data (about 3.5 minutes a config on 2 cores).
-    # (8 epochs x 54 steps = 432 steps; 1.4% of that is a 6-step horizon.)
+                  ema_decay=0.5),                                   # seconds on a CPU: CI, nbval
     "quick": dict(widths=(16, 32, 64), epochs=8, batch_size=128, train_subset=8000,
                   val_size=1000, test_eval_size=2000, train_eval_size=1000, warmup_epochs=1,
-                  eval_batch_size=250, ema_decay=0.84),
-    # The committed CPU report (results/cpu): all 45,000 training images, 5,000 validation,
-    # the full test set, at quarter width for 20 epochs, bf16 autocast where the CPU has it.
-    # (20 epochs x 351 steps = 7,020 steps; 1.4% of that is a 98-step horizon: decay 0.99.
-    # Warm-up 10/200 of 20 epochs = 1.)
+                  eval_batch_size=250, ema_decay=0.84),             # minutes on a CPU, real data
     "cpu": dict(widths=(16, 32, 64), epochs=20, batch_size=128, test_eval_size=1000,
-                train_eval_size=1000, warmup_epochs=1, eval_batch_size=500, ema_decay=0.99),
-    # The paper: 200 epochs at full width on all 45,000 training images.
-    "paper": dict(),
+                train_eval_size=1000, warmup_epochs=1, eval_batch_size=500,
+                ema_decay=0.99),                                    # the committed CPU report
+    "paper": dict(),                                                # 200 epochs at full width
 }
 
 
-# The one validation of settings: every field of Config is in exactly one of these tables
-# (tests/test_adversarial_writes.py holds that), each with its allowed range.
+# The one validation of settings: every Config field is in exactly one of these tables.
 SEED_MAX = 2**63 - 2      # seeds go to torch (64-bit) and numpy; the loop also seeds with seed + 1
 _COUNT_MAX = 10_000_000   # image counts: far above CIFAR-10's 60,000, far below int64 overflow
 _INTS = {  # field -> (lowest, highest, None allowed)
@@ -193,35 +162,27 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _interval(lo, lo_open, hi, hi_open) -> str:
-    if hi is None:
-        return f"{'>' if lo_open else '>='} {lo}"
-    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
 def _int_problem(field, v, lo, hi, none_ok):
     allowed = f"an integer in [{lo}, {hi}]" + (" or none" if none_ok else "")
     if v is None and none_ok:
         return None
     if not _is_int(v):
         return f"{field} must be {allowed}, got {v!r}"
-    if v < lo:
-        return f"{field} must be >= {lo}, got {v} (allowed: {allowed})"
-    if v > hi:
-        return f"{field} must be <= {hi}, got {v} (allowed: {allowed})"
+    if not lo <= v <= hi:
+        return f"{field} must be {f'>= {lo}' if v < lo else f'<= {hi}'}, got {v} (allowed: {allowed})"
     return None
 
 
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:        # an integer beyond any float
-        return False
-
-
 def _real_problem(field, v, lo, lo_open, hi, hi_open):
-    rule = _interval(lo, lo_open, hi, hi_open)
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not _finite(v):
+    if hi is None:
+        rule = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        rule = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    try:
+        finite = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:        # an integer beyond any float
+        finite = False
+    if not finite:
         return f"{field} must be a finite number {rule}, got {v!r}"
     ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
     return None if ok else f"{field} must be {rule}, got {v!r}"
@@ -235,21 +196,18 @@ def _validate(cfg: Config) -> None:
 
     need(isinstance(cfg.name, str) and cfg.name != "", f"name must be a non-empty string, got {cfg.name!r}",
          "name")
-    for field, (lo, hi, none_ok) in _INTS.items():
-        problem = _int_problem(field, getattr(cfg, field), lo, hi, none_ok)
-        need(problem is None, problem, field)
-    for field, bounds in _REALS.items():
-        problem = _real_problem(field, getattr(cfg, field), *bounds)
-        need(problem is None, problem, field)
+    for table, check in ((_INTS, _int_problem), (_REALS, _real_problem)):
+        for field, bounds in table.items():
+            problem = check(field, getattr(cfg, field), *bounds)
+            need(problem is None, problem, field)
     for field in _BOOLS:
-        need(isinstance(getattr(cfg, field), bool), f"{field} must be true or false, got "
-             f"{getattr(cfg, field)!r}", field)
+        v = getattr(cfg, field)
+        need(isinstance(v, bool), f"{field} must be true or false, got {v!r}", field)
     for field, options in _OPTIONS.items():
-        need(getattr(cfg, field) in options, f"{field} must be one of {options}, got {getattr(cfg, field)!r}",
-             field)
-    stages = {f: getattr(cfg, f) for f in _STAGES}
+        v = getattr(cfg, field)
+        need(v in options, f"{field} must be one of {options}, got {v!r}", field)
     for field, hi in _STAGES.items():
-        v = stages[field]
+        v = getattr(cfg, field)
         need(isinstance(v, (tuple, list)) and len(v) >= 1 and all(_is_int(x) and 1 <= x <= hi for x in v),
              f"{field} must be positive integers (each in [1, {hi}]), one per stage, got {v!r}", field)
     need(len(cfg.widths) == len(cfg.blocks),
@@ -289,18 +247,20 @@ def _coerce(field: dataclasses.Field, value):
     return value
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
 def resolve(config: str = "final", profile: str = "paper", **overrides) -> Config:
     """The Config for a named config at a profile, with field overrides on top."""
     if config not in CONFIGS:
         raise ConfigError(f"unknown config {config!r}; choose one of: {', '.join(CONFIGS)}")
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(set(overrides) - set(fields))
+    unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; valid ones: {', '.join(fields)}")
+        raise ConfigError(f"unknown setting(s) {unknown}; valid ones: {', '.join(_FIELDS)}")
     values = dict(PROFILES[profile], **CONFIGS[config], name=config)
-    values.update({k: _coerce(fields[k], v) for k, v in overrides.items()})
+    values.update({k: _coerce(_FIELDS[k], v) for k, v in overrides.items()})
     cfg = Config(**values)
     _validate(cfg)
     return cfg
@@ -310,35 +270,34 @@ _FILE_FIX = ("the file was edited by hand or damaged: restore it, or move its ru
              "(or delete it) and train the run again")
 
 
-def _stored_problem(v) -> str | None:
-    """Why `v` cannot be a stored setting: settings are JSON scalars or one flat list of them,
-    with integers in 64 bits and text that is valid Unicode."""
-    def scalar(x):
-        if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 2**63:
-            return f"holds an integer too large for any setting ({x.bit_length()} bits)"
-        if isinstance(x, str):
-            try:
-                x.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"holds text that is not valid Unicode ({x!a})"
-        if x is not None and not isinstance(x, (bool, int, float, str)):
-            return f"must be a number, text, true/false or null, got {type(x).__name__}"
-        return None
+def _scalar_problem(v) -> str | None:
+    """Why `v` cannot be a stored scalar setting: JSON scalars, 64-bit integers, valid Unicode text."""
+    if _is_int(v) and abs(v) >= 2**63:
+        return f"holds an integer too large for any setting ({v.bit_length()} bits)"
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"holds text that is not valid Unicode ({v!a})"
+    if v is not None and not isinstance(v, (bool, int, float, str)):
+        return f"must be a number, text, true/false or null, got {type(v).__name__}"
+    return None
 
+
+def _stored_problem(v) -> str | None:
+    """Why `v` cannot be a stored setting: a scalar or one flat list of scalars."""
     if isinstance(v, (list, tuple)):
-        return next((f"[{i}] {p}" for i, p in ((i, scalar(x)) for i, x in enumerate(v)) if p), None)
-    return scalar(v)
+        problems = [f"[{i}] {p}" for i, p in enumerate(map(_scalar_problem, v)) if p]
+        return problems[0] if problems else None
+    return _scalar_problem(v)
 
 
 def from_dict(d: dict, source: str = "config.json") -> Config:
-    """Rebuild a Config from config.json (lists back to tuples; unknown keys refused).
-
-    `source` names the file in errors: anything wrong (not an object, an unknown key, a value
-    of the wrong type or out of range) is a ConfigError naming it and the field."""
+    """Rebuild a Config from config.json (lists back to tuples): anything wrong (not an object, an
+    unknown key, a value of the wrong type or out of range) is a ConfigError naming `source`."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source} must hold an object of settings, got {type(d).__name__}; {_FILE_FIX}")
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = sorted(str(k) for k in d if k not in fields)
+    unknown = sorted(str(k) for k in d if k not in _FIELDS)
     if unknown:
         raise ConfigError(f"{source} has unknown setting(s) {unknown}; written by another samlib "
                           f"version? {_FILE_FIX}")
@@ -348,7 +307,7 @@ def from_dict(d: dict, source: str = "config.json") -> Config:
         if problem:
             raise ConfigError(f"{source}: field '{key}' {problem}; {_FILE_FIX}")
         try:
-            values[key] = _coerce(fields[key], value)
+            values[key] = _coerce(_FIELDS[key], value)
         except ConfigError as e:
             raise ConfigError(f"{source}: field '{key}': {e}; {_FILE_FIX}") from None
     cfg = Config(**values)

@@ -1,9 +1,10 @@
 """CIFAR-10 on disk: loading, validation, restricted unpickling, splits, synthetic data.
 
-Images are uint8 (N, 32, 32, 3) numpy arrays (HWC), labels int64 in 0..9 in the standard
-class order.  The python batches (data_batch_1..5, test_batch, batches.meta) hold
-channel-planar rows (N, 3072) = 1024 red, 1024 green, 1024 blue values per image.
+Images are uint8 (N, 32, 32, 3) numpy arrays (HWC), labels int64 in 0..9 in the standard class
+order.  The python batches hold channel-planar rows (N, 3072): 1024 red, 1024 green, 1024 blue.
+Every file is untrusted (samlib.unpickle): nothing in it is ever run, anything wrong is a DataError.
 """
+import contextlib
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -32,9 +33,23 @@ OFFICIAL_MD5 = dict(zip((*TRAIN_FILES, "test_batch", "batches.meta"), (
     "5ff9c542aee3614f3951f8cda6e48888")))
 
 
-def fingerprint(dataset: "CIFAR10") -> str:
-    """A short hash of the data a run trains on (labels, shapes and a strided image sample),
-    so a cached run is never reused for different data (e.g. synthetic vs the real copy)."""
+@dataclass(frozen=True, eq=False, repr=False)
+class CIFAR10:
+    """CIFAR-10-shaped data: uint8 (N, 32, 32, 3) images, int64 labels, class names."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple = CLASSES
+
+    def __repr__(self):
+        return (f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, "
+                f"classes={len(self.classes)})")
+
+
+def fingerprint(dataset: CIFAR10) -> str:
+    """A short hash of the data a run trains on (labels, shapes, a strided image sample): a cached
+    run is never reused for other data."""
     h = hashlib.sha256()
     for array in (dataset.train_labels, dataset.test_labels, dataset.train_images[::50],
                   dataset.test_images[::50]):
@@ -55,25 +70,8 @@ def channel_stats(images, chunk=4096):
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class CIFAR10:
-    """CIFAR-10-shaped data: uint8 (N, 32, 32, 3) images, int64 labels, class names."""
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: tuple = CLASSES
-
-    def __repr__(self):
-        return (f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, "
-                f"classes={len(self.classes)})")
-
-
-# ---- restricted unpickling -------------------------------------------------------------
-# Only the globals in samlib.unpickle.ALLOWED (numpy arrays, dtypes, scalars, latin1 bytes), each
-# narrowed to its harmless use: nothing in a file is ever run.
-
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the globals in samlib.unpickle.ALLOWED, each narrowed to its harmless use."""
     def __init__(self, file, source):
         super().__init__(file, encoding="bytes")
         self.source = source
@@ -87,30 +85,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_pickle_load(path_or_fileobj):
-    """pickle.load(f, encoding="bytes") admitting only numpy arrays/dtypes/scalars as globals.
-    Anything wrong with the file (unreadable, truncated, not a pickle, untrusted) is a DataError
-    naming it."""
+    """pickle.load(f, encoding="bytes") through _RestrictedUnpickler; anything wrong with the file
+    (unreadable, truncated, not a pickle, untrusted) is a DataError naming it."""
     own = not hasattr(path_or_fileobj, "read")
     source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
     try:
-        f = open(path_or_fileobj, "rb") if own else path_or_fileobj
-    except OSError as e:
-        raise open_error(source, e) from None
-    try:
-        return _RestrictedUnpickler(f, source).load()
+        with open(path_or_fileobj, "rb") if own else contextlib.nullcontext(path_or_fileobj) as f:
+            return _RestrictedUnpickler(f, source).load()
     except DataError:
         raise
-    except OSError as e:   # a read error half-way (EIO, a folder opened on some systems)
+    except OSError as e:   # cannot open (permissions, a folder), or a read error half-way
         raise open_error(source, e) from None
     except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
         raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: "
                         f"{str(e)[:200]}); {REPLACE}") from None
-    finally:
-        if own:
-            f.close()
 
-
-# ---- CIFAR-10 python batches ---------------------------------------------------------
 
 def _guidance(root):
     return (f"put the CIFAR-10 python batches in {Path(root) / FOLDER} (extract {URL} into "
@@ -127,27 +116,22 @@ def _read_batch(path):
     x = d["data"]
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows; "
-                        + REPLACE)
+        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows; {REPLACE}")
     y = labels_of(d["labels"], len(x), path)
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
 
-def _folder(root) -> Path:
-    return Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
-
-
-def _md5_is(path: Path, md5: str) -> bool:
-    try:
-        return path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() == md5
-    except OSError:      # unreadable: not the official file as far as we can tell
-        return False
-
-
 def has_official_md5(root) -> bool:
-    """True when every file under root/cifar-10-batches-py carries its official MD5 sum."""
-    folder = _folder(root)
-    return all(_md5_is(folder / f, md5) for f, md5 in OFFICIAL_MD5.items())
+    """True when every file under root/cifar-10-batches-py (or root itself) has its official MD5."""
+    folder = Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
+
+    def matches(path: Path, md5: str) -> bool:
+        try:
+            return path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() == md5
+        except OSError:      # unreadable: not the official file as far as we can tell
+            return False
+
+    return all(matches(folder / f, md5) for f, md5 in OFFICIAL_MD5.items())
 
 
 def _kind(path: Path) -> str:
@@ -158,10 +142,9 @@ def _kind(path: Path) -> str:
         return f"unreadable ({e.strerror or e})"
 
 
-def describe_source(dataset: "CIFAR10", data_dir=None) -> str:
-    """The data-source label every reported number carries: 'CIFAR-10 (official files)',
-    'CIFAR-10 (JPEG copy)' (a full-size copy without the official MD5 sums), or a description
-    of anything else (synthetic data, subsets, an in-memory dataset)."""
+def describe_source(dataset: CIFAR10, data_dir=None) -> str:
+    """The data-source label every reported number carries: the official files, the JPEG copy
+    (full size, other MD5 sums), or what else it is (synthetic data, an in-memory dataset)."""
     if data_dir is None:
         return f"in-memory dataset ({len(dataset.train_labels)} train / {len(dataset.test_labels)} test)"
     if has_official_md5(data_dir):
@@ -173,13 +156,11 @@ def describe_source(dataset: "CIFAR10", data_dir=None) -> str:
 
 
 def load_cifar10(root, download=False):
-    """Read root/cifar-10-batches-py (root may also be that folder itself) into a CIFAR10.
-    Files without the official MD5 sums (the JPEG offline copy, synthetic data from
-    write_cifar10) are loaded anyway, with one notice line.  A missing, unreadable or damaged
-    file is a DataError naming it."""
+    """Read root/cifar-10-batches-py (or that folder itself) into a CIFAR10.  Files without the
+    official MD5 sums (the JPEG copy, write_cifar10's) load with one notice line."""
     if root is None:
         raise DataError("no CIFAR-10 folder given; " + _guidance("data"))
-    folder = _folder(root)
+    folder = Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
     root = folder.parent
     kind = _kind(folder)
     if kind != "folder":
@@ -193,19 +174,11 @@ def load_cifar10(root, download=False):
             raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); put the "
                             f"python batches in {folder} by hand (extract {URL} into {root}) or build "
                             f"the offline copy with `python ../shared/data/make_cifar10.py {root}`") from None
-    kinds = {f: _kind(folder / f) for f in (*TRAIN_FILES, "test_batch", "batches.meta")}
-    missing = [f for f, k in kinds.items() if k == "missing"]
-    if missing:
+    missing = [f for f in OFFICIAL_MD5 if _kind(folder / f) == "missing"]
+    if missing:   # (a folder or an unreadable file in a file's place: safe_pickle_load names it)
         raise DataError(f"{folder} is missing {', '.join(missing)}; " + _guidance(root))
-    odd = {f: k for f, k in kinds.items() if k != "file"}
-    if odd:
-        f, k = next(iter(odd.items()))
-        what = "is a folder, not a file" if k == "folder" else f"is {k}"
-        raise DataError(f"{folder / f} {what}; put the CIFAR-10 batch file there "
-                        "(or fix the folder's permissions): " + _guidance(root))
     if not has_official_md5(folder):
-        print(f"note: {FOLDER} does not carry the official MD5 sums (e.g. the JPEG copy); "
-              "loading anyway")
+        print(f"note: {FOLDER} does not carry the official MD5 sums (e.g. the JPEG copy); loading anyway")
     train = [_read_batch(folder / f) for f in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / "test_batch")
     meta_path = folder / "batches.meta"
@@ -217,9 +190,8 @@ def load_cifar10(root, download=False):
 
 
 def write_cifar10(root, dataset, batches=5):
-    """Write `dataset` as root/cifar-10-batches-py (python-batch layout, protocol 2).
-    The training set is split evenly over data_batch_1..`batches` (load_cifar10 reads 5).
-    Returns the folder written; load_cifar10 accepts it or `root`."""
+    """Write `dataset` as root/cifar-10-batches-py (python batches, protocol 2), the training set
+    split evenly over data_batch_1..`batches`; returns the folder."""
     n = len(dataset.train_labels)
     if batches < 1:
         raise ConfigError(f"batches={batches}: need at least one training batch")
@@ -241,21 +213,13 @@ def write_cifar10(root, dataset, batches=5):
     return folder
 
 
-# ---- Kaggle unlabeled test file --------------------------------------------------------
-
 def load_unlabeled(path):
-    """Read the Kaggle file (cifar_test_nolabel.pkl): dict with b'data' and b'ids'.
-    2025 competition: data uint8 (N, 32, 32, 3); 2024 (cifar_test_nolabels.pkl): flat
-    (N, 3072) channel-planar rows.  Returns (uint8 (N, 32, 32, 3) images, ids array).
-    A missing, unreadable or malformed file is a DataError naming it and the bad entry."""
+    """The Kaggle file (cifar_test_nolabel.pkl: b'data' uint8 (N, 32, 32, 3), or flat (N, 3072)
+    channel-planar rows in the 2024 file; b'ids') -> (uint8 (N, 32, 32, 3) images, ids)."""
     path = Path(path)
-    kind = _kind(path)
-    if kind == "missing":
+    if _kind(path) == "missing":
         raise DataError(f"unlabeled test file {path} not found; download cifar_test_nolabel.pkl "
                         "from the Kaggle competition page and pass its path")
-    if kind == "folder":
-        raise DataError(f"unlabeled test file {path} is a folder; pass the path of the file "
-                        "cifar_test_nolabel.pkl itself")
     d = as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
     if "data" not in d:
         raise DataError(f"{path}: no b'data' entry (keys: {keys_of(d)}); "
@@ -273,18 +237,15 @@ def load_unlabeled(path):
     if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) == 0:
         raise DataError(f"{path}: data has shape {x.shape}; expected N >= 1 images of 32x32x3 "
                         f"as (N, 32, 32, 3) uint8 or flat (N, 3072) channel-planar rows; {KAGGLE_FIX}")
-    n = len(x)
     if "ids" not in d:
-        print(f"note: {path} has no b'ids'; using ids 0..{n - 1}")
-        return np.ascontiguousarray(x), np.arange(n)
-    return np.ascontiguousarray(x), ids_of(d["ids"], n, path)
+        print(f"note: {path} has no b'ids'; using ids 0..{len(x) - 1}")
+    ids = ids_of(d["ids"], len(x), path) if "ids" in d else np.arange(len(x))
+    return np.ascontiguousarray(x), ids
 
-
-# ---- splits, subsets, synthetic data ------------------------------------------------
 
 def _stratified_pick(labels, k, rng):
-    """Sorted indices of k items, each class contributing k * class_fraction (largest
-    remainders round up so the total is exactly k)."""
+    """Sorted indices of k items, each class contributing k * its fraction (the largest
+    remainders round up, so the total is exactly k)."""
     classes, counts = np.unique(labels, return_counts=True)
     exact = k * counts / len(labels)
     quota = np.floor(exact).astype(np.int64)
@@ -295,8 +256,8 @@ def _stratified_pick(labels, k, rng):
 
 
 def split_train_val(labels, val_size=5000, seed=0):
-    """Seeded stratified split -> (train_idx, val_idx), sorted int64, disjoint, covering all.
-    (The reference code picks checkpoints on the test set; a held-out split avoids that.)"""
+    """Seeded stratified split -> (train_idx, val_idx), sorted int64, disjoint, covering all (the
+    reference code selected checkpoints on the test set; a held-out split avoids that)."""
     labels = np.asarray(labels)
     n = len(labels)
     if not isinstance(val_size, (int, np.integer)):

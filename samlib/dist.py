@@ -1,10 +1,7 @@
-"""Data-parallel training under torchrun (NCCL on GPUs, gloo on CPU).
-
-`torchrun --nproc_per_node=N -m samlib train ...` starts N processes; each one builds
-the same model and draws the same random numbers, augments the same global batch and
-trains on its 1/N slice, while DistributedDataParallel averages the gradients.  So one
-step sees the same images as a single-process step; only BatchNorm statistics are per
-slice.  Rank 0 writes every file.  Without torchrun's environment all of this is a no-op.
+"""Data-parallel training under torchrun (NCCL on GPUs, gloo on CPU): every rank draws the same
+numbers, builds the same global batch and trains on its 1/N slice while DistributedDataParallel
+averages the gradients (BatchNorm statistics are per slice).  Rank 0 writes every file.  Without
+torchrun's environment all of this is a no-op.
 """
 from __future__ import annotations
 
@@ -12,6 +9,8 @@ import os
 
 import torch
 import torch.distributed as td
+
+_joined = False     # whether setup() joined the group (a group the caller made is the caller's)
 
 
 def world_size() -> int:
@@ -39,12 +38,8 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-_joined = False     # whether setup() joined the group (a group the caller made is the caller's)
-
-
 def teardown() -> None:
-    """Leave the process group setup() joined: an undestroyed NCCL group can hang the exit,
-    and torch warns about it."""
+    """Leave the process group setup() joined (an undestroyed NCCL group can hang the exit)."""
     global _joined
     if _joined and td.is_initialized():
         td.destroy_process_group()
@@ -54,8 +49,8 @@ def teardown() -> None:
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if world_size() == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

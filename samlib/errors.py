@@ -1,9 +1,5 @@
-"""User-facing errors.
-
-Anything raised as a `SamlibError` is a mistake the user can fix (a missing file, a bad
-parameter, an untrusted pickle).  The command line prints its message on one line and
-exits with status 2; no traceback.  Library callers (notebooks) see the exception.
-"""
+"""User-facing errors: a `SamlibError` is a mistake the user can fix; the command line prints its
+message on one line and exits with status 2, notebooks see the exception."""
 
 
 class SamlibError(Exception):

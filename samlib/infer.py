@@ -1,13 +1,9 @@
-"""Inference (paper, "Inference" and Figure 1): batched TTA prediction, ensembling,
-temperature scaling, calibration metrics, and the registry of inference strategies.
-The views themselves are in samlib.views.
+"""Inference (paper, "Inference" and Figure 1): batched TTA prediction, ensembling, temperature
+scaling, calibration metrics and the registry of inference strategies (the views: samlib.views).
 
-Reference code (SAMResNet.py, ``tta_predict``/``create_submission``), read for this module:
-every view's logits are divided by 1.2 and the *logits* are averaged with weights (1.5 for the
-original, 1 otherwise); the regular/EMA ensemble is again a weighted sum of those logits, and
-softmax comes last.  So T=1.2 cannot change any prediction there.  ``tta_probs`` instead
-averages per-view softmaxes (the usual TTA and what the reference facts describe);
-``tta_logits`` is the code's combination, used for the "(as run)" row.
+The reference code (SAMResNet.py, ``tta_predict``) averages view *logits* / 1.2 with weights 1.5
+for the original and 1 otherwise, then ensembles logits, softmax last: ``tta_logits``, the
+"(as run)" row.  ``tta_probs`` averages per-view softmaxes, the usual TTA.
 """
 from __future__ import annotations
 
@@ -23,8 +19,6 @@ from samlib.errors import DataError, SamlibError
 from samlib.progress import progress_bar
 from samlib.views import PAPER_TTA, View, as_run_tta, identity
 
-
-# ---------------------------------------------------------------- prediction
 
 def _check_images(images) -> None:
     if isinstance(images, np.ndarray):
@@ -60,23 +54,16 @@ def _model_device(model: torch.nn.Module, device) -> torch.device:
 
 
 def _forward(model, x: torch.Tensor, device: torch.device, precision: Optional[str] = None) -> torch.Tensor:
-    with autocast(device, precision or precision_for("auto", device)):   # the training loop's rule
+    with autocast(device, precision or precision_for("auto", device)):
         return model(x).float()
 
 
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
                    batch_size: int = 1000, device=None, precision: Optional[str] = None, bar=None) -> torch.Tensor:
-    """Logits (V, N, classes), float32 on the CPU, for every view of every image.
-
-    ``images``: uint8 numpy (N, H, W, 3), uint8 tensor (N, 3, H, W) or float pixel tensor.
-    Batched TTA: each chunk of ``batch_size // V`` images goes through the model once with
-    all V views concatenated, so a forward pass holds ``batch_size`` inputs whatever V is
-    (the same forward size as the one-view-at-a-time loop, for a fair comparison).  Eval mode (restored after),
-    inference_mode, autocast in ``precision`` (default: samlib.device.precision_for's choice).  ``views=None``: the
-    image itself (V = 1).
-    ``device``: where to run (the model is moved there); default the model's device.
-    ``bar``: a progress bar (samlib.progress) advanced by the image-views predicted.
-    """
+    """Logits (V, N, classes), float32 on the CPU, of every view of every image (uint8 numpy
+    (N, H, W, 3), uint8 or float tensor (N, 3, H, W)); ``views=None``: the image itself.  Batched
+    TTA: chunks of ``batch_size // V`` images pass once with all V views concatenated.  Eval mode,
+    autocast in ``precision`` (default: precision_for's); ``bar`` advances by image-views."""
     views = list(views) if views else [View("original", identity)]
     _check_images(images)
     device = _model_device(model, device)
@@ -99,31 +86,25 @@ def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View
     return out
 
 
-# ---------------------------------------------------------------- combination
-
-def _normalised_weights(weights, n_views: int) -> torch.Tensor:
+def _views_and_weights(logits_v: torch.Tensor, weights):
+    """(V, N, C) logits (a single view (N, C) too) and their normalised view weights (None: equal)."""
+    logits_v = logits_v.unsqueeze(0) if logits_v.ndim == 2 else logits_v
+    n_views = len(logits_v)
     w = torch.ones(n_views, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     if w.shape != (n_views,) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"need {n_views} non-negative view weights with a positive sum, got {weights!r}")
-    return w / w.sum()
-
-
-def _as_views(logits_v: torch.Tensor) -> torch.Tensor:
-    return logits_v.unsqueeze(0) if logits_v.ndim == 2 else logits_v
+    return logits_v, (w / w.sum()).to(logits_v.device, logits_v.dtype)
 
 
 def tta_probs(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
-    """(N, classes): softmax(logits / T) of each view, averaged with normalised ``weights``
-    (None = equal).  Accepts (V, N, C) or a single view (N, C)."""
-    logits_v = _as_views(logits_v)
-    w = _normalised_weights(weights, len(logits_v)).to(logits_v.device, logits_v.dtype)
+    """(N, classes): softmax(logits / T) of each view, averaged with the view ``weights``."""
+    logits_v, w = _views_and_weights(logits_v, weights)
     return torch.einsum("v,vnc->nc", w, torch.softmax(logits_v / temperature, dim=-1))
 
 
 def tta_logits(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
-    """(N, classes): the reference code's combination, sum_v w_v * logits_v / T (normalised w)."""
-    logits_v = _as_views(logits_v)
-    w = _normalised_weights(weights, len(logits_v)).to(logits_v.device, logits_v.dtype)
+    """(N, classes): the reference code's combination, sum_v w_v * logits_v / T."""
+    logits_v, w = _views_and_weights(logits_v, weights)
     return torch.einsum("v,vnc->nc", w, logits_v / temperature)
 
 
@@ -131,8 +112,6 @@ def ensemble(probs_a: torch.Tensor, probs_b: torch.Tensor, weights=(0.4, 0.6)) -
     """w_a * probs_a + w_b * probs_b (paper: 0.4 regular + 0.6 EMA; weights used as given)."""
     return weights[0] * probs_a + weights[1] * probs_b
 
-
-# ---------------------------------------------------------------- metrics
 
 def _labels(labels) -> torch.Tensor:
     return torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long().cpu()
@@ -175,12 +154,10 @@ def ece(probs: torch.Tensor, labels, n_bins: int = 15) -> float:
     return (b["count"][filled] * gap).sum().item() / b["count"].sum().item()
 
 
-# ---------------------------------------------------------------- temperature
-
 def fit_temperature_fn(probs_at: Callable[[torch.Tensor], torch.Tensor], labels,
                        t_min: float = 0.05, t_max: float = 20.0) -> float:
-    """T minimising nll(probs_at(T), labels): L-BFGS on log T (differentiable ``probs_at``),
-    from T = 1, the result clamped to [t_min, t_max]."""
+    """Temperature scaling: the T minimising nll(probs_at(T), labels), by L-BFGS on log T from
+    T = 1, clamped to [t_min, t_max]."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -195,38 +172,19 @@ def fit_temperature_fn(probs_at: Callable[[torch.Tensor], torch.Tensor], labels,
     return float(log_t.detach().exp().clamp(t_min, t_max))
 
 
-def fit_temperature(logits: torch.Tensor, labels, weights=None) -> float:
-    """Temperature minimising the NLL of softmax(logits / T) on held-out data.  ``logits``
-    (N, C), or (V, N, C) with view ``weights``: one T divides every view's logits, and the
-    NLL is that of the weighted average of the softmaxes (``tta_probs``)."""
-    logits = logits.double()
-    return fit_temperature_fn(lambda t: tta_probs(logits, weights, t), labels)
-
-
-# ---------------------------------------------------------------- the strategy registry
-
-VIEW_SETS = ("none", "paper", "as_run")
 ENSEMBLE_WEIGHTS = (0.4, 0.6)       # paper: 0.4 regular + 0.6 EMA
 PAPER_TEMPERATURE = 1.2
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One inference strategy of Figure 1: which model(s), which views, how combined.
-
-    ``combine="probs"``: softmax of each view (and model), averaged with the view weights
-    (and ENSEMBLE_WEIGHTS) - the usual TTA.  ``"logits"``: the reference code's way, a
-    weighted average of logits / T with one softmax at the end.
-    """
+    """One inference strategy of Figure 1: which model(s), which views, how combined ("probs":
+    average the softmaxes, the usual TTA; "logits": the reference code's logit average)."""
     name: str
     models: tuple = ("regular",)    # ("regular",) | ("ema",) | ("regular", "ema")
-    views: str = "none"             # one of VIEW_SETS
+    views: str = "none"             # "none" | "paper" | "as_run"
     combine: str = "probs"          # "probs" | "logits"
     temperature: float = 1.0
-
-    @property
-    def needs_ema(self) -> bool:
-        return "ema" in self.models
 
     def view_list(self, norm=(CIFAR_MEAN, STD_AS_RUN)) -> list:
         """The views this strategy predicts; ``norm`` is the model's (mean, std) (as-run views)."""
@@ -259,7 +217,7 @@ def get_strategy(name: str, has_ema: bool = True) -> Strategy:
     if name not in STRATEGIES:
         raise SamlibError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[name]
-    if strategy.needs_ema and not has_ema:
+    if "ema" in strategy.models and not has_ema:
         raise SamlibError(f"strategy {name!r} needs an EMA checkpoint; this run trained without EMA "
                           "(use standard or tta)")
     return strategy
@@ -288,30 +246,19 @@ def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=
     return s.probs(logits, [v.weight for v in views], temperature).float()
 
 
-def _has_data(split) -> bool:
-    return split is not None and len(split[1]) > 0
-
-
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
                         norm=None, precision: Optional[str] = None, progress: bool = True):
-    """Figure 1's comparison: one row per registry strategy, then the validation-best one
-    again at the paper's T = 1.2 and at the T fitted on validation (one T divides every logit).
-
-    ``val``/``test``: (uint8 images (N, 32, 32, 3), labels); ``ema_model=None`` drops the
-    strategies that need it.  Each model runs once per split over the union of all views
-    (batched TTA).  Without validation data the best is picked on *test* (``selected_on``)
-    and there is no fitted row.  Returns (rows, test probabilities of each strategy at its
-    own temperature, selected_on); every row has strategy, temperature, temperature_from
-    ("strategy" | "paper" | "fitted on validation"), selected (True on the best strategy's own row only),
-    test_images, test_accuracy, test_nll, test_ece, val_accuracy.  ``progress``: one bar over
-    every image-view predicted, with the time left.
-    """
+    """Figure 1: one row per strategy, then the validation-best one at the paper's T = 1.2 and at
+    the T fitted on validation.  ``val``/``test``: (uint8 images, labels); without validation data
+    the best is picked on test and nothing is fitted.  Each model predicts each split once over the
+    union of all views.  Returns (rows, test probabilities per strategy, selected_on)."""
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
     strategies = [s for s in STRATEGIES.values() if all(m in models for m in s.models)]
     union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
-    splits = {"test": test, "val": val} if _has_data(val) else {"test": test}
+    has_val = val is not None and len(val[1]) > 0
+    splits = {"test": test, "val": val} if has_val else {"test": test}
     total = len(models) * len(union) * sum(len(splits[s][1]) for s in splits)
     with progress_bar(total=total, unit="img", desc=f"{len(strategies)} strategies: {len(models)} model(s) x "
                       f"{len(union)} views x {' + '.join(splits)}", disable=not progress) as bar:
@@ -337,8 +284,9 @@ def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_
         p = probs(s, "test", t)
         val_acc = accuracy(probs(s, "val", t), val[1]) if "val" in splits else float("nan")
         rows.append({"strategy": s.name, "temperature": float(t), "temperature_from": source,
-                     "selected": s is best and source == "strategy", "test_images": len(test[1]), "test_accuracy": accuracy(p, test[1]),
-                     "test_nll": nll(p, test[1]), "test_ece": ece(p, test[1]), "val_accuracy": val_acc})
+                     "selected": s is best and source == "strategy", "test_images": len(test[1]),
+                     "test_accuracy": accuracy(p, test[1]), "test_nll": nll(p, test[1]),
+                     "test_ece": ece(p, test[1]), "val_accuracy": val_acc})
         return p
 
     for s in strategies:

@@ -1,12 +1,8 @@
 """Files that survive a crash and never run code when read.
 
-A Colab runtime can be killed at any instant, so everything a run writes (checkpoints,
-metrics, json) goes through `atomic_write_bytes`: write a temporary file in the same
-folder, fsync it, rename it over the target.  A reader sees the old file or the new one,
-never half of one.  Checkpoints also get a `.sha256` sidecar, and the previous one is
-kept as `<name>.prev.pt`, so a corrupt or truncated file is detected and the last good
-one is used instead.  Checkpoints are read with `torch.load(weights_only=True)`: a file
-from elsewhere can hold tensors and plain data, never code.
+Every write is atomic (temporary file, fsync, rename): a reader sees the old file or the new one.
+Checkpoints get a `.sha256` sidecar and keep the previous one as `<name>.prev.pt`, used when the
+newer one is corrupt; they are read with `torch.load(weights_only=True)`: tensors and data, no code.
 """
 from __future__ import annotations
 
@@ -29,15 +25,14 @@ CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-# errno -> what to do about it (the message also names the file and says nothing was lost)
-_WRITE_HINTS = {
+_DENIED = "permission denied: choose a folder you can write to (or fix its permissions)"
+_WRITE_HINTS = {   # errno -> what to do about it
     errno.ENOSPC: "the disk is full: free some space (or choose a folder on another disk)",
     errno.EDQUOT: "the disk quota is used up: free some space (or choose a folder on another disk)",
     errno.EFBIG: "the file is larger than this system allows (a file-size limit, `ulimit -f`, or the "
                  "file system's maximum): raise the limit or choose a folder on another disk",
     errno.EROFS: "the file system is read-only: choose a writable folder",
-    errno.EACCES: "permission denied: choose a folder you can write to (or fix its permissions)",
-    errno.EPERM: "permission denied: choose a folder you can write to (or fix its permissions)",
+    errno.EACCES: _DENIED, errno.EPERM: _DENIED,
     errno.EISDIR: "that path is a folder: give a file name instead",
     errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
     errno.ENAMETOOLONG: "the file name is too long: choose a shorter path",
@@ -56,13 +51,9 @@ def _write_error(target: Path, path: Path, e: OSError, existed: bool, kept: str 
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` so that a crash leaves either the old or the new file.
-
-    Every write of samlib comes here.  An OSError (disk full, file too large, read-only or
-    unwritable folder, a folder in the way) becomes a SamlibError naming the path and what
-    to do; whatever happens, including an interrupt, the previous file stays intact and no
-    temporary file is left behind.
-    """
+    """Write `data` to `path` so that a crash leaves either the old or the new file; an OSError is a
+    SamlibError naming the path and what to do.  However it ends (an interrupt too), the previous
+    file stays intact and no temporary file is left behind."""
     path = Path(path)
     try:
         existed, is_dir = path.exists(), path.is_dir()
@@ -117,9 +108,8 @@ def write_json(path, obj) -> Path:
 
 
 # ---------------------------------------------------------------- reading untrusted files
-# Every file samlib reads may be damaged, truncated, edited or foreign: each reader below
-# turns every way it can be wrong into one DataError / CheckpointError naming the file and
-# the field, with what to do.  Nothing in a file is ever run.
+# Each reader turns every way a file can be wrong into one DataError / CheckpointError naming
+# the file and the field, with what to do.
 
 JSON_FIX = ("it is damaged or was edited by hand: restore it, or delete it (a run folder can be "
             "moved away and its run trained again)")
@@ -169,29 +159,9 @@ _JSON_NAMES = {dict: "a JSON object {...}", list: "a JSON list [...]", str: "a s
                bool: "true/false", int: "a number", float: "a number", type(None): "null"}
 
 
-def _bad_text(obj):
-    """The first string (key or value) in a parsed JSON document that is not valid Unicode
-    (json accepts lone surrogates such as "\\ud800", which no file or terminal can write)."""
-    stack = [obj]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return v
-    return None
-
-
 def read_json(path, expect=dict, fix: str = JSON_FIX):
-    """A JSON file as Python objects: the whole document must be an `expect` (dict: a JSON
-    object; None: anything).  Unreadable, not UTF-8, not JSON (truncated, damaged), of the
-    wrong type or holding invalid text: a DataError naming the file and saying what to do."""
+    """A JSON file whose document is an `expect` (None: anything); unreadable, not UTF-8 JSON,
+    of another type or holding invalid text: a DataError naming the file and saying what to do."""
     raw = read_bytes(path, DataError, fix)
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -205,17 +175,16 @@ def read_json(path, expect=dict, fix: str = JSON_FIX):
     if expect is not None and not isinstance(obj, expect):
         raise DataError(f"{path} holds {_JSON_NAMES.get(type(obj), type(obj).__name__)}, expected "
                         f"{_JSON_NAMES.get(expect, getattr(expect, '__name__', expect))}; {fix}")
-    bad = _bad_text(obj)
-    if bad is not None:
-        raise DataError(f"{path} holds text that is not valid Unicode ({bad!a}); {fix}")
+    try:   # json accepts lone surrogates such as "\\ud800", which no file or terminal can write
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path} holds text that is not valid Unicode ({e.object[e.start:e.end]!a}); {fix}") from None
     return obj
 
 
 def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix: str = JSON_FIX) -> dict:
-    """Check the fields of a JSON object read from `path`: `required` / `optional` map a key to
-    its kinds ("text", "bool", "int", "number", "object", "list", "null"; "int|null" for
-    either).  A missing required field or a value of another kind is a DataError naming the
-    file and the field.  Returns `obj`."""
+    """`obj` (read from `path`), once each field of `required` / `optional` is there and of its kinds
+    (keys of _KINDS, "int|null" for either); otherwise a DataError naming the file and the field."""
     for key, kinds in [*dict(required).items(), *dict(optional).items()]:
         if key not in obj:
             if key in dict(required):
@@ -229,9 +198,8 @@ def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix:
 
 
 def check_tensors(state, template: dict, where, field: str) -> None:
-    """`state` (a checkpoint's field) must be a state_dict with exactly `template`'s keys, each
-    a dense tensor of the same shape and kind (floating point or integer), with finite values:
-    a NaN or an infinity in weights is damage, whatever made it (CheckpointError naming the first)."""
+    """`state` (a checkpoint's field) must hold exactly `template`'s keys, each a dense tensor of the
+    same shape and kind (floating point or integer) with finite values; else a CheckpointError."""
     def bad(problem):
         raise CheckpointError(f"{where}: field '{field}' {problem}; it is damaged or belongs to another config")
 
@@ -273,10 +241,8 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
         os.replace(path, _previous(path))
         if sidecar.exists():
             os.replace(sidecar, _sidecar(_previous(path)))
-    # The sidecar lists the digests a complete file may have: while a file is replaced in
-    # place (keep_previous=False), the old one's and the new one's; afterwards only the new.
-    # A crash at any instant leaves the old file or the new one, both vouched for - never a
-    # good checkpoint lost, and a half-written one reads as corrupt (then .prev is used).
+    # While a file is replaced in place the sidecar vouches for the old and the new digest, so a
+    # crash at any instant leaves a vouched-for file; a half-written one reads as corrupt.
     vouched = []
     if path.exists():
         vouched = (sidecar.read_bytes().decode("ascii", "replace").split() if sidecar.exists()
@@ -289,8 +255,7 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
 
 
 class _Unreadable(CheckpointError):
-    """A checkpoint (or its sidecar) that cannot be read at all: permissions, a folder in its
-    place.  Not a damaged file, so the `.prev` fallback is not taken: the file may be fine."""
+    """A checkpoint or sidecar that cannot be read at all (it may be fine: no `.prev` fallback)."""
 
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -349,29 +314,19 @@ def _load_one(path: Path, map_location) -> dict:
     return obj
 
 
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError as e:      # e.g. a folder on the way without search permission
-        raise _Unreadable(f"{_read_problem(path, e)}; it was not loaded") from None
-
-
 def load_checkpoint(path, map_location="cpu", fallback: bool = True) -> dict:
-    """Load a checkpoint safely; if it is corrupt and a `.prev` exists, use that instead.
-
-    Every problem is a CheckpointError naming the file: missing, unreadable (no fallback: the
-    file may be fine), corrupt or truncated (sha256 sidecar, or torch cannot parse it), a
-    damaged sidecar, untrusted content (weights_only), not a samlib checkpoint.
-    The returned dict carries `"_path"`: the file actually loaded.
-    """
+    """A checkpoint, loaded safely (weights_only, sha256 sidecar); a corrupt one falls back to its
+    `.prev`.  Every problem is a CheckpointError naming the file; `"_path"` names the file loaded."""
     path = Path(path)
     candidates = [path] + ([_previous(path)] if fallback else [])
     errors = []
     for candidate in candidates:
-        if not _exists(candidate):
-            continue
         try:
+            if not candidate.exists():
+                continue
             obj = _load_one(candidate, map_location)
+        except OSError as e:      # e.g. a folder on the way without search permission
+            raise CheckpointError(f"{_read_problem(candidate, e)}; it was not loaded") from None
         except _Unreadable as e:
             raise CheckpointError(str(e)) from None
         except CheckpointError as e:

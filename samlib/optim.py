@@ -1,11 +1,6 @@
-"""Optimisation (paper, "Optimisation"): SGD + Lookahead, the two LR schedules, EMA.
-
-Paper: SGD (momentum 0.9, Nesterov, weight decay 5e-4) wrapped in Lookahead (k=5, alpha=0.5);
-a 10-epoch linear warm-up 0.001 -> 0.1, then OneCycleLR (max 0.1, 40% rising); EMA decay 0.999.
-Reference code: LinearLR and OneCycleLR are both stepped on the same optimizer and OneCycleLR
-sets the LR outright, so what ran is plain OneCycle (0.004 -> 0.1 -> ~4e-7).  Both schedules
-are here: ``kind="as_run"`` and ``kind="as_written"``.
-"""
+"""Optimisation (paper Section 3.3): Nesterov SGD in Lookahead (k=5, alpha=0.5), a 10-epoch warm-up
+then OneCycleLR, EMA decay 0.999.  The reference code's OneCycleLR overrode its warm-up: schedules
+"as_run" and "as_written" (README, discrepancies)."""
 
 import copy
 import itertools
@@ -24,17 +19,10 @@ class InvalidSetting(ConfigError, ValueError):
     """A bad optimisation hyperparameter (a ConfigError that is also a ValueError)."""
 
 
-# ---------------------------------------------------------------- Lookahead
-
 class Lookahead(torch.optim.Optimizer):
-    """Lookahead (Zhang et al. 2019) around any base optimizer.
-
-    The base optimizer moves the fast weights every step; every ``k`` steps the slow weights
-    move ``alpha`` of the way to the fast ones, ``slow += alpha * (fast - slow)``, and the fast
-    weights restart from there.  Slow weights start as a copy of the parameters at
-    construction.  ``param_groups`` (and ``state``) are the base optimizer's own objects, so
-    torch LR schedulers and GradScaler drive the base optimizer through this wrapper.
-    """
+    """Lookahead (Zhang et al. 2019): every ``k`` base steps slow += alpha * (fast - slow), and the fast
+    weights restart from there.  Slow weights start as a copy of the parameters (its Algorithm 1).
+    ``param_groups`` and ``state`` are the base optimizer's, so schedulers and GradScaler drive it."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -56,10 +44,7 @@ class Lookahead(torch.optim.Optimizer):
     @torch.no_grad()
     def _sync(self) -> None:
         params = self._params()
-        for p in params[len(self.slow):]:          # groups added to the base after construction
-            self.slow.append(p.detach().clone())
-        # Three foreach calls for all parameters (one kernel launch each on a GPU, not three per
-        # parameter); the same arithmetic as slow.add_(fast - slow, alpha=alpha) per tensor.
+        # Per tensor slow.add_(fast - slow, alpha=alpha); foreach: a few launches whatever the depth.
         torch._foreach_add_(self.slow, torch._foreach_sub(params, self.slow), alpha=self.alpha)
         torch._foreach_copy_(params, self.slow)     # fast restarts from the slow weights
 
@@ -69,9 +54,6 @@ class Lookahead(torch.optim.Optimizer):
         if self.step_count % self.k == 0:
             self._sync()
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return {"base": self.base.state_dict(), "slow": [s.detach().clone() for s in self.slow],
@@ -90,83 +72,39 @@ class Lookahead(torch.optim.Optimizer):
         self.step_count = int(state_dict["step_count"])
         self.k, self.alpha = int(state_dict["k"]), float(state_dict["alpha"])
 
-    def __repr__(self) -> str:
-        return f"Lookahead(k={self.k}, alpha={self.alpha}, base={self.base!r})"
 
-
-def build_optimizer(model: torch.nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                    nesterov: bool = True, weight_decay: float = 5e-4,
-                    lookahead_k: int = 5, lookahead_alpha: float = 0.5) -> torch.optim.Optimizer:
-    """The paper's optimizer: Nesterov SGD (decay on every parameter, as the reference) in
-    Lookahead.  ``lookahead_k=0`` gives plain SGD."""
-    if isinstance(lookahead_k, bool) or not isinstance(lookahead_k, int) or lookahead_k < 0:
-        raise InvalidSetting(f"lookahead_k must be an integer >= 0 (0 = no Lookahead), got {lookahead_k!r}")
-    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
-                          weight_decay=weight_decay)
+def build_optimizer(model: torch.nn.Module, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
+                    weight_decay: float = 5e-4, lookahead_k: int = 5, lookahead_alpha: float = 0.5):
+    """Nesterov SGD (decay on every parameter, as the reference) in Lookahead; lookahead_k=0: plain SGD."""
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     return sgd if lookahead_k == 0 else Lookahead(sgd, k=lookahead_k, alpha=lookahead_alpha)
 
 
-# ---------------------------------------------------------------- LR schedules
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidSetting(f"{name} must be a positive integer, got {value!r}")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int,
-                    max_lr: float = 0.1, warmup_epochs: int = 10, warmup_start_lr: float = 0.001,
-                    pct_start: float = 0.4):
-    """The per-step LR schedule (call ``scheduler.step()`` after every optimizer step).
-
-    ``"as_run"``: what the reference code's LinearLR + OneCycleLR produced together, i.e. plain
-    OneCycleLR(max_lr, epochs * steps_per_epoch, pct_start) with torch defaults: starts at
-    max_lr/25 (0.004), peaks at max_lr at step pct_start*total - 1, cos-anneals to
-    max_lr/25/1e4 (4e-7); momentum cycles 0.95 -> 0.85 -> 0.95 (the configured 0.9 never
-    runs - also true of the reference run).
-
-    ``"as_written"``: the paper's text: linear warm-up warmup_start_lr -> max_lr over
-    ``warmup_epochs``, then OneCycleLR(max_lr, pct_start) over the remaining epochs, which
-    starts again at max_lr/25 (the paper's literal recipe drops 0.1 -> 0.004 at the seam).
-    Momentum: the optimizer's own (0.9) during the warm-up; OneCycle's cycling afterwards.
-    Chained with torch's SequentialLR; see the fix-up below.  Smoke runs must scale
-    ``warmup_epochs`` themselves (it must be < epochs).
-
-    Build the scheduler before loading an optimizer state_dict when resuming (it writes lr).
-    """
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int, max_lr: float = 0.1,
+                    warmup_epochs: int = 10, warmup_start_lr: float = 0.001, pct_start: float = 0.4):
+    """The per-step LR schedule.  "as_run": plain OneCycleLR (0.004 -> 0.1 -> 4e-7, momentum 0.95 -> 0.85
+    -> 0.95), what the reference ran; "as_written": a linear warm-up warmup_start_lr -> max_lr over
+    ``warmup_epochs``, then OneCycleLR.  Build it before loading an optimizer state (it writes lr)."""
     if kind not in SCHEDULES:
         raise InvalidSetting(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("steps_per_epoch", steps_per_epoch)
-    if not 0.0 < float(pct_start) < 1.0:
-        raise InvalidSetting(f"pct_start must be in (0, 1), got {pct_start!r}")
-    if not max_lr > 0:
-        raise InvalidSetting(f"max_lr must be > 0, got {max_lr!r}")
+    if kind == "as_written" and not 0 <= warmup_epochs < epochs:
+        raise InvalidSetting(f"warmup_epochs must be an integer in [0, epochs) = [0, {epochs}), got "
+                             f"{warmup_epochs!r}; scale it down for short runs")
+    if kind == "as_written" and not 0.0 < warmup_start_lr <= max_lr:    # not a Config field
+        raise InvalidSetting(f"warmup_start_lr must be in (0, max_lr={max_lr}], got {warmup_start_lr!r}")
     for group in optimizer.param_groups:          # a fresh schedule: base lr = max_lr
         group["lr"] = max_lr
         group.pop("initial_lr", None)
-    if kind == "as_run":
-        return OneCycleLR(optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch,
-                          pct_start=float(pct_start))
-
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or not 0 <= warmup_epochs < epochs:
-        raise InvalidSetting(f"warmup_epochs must be an integer in [0, epochs) = [0, {epochs}), got "
-                             f"{warmup_epochs!r}; scale it down for short runs")
-    if not 0.0 < warmup_start_lr <= max_lr:
-        raise InvalidSetting(f"warmup_start_lr must be in (0, max_lr={max_lr}], got {warmup_start_lr!r}")
-    warmup_steps = warmup_epochs * steps_per_epoch
-    one_cycle_steps = (epochs - warmup_epochs) * steps_per_epoch
+    warmup_steps = warmup_epochs * steps_per_epoch if kind == "as_written" else 0
+    one_cycle_steps = epochs * steps_per_epoch - warmup_steps
     if warmup_steps == 0:
         return OneCycleLR(optimizer, max_lr=max_lr, total_steps=one_cycle_steps, pct_start=float(pct_start))
-
     momenta = [group.get("momentum") for group in optimizer.param_groups]
-    warmup = LinearLR(optimizer, start_factor=warmup_start_lr / max_lr, end_factor=1.0,
-                      total_iters=warmup_steps)
+    warmup = LinearLR(optimizer, start_factor=warmup_start_lr / max_lr, end_factor=1.0, total_iters=warmup_steps)
     one_cycle = OneCycleLR(optimizer, max_lr=max_lr, total_steps=one_cycle_steps, pct_start=float(pct_start))
     schedule = SequentialLR(optimizer, [warmup, one_cycle], milestones=[warmup_steps])
-    # Fix-up: OneCycleLR overwrites group["initial_lr"] with max_lr/25 (it reads it as its own
-    # start value), and SequentialLR resets lr to initial_lr before LinearLR's first step, so
-    # unpatched the warm-up would run 4e-5 -> 0.004 instead of 0.001 -> 0.1.  LinearLR is
-    # chainable (multiplies the current lr), so restoring its first value fixes every step.
+    # OneCycleLR set initial_lr to max_lr/25 and SequentialLR reset lr to it, which would scale
+    # the warm-up by 1/25; LinearLR multiplies the current lr, so restoring its start fixes it.
     for group, momentum in zip(optimizer.param_groups, momenta):
         group["lr"] = warmup_start_lr
         if momentum is not None:                  # OneCycleLR set 0.95 at construction
@@ -176,9 +114,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, st
 
 
 def schedule_curves(kind: str, epochs: int, steps_per_epoch: int, **kwargs):
-    """(lr, momentum) numpy arrays, one value per optimizer step, for plotting a schedule.
-
-    Runs ``build_scheduler`` on a throwaway SGD over one dummy parameter."""
+    """(lr, momentum) numpy arrays, one value per optimizer step, for plotting a schedule."""
     dummy = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([dummy], lr=kwargs.get("max_lr", 0.1), momentum=0.9, nesterov=True)
     sched = build_scheduler(opt, kind, epochs, steps_per_epoch, **kwargs)
@@ -192,28 +128,10 @@ def schedule_curves(kind: str, epochs: int, steps_per_epoch: int, **kwargs):
     return lrs, moms
 
 
-def lr_curve(kind: str, epochs: int, steps_per_epoch: int, **kwargs) -> np.ndarray:
-    """The LR used at each of the epochs * steps_per_epoch optimizer steps."""
-    return schedule_curves(kind, epochs, steps_per_epoch, **kwargs)[0]
-
-
-# ---------------------------------------------------------------- EMA
-
 class EMA(torch.nn.Module):
-    """EMA of the weights *and* buffers (paper: decay 0.999, updated every step).
-
-    The same numbers as torch's ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d),
-    use_buffers=True)`` (tests/test_optim.py checks it bit for bit) and the same state_dict
-    (``module.*`` and ``n_averaged``), without its per-step host-to-device copy of the step
-    counter: the count lives on the host, so a GPU step never waits on it.
-    - the first update copies the model (e_1 = w_1); later ones e = d*e + (1-d)*w, as one
-      ``_foreach_lerp_`` over every floating-point parameter and buffer (BN statistics
-      included, like the reference's EMA over every floating-point state_dict entry).  The
-      reference code starts from the initial weights instead (e_1 = d*w_0 + (1-d)*w_1); the
-      difference decays as d**t.
-    - integer buffers (BN num_batches_tracked) get d*e + (1-d)*w cast back to int64, i.e.
-      truncated, as AveragedModel does; it only matters for BatchNorm(momentum=None).
-    """
+    """EMA of the weights and buffers (paper Section 3.3: decay 0.999, every step): e_1 = w_1, then
+    e = d*e + (1-d)*w.  torch's AveragedModel(use_buffers=True, get_ema_multi_avg_fn(d)) bit for bit,
+    state_dict included, but its step count stays on the host (no GPU sync)."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         super().__init__()
@@ -239,7 +157,7 @@ class EMA(torch.nn.Module):
             floats = [(e, w) for e, w in pairs if e.is_floating_point()]
             torch._foreach_lerp_([e for e, _ in floats], [w for _, w in floats], 1 - self.decay)
             ints = [(e, w) for e, w in pairs if not e.is_floating_point()]
-            if ints:     # d*e + (1-d)*w truncated to int64, on all of them at once (a few launches)
+            if ints:     # all integer buffers at once: a few launches, not a few per buffer
                 ema_i, model_i = [e for e, _ in ints], [w for _, w in ints]
                 flat_e = torch.cat([e.reshape(-1) for e in ema_i])
                 flat_w = torch.cat([w.reshape(-1) for w in model_i])
@@ -251,14 +169,8 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        """Overwrite every floating-point parameter and buffer of `model` with the EMA's, in
-        place (the optimizer's momentum and Lookahead's slow weights are left as they are).
-
-        This is what the authors' code did at every epoch end (config ``ema_reset="epoch"``):
-        its ``ModelEMA.apply()`` kept ``model.state_dict()`` as the backup - tensors that
-        share storage with the model - then loaded the EMA into the model, so ``restore()``
-        loaded the EMA back and training went on from the EMA.  Their EMA held the
-        floating-point state_dict entries only, so integer buffers stay the model's."""
+        """Overwrite `model`'s floating-point parameters and buffers with the EMA's, in place:
+        what the authors' ModelEMA apply/restore did every epoch (``ema_reset="epoch"``)."""
         for e, w in self._pairs(model):
             if w.is_floating_point():
                 w.copy_(e)
@@ -273,6 +185,5 @@ class EMA(torch.nn.Module):
 
 
 def build_ema(model: torch.nn.Module, decay: float = 0.999) -> EMA:
-    """The paper's EMA of `model` (see EMA); call ``ema.update_parameters(model)`` after each
-    optimizer step and evaluate ``ema.module``."""
+    """The paper's EMA of `model`: ``ema.update_parameters(model)`` after each optimizer step."""
     return EMA(model, decay)

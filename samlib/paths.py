@@ -1,9 +1,5 @@
-"""Every path a command reads or writes, checked in one place before any work starts.
-
-A symlink loop, a dangling link, a file where a folder belongs (or a folder where a file
-belongs) and a folder this process cannot write each end in one `error:` line naming the
-flag or parameter it came from, instead of a traceback or an error after minutes of work.
-"""
+"""Paths from the user, checked before any work starts: a symlink loop, a dangling link, a file where a folder
+belongs (or the reverse) or a read-only folder is one `error:` line naming the flag or parameter."""
 from __future__ import annotations
 
 import os
@@ -21,34 +17,8 @@ def resolved(path, what: str) -> Path:
                           f"{e}); fix or remove the link, or give another path") from None
 
 
-def _missing(path, what: str, fix: str) -> SamlibError:
-    dangling = " (a symbolic link to something that does not exist)" if Path(path).is_symlink() else ""
-    return SamlibError(f"{what} {path} not found{dangling}; {fix}")
-
-
-def input_file(path, what: str, fix: str = "check the path") -> Path:
-    """An existing file to read."""
-    real = resolved(path, what)
-    if not real.exists():
-        raise _missing(path, what, fix)
-    if real.is_dir():
-        raise SamlibError(f"{what} {path} is a folder, not a file; {fix}")
-    return real
-
-
-def input_dir(path, what: str, fix: str = "check the path") -> Path:
-    """An existing folder to read."""
-    real = resolved(path, what)
-    if not real.exists():
-        raise _missing(path, what, fix)
-    if not real.is_dir():
-        raise SamlibError(f"{what} {path} is a file, not a folder; {fix}")
-    return real
-
-
 def output_dir(path, what: str) -> Path:
-    """A folder to write in: it, or the nearest of its parents that exists, must be a
-    writable folder (it is created when first written)."""
+    """A folder to write in: it, or its nearest existing parent, must be a writable folder."""
     return _writable(path, what, is_file=False)
 
 
@@ -62,7 +32,8 @@ def _writable(path, what: str, is_file: bool) -> Path:
     given = Path(os.path.abspath(Path(path).expanduser()))
     for part in (given, *given.parents):         # a dangling link on the way: mkdir would fail
         if part.is_symlink() and not part.exists():
-            raise _missing(part, what, "point the link somewhere that exists, or give another path")
+            raise SamlibError(f"{what} {part} not found (a symbolic link to something that does not exist); "
+                              "point the link somewhere that exists, or give another path")
     if is_file and real.is_dir():
         raise SamlibError(f"{what} {path} is a folder; give a file name (e.g. {Path(path) / 'out'})")
     existing = real.parent if is_file else real

@@ -1,10 +1,5 @@
-"""The plan shown before any training: each run (config x seed), its epochs, whether it is
-finished, partly done or new, and an estimate of the time it takes on *this* device.
-
-The estimate comes from a timing probe of the real training step (the run's own model,
-batch size and augmentation, a few steps after an untimed warm-up) and of the per-epoch
-evaluation, so a user can stop before a plan of many hours starts, change the parameters
-and rerun.  Finished runs cost nothing; a partly done run costs only its remaining epochs.
+"""The plan shown before any training: each config x seed run, its state on disk (finished, partly done or new)
+and its time on *this* device, estimated from a short probe of the real training step and evaluation.
 """
 from __future__ import annotations
 
@@ -54,8 +49,7 @@ def _epochs_done(run: RunDir) -> int:
 
 
 def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun]:
-    """Every config x seed, in training order, with its state on disk.  `seeds`: one list for
-    every config, or {config: seeds} (a config missing from it runs at none)."""
+    """Every config x seed in training order, with its state on disk (`seeds`: a list, or {config: seeds})."""
     plan = []
     for name in configs:
         for seed in (seeds.get(name, []) if isinstance(seeds, dict) else seeds):
@@ -66,9 +60,8 @@ def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun
 
 
 def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
-    """Seconds one epoch of `cfg` takes here, from a probe on synthetic images of the run's
-    shape: train_step (PROBE_WARMUP untimed steps, then PROBE_STEPS timed) scaled to the
-    epoch's steps, plus the epoch's evaluation timed per image the same way."""
+    """Seconds one epoch of `cfg` takes here: train_step on synthetic images (PROBE_WARMUP untimed steps,
+    then PROBE_STEPS timed) scaled to the epoch's steps, plus its evaluation timed per image."""
     device = resolve_device(device)
     n_probe = (PROBE_STEPS + PROBE_WARMUP) * cfg.batch_size
     ds = D.synthetic_cifar10(n_probe, cfg.eval_batch_size, seed=0)
@@ -90,24 +83,18 @@ def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> 
 
 def _timed(fn, warmup: int, repeats: int, device) -> float:
     """Mean seconds of `fn` over `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    clock = []                                  # the time after the warm-up, then after the timed calls
+    for calls in (warmup, repeats):
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        clock.append(time.perf_counter())
+    return (clock[1] - clock[0]) / repeats
 
 
 def estimate(plan: list[PlannedRun], profile: str, device=None, say=None, **overrides) -> list[PlannedRun]:
-    """Fill in each unfinished run's estimated seconds (one probe per architecture); `say`
-    (e.g. print) hears of each probe as it starts, so a long one is never silent."""
+    """Fill in each unfinished run's estimated seconds, one probe per architecture announced to `say`."""
     probes: dict = {}
     for item in plan:
         if item.finished:
@@ -124,8 +111,7 @@ def estimate(plan: list[PlannedRun], profile: str, device=None, say=None, **over
 
 
 def wall_seconds(plan: list[PlannedRun], slots: int) -> float:
-    """The plan's wall time with `slots` jobs side by side, each run starting in queue order
-    on the first free slot (as samlib.sweep starts them)."""
+    """Wall time with `slots` jobs side by side, each run taking the first free slot (as samlib.sweep does)."""
     ends = [0.0] * max(1, slots)
     for item in plan:
         if not item.finished:

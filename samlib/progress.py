@@ -1,20 +1,17 @@
-"""Progress bars that go away when their work ends, however it ends.
-
-tqdm's notebook widget stays on screen, red, when a loop is interrupted (Kernel -> Interrupt),
-over the one `interrupted:` line the notebook prints; here an interrupted bar is removed
-like a finished one.
-"""
+"""What a user watches while training: progress bars that go away when their work ends, however it
+ends (tqdm's notebook widget would stay on screen, red, after Kernel -> Interrupt), and one line
+per epoch with the time left."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 
 from tqdm.auto import tqdm
 
 
 def _on_screen() -> bool:
-    """A bar is drawn in a notebook kernel or on a terminal, never into a log file or a pipe
-    (a command's stderr then holds only its messages)."""
+    """A bar is drawn in a notebook kernel or on a terminal, never into a log file or a pipe."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
     in_kernel = type(shell).__name__ == "ZMQInteractiveShell"          # Jupyter, Colab, papermill
@@ -23,8 +20,7 @@ def _on_screen() -> bool:
 
 @contextlib.contextmanager
 def progress_bar(iterable=None, disable: bool = False, **kwargs):
-    """tqdm(iterable, leave=False, **kwargs), closed (and removed) on exit or interruption;
-    drawn only where someone watches (see _on_screen)."""
+    """tqdm(iterable, leave=False, **kwargs), removed on exit or interruption; drawn only on screen."""
     bar = tqdm(iterable, leave=False, disable=disable or not _on_screen(), **kwargs)
     try:
         yield bar
@@ -36,3 +32,24 @@ def progress_bar(iterable=None, disable: bool = False, **kwargs):
         raise
     finally:
         bar.close()
+
+
+def epoch_line(trainer, later_seconds: float = 0.0) -> str:
+    """`final seed 84: epoch 3/8  loss 1.912  val 41.2% (EMA 40.1%)  24.1 s/epoch  left ...`."""
+    cfg, row = trainer.cfg, trainer.metrics[-1]
+    per_epoch = sum(r["seconds"] for r in trainer.metrics[-3:]) / len(trainer.metrics[-3:])
+    run_left = per_epoch * (cfg.epochs - trainer.epoch)
+    ema = f" (EMA {100 * row['val_acc_ema']:.1f}%)" if "val_acc_ema" in row else ""
+    plan = f", plan {format_duration(run_left + later_seconds)}" if later_seconds else ""
+    return (f"{cfg.name} seed {cfg.seed}: epoch {trainer.epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  "
+            f"val {100 * row['val_acc']:.1f}%{ema}  {row['seconds']:.1f} s/epoch  "
+            f"left: run {format_duration(run_left)}{plan}")
+
+
+def format_duration(seconds: float) -> str:
+    """7 h 01 min, 1 min 01 s, 59 s."""
+    if not math.isfinite(seconds):               # (an estimate that could not be made)
+        return "?"
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

@@ -1,10 +1,9 @@
 """A run directory: where one config x seed keeps everything it writes.
 
-`<config>-s<seed>-<hash of the resolved config>` holds config.json and run.json (written
-first: what runs, on which data), metrics.csv, last.pt (+ last.prev.pt) for resuming,
-best_regular.pt / best_ema.pt (the selected models), and once finished provenance.json
-and final.json.  A finished run is reused, an unfinished one resumes from last.pt, and a
-run trained on other data (run.json's fingerprint) is refused, never reused.
+`<config>-s<seed>-<hash of the config>` holds config.json and run.json (what runs, on which data),
+metrics.csv, last.pt (+ last.prev.pt) to resume, best_regular.pt / best_ema.pt (the selected
+models), and once finished provenance.json and final.json.  A finished run is reused, an
+unfinished one resumes, and a run trained on other data is refused.
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import reprlib
 import socket
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,10 +26,9 @@ from . import dist
 from .config import SPEED_KNOBS, Config, from_dict
 from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
-from .io import (atomic_write_text, check_fields, check_tensors, clip, load_checkpoint, present, read_json,
+from .io import (atomic_write_text, check_fields, check_tensors, load_checkpoint, present, read_json,
                  save_checkpoint, write_json)
 from .model import NORM_STDS, SE_PLACEMENTS, build_model
-from .optim import build_ema, build_optimizer, build_scheduler
 
 try:
     import fcntl                      # POSIX; elsewhere runs are not locked
@@ -65,8 +62,7 @@ class RunDir:
         return f"move {self.path} away (or delete it) to train the run again from scratch"
 
     def check_data(self, data_id: str) -> None:
-        """Refuse a run directory made from other data than `data_id` (a fingerprint); a
-        damaged run.json is a DataError naming it."""
+        """Refuse a run directory made from other data than `data_id` (a fingerprint)."""
         path = self / "run.json"
         recorded = (check_fields(read_json(path, fix=self._fix()), path, optional={"data": "text"},
                                  fix=self._fix()) if present(path) else {})
@@ -81,28 +77,25 @@ class RunDir:
             write_json(self / "run.json", {"profile": profile, "config": cfg.name, "seed": cfg.seed,
                                            "hash": cfg.hash(), "data": data_id})
 
-    def resume_state(self, device, cfg: Config | None = None) -> dict | None:
-        """The last epoch's full training state, or None for a new run.
-
-        The state must record `cfg` (default: the run's config.json; check_same_run) and hold what
-        `Trainer.load_state_dict` needs: every problem is a CheckpointError naming the file and field."""
+    def resume(self, cfg: Config, load) -> bool:
+        """Continue from last.pt (last.prev.pt when it is damaged): `load` (Trainer.load_state_dict)
+        gets the state read on the CPU; False for a new run.  A damaged state, or another run's,
+        is one CheckpointError, raised before anything is written."""
         if not (present(self / "last.pt") or present(self / "last.prev.pt")):
-            return None
+            return False
         try:
-            state = load_checkpoint(self / "last.pt", map_location=device)
-            if cfg is None and not present(self / "config.json"):
-                cfg = from_dict(state.get("config"), source=f"{state['_path']} field 'config'")
-            cfg = cfg or from_dict(read_json(self / "config.json", fix=self._fix()), source=str(self / "config.json"))
+            state = load_checkpoint(self / "last.pt", map_location="cpu")
             check_same_run(state, cfg)
-            check_resume_state(state, cfg)
+            check_resume_fields(state, cfg)
+            load(state)
         except (CheckpointError, ConfigError) as e:
             raise CheckpointError(f"cannot resume {self.path}: {e}; move that folder away (or delete "
                                   "it) to start the run again from scratch") from None
-        return state
+        return True
 
     def save_epoch(self, state: dict, metrics: list, best_models: dict) -> None:
-        """The selected models (best_<kind>.pt), metrics.csv, then last.pt - in that order,
-        so that a crash between them leaves a last.pt no newer than the rest."""
+        """The selected models (best_<kind>.pt), metrics.csv, then last.pt: a crash between them
+        leaves a last.pt no newer than the rest."""
         if not dist.is_main():
             return
         for kind, model in best_models.items():
@@ -123,12 +116,8 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False):
-        """Hold the run's advisory lock (`.lock`) while training it: one writer per run.
-
-        The operating system releases it when the process ends, crash or kill included.  A
-        second trainer of the same run is refused (or, with `wait`, blocks until it is free).
-        Only rank 0 of a data-parallel run locks: the other ranks never write.
-        """
+        """Hold the run's advisory lock (`.lock`, released by the OS however the process ends): a second
+        trainer is refused, or with `wait` waits.  Only rank 0 locks: the other ranks never write."""
         if not dist.is_main() or fcntl is None:
             yield
             return
@@ -167,9 +156,8 @@ def _git(repo, *args):
 
 
 def git_dirty(repo) -> bool | None:
-    """Whether the tracked files of `repo` differ from its HEAD commit as git would store them:
-    after the clean filters, so a notebook JupyterLab only re-saved (outputs) is no change, while
-    `git status` lists it.  None when git cannot tell (no git, not a repository, no commit)."""
+    """Whether the tracked files of `repo` differ from HEAD after git's clean filters (a notebook only
+    re-saved is no change, though `git status` lists it); None when git cannot tell."""
     _git(repo, "update-index", "-q", "--refresh")
     done = _git(repo, "diff", "--quiet", "HEAD", "--")
     return {0: False, 1: True}.get(done.returncode) if done is not None else None
@@ -180,15 +168,10 @@ def provenance(device: torch.device, data_source: str) -> dict:
     repo = Path(__file__).resolve().parent.parent
     commit = _git(repo, "rev-parse", "HEAD")
     import torchvision
-    return {
-        "git_commit": (commit.stdout.strip() or None) if commit and commit.returncode == 0 else None,
-        "git_dirty": git_dirty(repo),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-        "device": describe_device(device),
-        "data_source": data_source,
-        "world_size": dist.world_size(),
-    }
+    return {"git_commit": (commit.stdout.strip() or None) if commit and commit.returncode == 0 else None,
+            "git_dirty": git_dirty(repo), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": describe_device(device),
+            "data_source": data_source, "world_size": dist.world_size()}
 
 
 def describe_device(device: torch.device) -> str:
@@ -196,8 +179,7 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     bf16 = ", native bf16" if cpu_has_native_bf16() else ", no native bf16"
-    model = cpu_model()
-    named = f"{model}, " if model else ""
+    named = f"{cpu_model()}, " if cpu_model() else ""
     return f"cpu ({named}{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{bf16})"
 
 
@@ -236,8 +218,7 @@ def check_arch(ckpt: dict, arch: dict) -> None:
     def plain(a):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}
 
-    got = ckpt.get("arch")
-    where = ckpt.get("_path", "checkpoint")
+    got, where = ckpt.get("arch"), ckpt.get("_path", "checkpoint")
     if got is None:
         return
     problem = _arch_problem(got)
@@ -248,15 +229,9 @@ def check_arch(ckpt: dict, arch: dict) -> None:
                               f"{got}, not the expected {arch}; it belongs to another config")
 
 
-def _meta(arch: dict) -> torch.nn.Module:
-    """The model of `arch` without memory (meta tensors): its state_dict's keys and shapes."""
-    with torch.device("meta"):
-        return build_model(**arch)
-
-
 def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.Module:
-    """Rebuild a model from a samlib checkpoint (weights_only load; architecture and every
-    tensor checked before anything is built): any problem is a CheckpointError naming the file."""
+    """Rebuild a model from a samlib checkpoint, its architecture and tensors checked before it is
+    built: any problem is a CheckpointError naming the file."""
     fix = (f"restore it, or train its run again (move {Path(path).parent} away, then run the same "
            "train command)")
     try:
@@ -268,7 +243,8 @@ def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.
         if isinstance(state, dict) and sum(arch.get("blocks", (4, 4, 3))) > len(state):  # never build those
             raise CheckpointError(f"{where}: field 'model' holds {len(state)} tensors, too few for its "
                                   f"recorded architecture {arch}")
-        check_tensors(state, _meta(arch).state_dict(), where, "model")
+        with torch.device("meta"):                   # keys and shapes, no memory
+            check_tensors(state, build_model(**arch).state_dict(), where, "model")
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {fix}") from None
     model = build_model(**arch).to(device)
@@ -297,7 +273,6 @@ def load_run_models(run_dir, device="cpu"):
 _ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_acc_mixed", "train_acc_clean", "val_acc", "test_acc",
                 "seconds")   # what the loop reads back from earlier rows (progress line, final.json)
 _SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-_CPU_RNG = len(torch.Generator().get_state())   # mt19937 state; a CUDA generator's is 16 bytes
 
 
 def _number(v) -> bool:
@@ -312,16 +287,16 @@ def check_same_run(ckpt: dict, cfg: Config) -> None:
     if recorded is not None and recorded.hash() != cfg.hash():
         a, b, skip = recorded.to_dict(), cfg.to_dict(), {*recorded.inert_fields()} & {*cfg.inert_fields()}
         keys = [k for k in b if a[k] != b[k] and k not in skip | set(SPEED_KNOBS)]
-        show = lambda d: ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}"  # noqa: E731
-                                   for k in keys)
+
+        def show(d):
+            return ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}" for k in keys)
         raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to "
                               "another run")
 
 
-def check_resume_state(ckpt: dict, cfg: Config) -> None:
-    """What `Trainer.load_state_dict` needs to continue `cfg` from `ckpt` (last.pt), checked
-    before it is used: keys, types, shapes; the optimizer and scheduler states are tried on
-    a memory-less (meta) copy, one step included.  CheckpointError naming the field."""
+def check_resume_fields(ckpt: dict, cfg: Config) -> None:
+    """The plain fields of a resume state that the loop reads back (epoch, metrics, best, precision,
+    scaler) and that every part is there; Trainer.load_state_dict checks the tensors and states."""
     where = ckpt.get("_path", "checkpoint")
 
     def bad(field, problem):
@@ -331,22 +306,14 @@ def check_resume_state(ckpt: dict, cfg: Config) -> None:
         if key not in ckpt:
             bad(key, "is missing" + (" (the config has EMA on)" if key == "ema" else "")
                 + "; not a resume checkpoint of this samlib version?")
-    model = _meta(dict(se=cfg.se, se_placement=cfg.se_placement, widths=cfg.widths, blocks=cfg.blocks,
-                       norm_std=cfg.norm_std))
-    check_arch(ckpt, model.arch)
-    check_tensors(ckpt["model"], model.state_dict(), where, "model")
-    if cfg.ema:
-        check_tensors(ckpt["ema"], build_ema(model, cfg.ema_decay).state_dict(), where, "ema")
-    epoch = ckpt["epoch"]
+    epoch, rows, best = ckpt["epoch"], ckpt["metrics"], ckpt["best"]
     if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= cfg.epochs):
         bad("epoch", f"must be an integer in 0..{cfg.epochs}, got {reprlib.repr(epoch)}")
-    rows = ckpt["metrics"]
     if not isinstance(rows, list) or len(rows) != epoch:
         bad("metrics", f"must be a list of {epoch} rows (one per epoch), got {reprlib.repr(rows)}")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not all(_number(row.get(k)) for k in _ROW_NUMBERS):
             bad("metrics", f"row {i} must hold the numbers {', '.join(_ROW_NUMBERS)}, got {reprlib.repr(row)}")
-    best = ckpt["best"]
     if not (isinstance(best, dict) and all(_number(best.get(k)) for k in ("regular", "ema"))
             and all(best.get(k) is None or isinstance(best.get(k), int) for k in ("regular_epoch", "ema_epoch"))):
         bad("best", f"must hold the numbers regular and ema and their epochs, got {reprlib.repr(best)}")
@@ -356,43 +323,3 @@ def check_resume_state(ckpt: dict, cfg: Config) -> None:
     scaler = ckpt.get("scaler", {})
     if not isinstance(scaler, dict) or (precision == "fp16" and not all(_number(scaler.get(k)) for k in _SCALER)):
         bad("scaler", f"must be a GradScaler state ({', '.join(_SCALER)}), got {reprlib.repr(scaler)}")
-    rng = ckpt["rng"] if isinstance(ckpt["rng"], dict) else {}
-    for name in ("aug", "host"):
-        state = rng.get(name)
-        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
-                and not state.is_meta):
-            bad("rng", f"entry {name!r} must be a generator state (a uint8 tensor), got {reprlib.repr(state)}")
-        if len(state) == _CPU_RNG:
-            try:
-                torch.Generator().set_state(state.cpu())
-            except RuntimeError as e:
-                bad("rng", f"entry {name!r} is not a valid generator state ({e})")
-        elif name == "host" or len(state) != 16:
-            bad("rng", f"entry {name!r} has {len(state)} bytes, not a generator state")
-    _try_optimizer(ckpt, cfg, model, epoch < cfg.epochs, bad)
-
-
-def _try_optimizer(ckpt, cfg, model, step: bool, bad) -> None:
-    """Load the optimizer and scheduler states into meta copies as Trainer does, then (when an
-    epoch is left to train) take one step: a state that would fail later fails here."""
-    opt = build_optimizer(model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay,
-                          cfg.lookahead_k, cfg.lookahead_alpha)
-    sched = build_scheduler(opt, cfg.schedule, cfg.epochs, 1, max_lr=cfg.lr,
-                            warmup_epochs=cfg.warmup_epochs, pct_start=cfg.pct_start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for field, action in (("optimizer", lambda: opt.load_state_dict(ckpt["optimizer"])),
-                              ("scheduler", lambda: sched.load_state_dict(ckpt["scheduler"])),
-                              ("optimizer", lambda: _meta_step(model, opt) if step else None),
-                              ("scheduler", lambda: sched.step() if step else None)):
-            try:
-                action()
-            except Exception as e:   # whatever torch raises on a state that does not fit
-                bad(field, f"does not fit this config's {field} ({type(e).__name__}: "
-                           f"{clip(str(e).splitlines()[0] if str(e) else '')})")
-
-
-def _meta_step(model, opt) -> None:
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()

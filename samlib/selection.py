@@ -1,9 +1,5 @@
-"""Which checkpoints a run keeps (paper Section 3.3: "both the regular and the EMA model
-are checkpointed at their best").
-
-The authors' code chose them on the CIFAR-10 *test* set; samlib chooses on a validation
-split by default and keeps the code's rule as `selection="test"`, by name.
-"""
+"""Which checkpoints a run keeps (Section 3.3: "both the regular and the EMA model are
+checkpointed at their best"): on a validation split, or as the code ran, on the test set."""
 from __future__ import annotations
 
 SELECTIONS = ("val", "test")
@@ -11,15 +7,10 @@ AS_RUN_MARGIN = 0.005   # the code kept the regular model within 0.5 points of t
 
 
 class BestCheckpoints:
-    """The best accuracies so far and the epochs they came from; `update` says what to save.
-
-    `state` is a plain dict (regular, ema, regular_epoch, ema_epoch), stored in checkpoints
-    and in final.json as "best".
-    """
+    """The best accuracies so far and their epochs; `state` (regular, ema, regular_epoch, ema_epoch)
+    is stored in checkpoints and final.json as "best"."""
 
     def __init__(self, selection: str = "val", ema: bool = False, state: dict | None = None):
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.selection, self.ema = selection, ema
         self.state = state if state is not None else {
             "regular": -1.0, "ema": -1.0, "regular_epoch": None, "ema_epoch": None}
@@ -28,12 +19,9 @@ class BestCheckpoints:
         self.state.update({kind: accuracy, f"{kind}_epoch": epoch})
 
     def update(self, row: dict, epoch: int) -> tuple[bool, bool]:
-        """(save regular, save EMA) after an epoch whose accuracies are in `row`.
-
-        "val": each model at its best validation accuracy.  "test" (as run): the EMA model
-        when its test accuracy is the best so far; the regular one whenever its test
-        accuracy is within 0.5 points of that best (of its own best without EMA).
-        """
+        """(save regular, save EMA) after an epoch.  "val": each model at its best validation accuracy.
+        "test" (as run): EMA at its best test accuracy, the regular one whenever it is within 0.5
+        points of that best (of its own best without EMA)."""
         best = self.state
         if self.selection == "val":
             reg = row["val_acc"] > best["regular"]

@@ -1,9 +1,6 @@
-"""Several runs side by side: one training process per device (Table 1 on several GPUs).
+"""`python -m samlib sweep`: Table 1's config x seed runs side by side, one `samlib train` process per device.
 
-`python -m samlib sweep --configs baseline,se,se_mixup,final --seeds 84,85 --devices
-cuda:0,cuda:1,cuda:2,cuda:3 ...` keeps every device busy with one `samlib train` process
-until the queue of config x seed jobs is empty.  Each job logs to <out>/logs/; finished
-runs are reused, so a sweep interrupted half-way only trains what is missing.
+Each job logs to <out>/logs/; finished runs are reused, so an interrupted sweep only trains what is missing.
 """
 from __future__ import annotations
 
@@ -17,27 +14,10 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device
-from .errors import SamlibError
-
-
-def default_devices() -> list:
-    n = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
-
-
-def _open_log(path: Path):
-    """The job's log file (the one thing written outside samlib.io: the child streams into it)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "w")
-    except OSError as e:
-        raise SamlibError(f"cannot write the sweep's log {path}: {e.strerror}; choose a writable "
-                          "--out folder (logs go to <out>/logs/), then run the same command again") from None
 
 
 def _stop(running: dict, grace: float = 60.0) -> None:
-    """Interrupted: pass SIGTERM on to the jobs still running (each keeps its last good
-    checkpoint and resumes when the sweep is run again) and wait for them."""
+    """Interrupted: pass SIGTERM on to the running jobs (each keeps its last good checkpoint) and wait."""
     procs = [entry[3] for entry in running.values()]
     for proc in procs:
         if proc.poll() is None:
@@ -52,9 +32,7 @@ def _stop(running: dict, grace: float = 60.0) -> None:
 
 
 def job_env(devices: list, environ=None) -> dict:
-    """The jobs' environment.  Several jobs on the CPU share its cores: each gets
-    OMP_NUM_THREADS = cores // jobs (two single-threaded training processes on 2 cores train
-    about 1.3x the images of one with 2 threads).  A value the user set is kept."""
+    """The jobs' environment: CPU jobs share the cores, OMP_NUM_THREADS = cores // jobs each (unless set)."""
     env = dict(os.environ if environ is None else environ)
     on_cpu = sum(d == "cpu" for d in devices)
     if on_cpu > 1 and "OMP_NUM_THREADS" not in env:
@@ -63,14 +41,13 @@ def job_env(devices: list, environ=None) -> dict:
 
 
 def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=()) -> list:
-    """Run every config x seed; returns [(config, seed, device, returncode, log path)].
-
-    Each device must be cpu, cuda or cuda:N (and present); a device may be listed twice to
-    run two jobs on it.  If the sweep is interrupted (Ctrl-C, SIGTERM), the running jobs get
-    SIGTERM too, so each stops with its last good checkpoint; rerunning resumes them."""
-    devices = [str(resolve_device(d)) for d in (devices or default_devices())]
+    """Run every config x seed; returns [(config, seed, device, returncode, log path)].  `devices` (default:
+    every GPU, else cpu) may name one twice to run two jobs on it; an interrupted sweep stops its jobs."""
+    devices = devices or [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    devices = [str(resolve_device(d)) for d in devices]
     jobs = [(c, s) for c in configs for s in seeds]
     logs = Path(out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     env = job_env(devices)
     running, results = {}, []
     try:
@@ -85,7 +62,7 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
                        "--profile", profile, "--data-dir", str(data_dir), "--out", str(out),
                        "--device", device, "--no-progress", *extra]
                 print(f"[{device}] {config} seed {seed} -> {log}", flush=True)
-                with _open_log(log) as handle:      # the child holds its own copy
+                with open(log, "w") as handle:      # the child streams into its own copy
                     running[slot] = (config, seed, log, subprocess.Popen(
                         cmd, stdout=handle, stderr=subprocess.STDOUT, env=env))
             time.sleep(0.5)

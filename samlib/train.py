@@ -1,15 +1,12 @@
-"""The training loop (paper Section 3.3), one readable path in the airbench manner.
-
-The training set sits on the device as uint8.  Each epoch: one permutation, crop/flip/Cutout
-over the epoch in a few large chunks, then per step MixUp, forward and backward under
-autocast, gradient clipping, Lookahead-SGD, the per-step LR schedule, the EMA.  Then
-evaluation, selection and an atomic checkpoint to continue bit for bit.  Metrics stay on
-the device until the epoch ends (no host sync mid-epoch).  Bookkeeping: samlib.rundir.
-"""
+"""The training loop (paper Section 3.3), in the airbench manner: uint8 data on the device, per
+epoch one permutation and crop/flip/Cutout, per step MixUp/CutMix, clipped Lookahead-SGD, the LR
+schedule and the EMA; per epoch evaluation, checkpoint selection and a checkpoint to resume from."""
 from __future__ import annotations
 
-import math
+import copy
+import reprlib
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -20,15 +17,17 @@ from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
 from .device import autocast, precision_for, resolve_device, runs_natively
-from .errors import SamlibError
+from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
+from .io import check_tensors, clip
 from .model import build_model
 from .optim import build_ema, build_optimizer, build_scheduler
-from .progress import progress_bar
+from .progress import epoch_line, format_duration, progress_bar  # noqa: F401 (format_duration: imported from here)
 from .rundir import RunDir, check_arch, describe_data, load_model, provenance
 from .selection import BestCheckpoints
 
 AUGMENT_CHUNK = 8192   # images per crop/flip/Cutout call: big enough to amortise per-op cost
+RNG_SIZES = (16, len(torch.Generator().get_state()))   # a CUDA (Philox) and a CPU (Mersenne) state
 
 
 class NonFiniteLossError(SamlibError):
@@ -56,6 +55,15 @@ def mix_alpha_at(cfg: Config, epoch: int) -> float:
     return cfg.mix_alpha * (0.5 if progress < 0.25 else 0.75 if progress < 0.5 else 1.0)
 
 
+def fits(where, field: str, load, *args):
+    """load(*args); what torch raises on a state that does not fit is a CheckpointError naming `field`."""
+    try:
+        return load(*args)
+    except Exception as e:
+        detail = f"{type(e).__name__}: {clip(str(e).splitlines()[0] if str(e) else '')}"
+        raise CheckpointError(f"{where}: field '{field}' does not fit this run ({detail})") from None
+
+
 class EpochMeter:
     """One epoch's loss, lambda-weighted accuracy, non-finite losses and skipped steps, on the device."""
 
@@ -70,8 +78,7 @@ class EpochMeter:
         if skipped is not None:
             self.skipped[step] = skipped
         self.loss += torch.nan_to_num(loss) * len(targets)
-        # The paper's "train acc": the target mass on the predicted class, i.e. lam * [pred ==
-        # y_a] + (1 - lam) * [pred == y_b] on mixed batches (Table 1's 67% is this number).
+        # The paper's "train acc" (Table 1): the target mass on the predicted class.
         self.mixed_correct += targets.gather(1, logits.argmax(1, keepdim=True)).sum()
 
     def result(self, images: int) -> dict:
@@ -106,8 +113,7 @@ class Trainer:
                                          max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
                                          pct_start=cfg.pct_start)
         self._use_precision(precision_for(cfg.amp, device))
-        # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on
-        # the host, so no step waits on the GPU.  Same seeds on every rank: same batches.
+        # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on the host.
         self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
         self.gen_host = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch, self.metrics = 0, []
@@ -134,66 +140,86 @@ class Trainer:
             raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
                               "images; lower batch_size or use more data")
 
+    def _use_precision(self, precision: str) -> None:
+        """"fp32", "bf16" or "fp16" for training and evaluation and, for fp16 only, the loss scaler."""
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
     # -- checkpoint state
     def state_dict(self) -> dict:
         return {"arch": self.model.arch, "config": self.cfg.to_dict(), "epoch": self.epoch,
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "precision": self.precision,
                 "rng": {"aug": self.gen_aug.get_state(), "host": self.gen_host.get_state()},
                 "metrics": self.metrics, "best": self.best.state}
 
-    def _use_precision(self, precision: str) -> None:
-        """"fp32", "bf16" or "fp16" (recorded in checkpoints, never switched mid-run; training and
-        the per-epoch evaluation both use it) and, for fp16 only, the loss scaler."""
-        self.precision = precision
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-
     def load_state_dict(self, ckpt: dict) -> None:
-        """Continue from a checkpoint read on the CPU (load_state_dict moves each part to its
-        device; generator states must stay CPU ByteTensors, whatever device trains)."""
+        """Continue from `ckpt` (read on the CPU; each part moves to its device).  A part that does not fit
+        is a CheckpointError naming its field; a copy of the optimizer and scheduler takes a trial step."""
+        where = ckpt.get("_path", "this checkpoint")
         check_arch(ckpt, self.model.arch)
-        saved = ckpt.get("precision", self.precision)      # absent in checkpoints before it was kept
-        if saved != self.precision:
-            # A run keeps the precision it started in.  amp="auto" picked it on the first device;
-            # another device continues in it when it computes it natively (fp32 everywhere: a
-            # run started on a CPU without bf16 resumes in fp32 on one with bf16).
-            if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
-                raise SamlibError(
-                    f"{ckpt.get('_path', 'this checkpoint')} was trained in {saved}, but this device would "
-                    f"continue in {self.precision} ({saved} is not native here): a run must not switch "
-                    f"precision half-way. Resume it on a device with native {saved}, or start it again "
-                    "(another --out folder).")
-            self._use_precision(saved)
-        aug = ckpt["rng"]["aug"].cpu()
-        if aug.numel() != self.gen_aug.get_state().numel():   # a CUDA (Philox) vs CPU (Mersenne) stream
-            raise SamlibError(
-                f"{ckpt.get('_path', 'this checkpoint')} holds the random stream of another kind of device "
-                f"than {self.device.type} ({aug.numel()} bytes, this device's has {self.gen_aug.get_state().numel()}): "
-                "a run continues only on the kind of device it started on. Resume it there, or start "
-                "it again (another --out folder).")
-        self.model.load_state_dict(ckpt["model"])
+        check_tensors(ckpt["model"], self.model.state_dict(), where, "model")
         if self.ema:
-            self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler.is_enabled():                       # fp16 only; bf16/fp32 have no scaler state
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.gen_aug.set_state(aug)
-        self.gen_host.set_state(ckpt["rng"]["host"].cpu())
+            check_tensors(ckpt["ema"], self.ema.state_dict(), where, "ema")
+        self._keep_precision(ckpt.get("precision", self.precision), where)
+        self._load_rng(ckpt["rng"], where)
+        if ckpt["epoch"] < self.cfg.epochs:
+            self._trial_step(copy.deepcopy(ckpt["optimizer"]), copy.deepcopy(ckpt["scheduler"]), where)
+        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "scaler": self.scaler if self.scaler.is_enabled() else None}   # fp16 only has scaler state
+        for field, part in parts.items():
+            if part is not None:
+                fits(where, field, part.load_state_dict, ckpt[field])
         self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
         self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
 
-    # -- the data of one epoch
-    def epoch_batches(self, alpha: float):
-        """This epoch's training batches: (x float pixel-space, y soft targets).
+    def _keep_precision(self, saved: str, where) -> None:
+        """A run keeps the precision it started in: amp="auto" picked it on the first device, and
+        another device continues in it when it computes it natively (fp32 does, everywhere)."""
+        if saved == self.precision:
+            return
+        if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
+            raise SamlibError(
+                f"{where} was trained in {saved}, but this device would continue in {self.precision} "
+                f"({saved} is not native here): a run must not switch precision half-way. Resume it on a "
+                f"device with native {saved}, or start it again (another --out folder).")
+        self._use_precision(saved)
 
-        airbench-style: one permutation of the device-resident uint8 data, crop/flip/Cutout
-        over the whole epoch in a few large uint8 chunks (per-op overhead paid per chunk,
-        not per batch), then per batch a float conversion and MixUp.  Every rank draws the
-        same numbers, so every rank builds the same global batches and keeps its slice.
-        """
+    def _load_rng(self, rng, where) -> None:
+        """The augmentation (device) and host generators' states; they stay CPU ByteTensors."""
+        for name, generator in (("aug", self.gen_aug), ("host", self.gen_host)):
+            state, own = rng.get(name) if isinstance(rng, dict) else None, generator.get_state().numel()
+            size = state.numel() if isinstance(state, torch.Tensor) else None
+            if name == "aug" and size in RNG_SIZES and size != own:
+                raise SamlibError(
+                    f"{where} holds the random stream of another kind of device than {self.device.type} "
+                    f"({size} bytes, this device's has {own}): a run continues only on the kind of device it "
+                    "started on. Resume it there, or start it again (another --out folder).")
+            try:
+                generator.set_state(state.cpu())
+            except Exception:
+                got = f"{size} bytes" if size is not None else reprlib.repr(state)
+                raise CheckpointError(f"{where}: field 'rng' entry {name!r} ({got}) is not a valid "
+                                      "generator state") from None
+
+    def _trial_step(self, optimizer_state: dict, scheduler_state: dict, where) -> None:
+        """Load the given optimizer and scheduler states and step on zero gradients: a state that would
+        fail at the next step fails here (the real load follows)."""
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits(where, "optimizer", self.optimizer.load_state_dict, optimizer_state)
+            fits(where, "scheduler", self.scheduler.load_state_dict, scheduler_state)
+            fits(where, "optimizer", self.optimizer.step)
+            fits(where, "scheduler", self.scheduler.step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- one epoch
+    def epoch_batches(self, alpha: float):
+        """This epoch's (x float pixels, y soft targets): one permutation, crop/flip/Cutout in large
+        chunks, per batch MixUp/CutMix.  Every rank builds the same global batch and keeps its slice."""
         bs, dev = self.cfg.batch_size, self.device
         order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:self.steps_per_epoch * bs]
         x_epoch = torch.cat([self.transform(chunk, self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
@@ -201,17 +227,15 @@ class Trainer:
         rank, world = dist.rank(), dist.world_size()
         for step in range(self.steps_per_epoch):
             batch = slice(step * bs, (step + 1) * bs)
-            # lambda and CutMix's box come from the host generator: no sync per step.
             x, y = mix_batch(to_pixels(x_epoch[batch]), y_epoch[batch], self.cfg.mix, alpha, self.gen_aug,
                              host_generator=self.gen_host, inplace=True)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             yield x, y
 
-    # -- one optimiser step on a mixed batch
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward, backward, clip, (Lookahead-)SGD, LR schedule, EMA.  Returns (loss, logits, skipped),
-        detached; `skipped` (fp16 only, else None): on the device, whether the scaler skipped the step."""
+        """Forward, backward, clip, Lookahead-SGD, LR schedule, EMA.  Returns (loss, logits, skipped),
+        detached; `skipped` (fp16 only, else None): whether the loss scaler skipped the step."""
         if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
@@ -222,24 +246,23 @@ class Trainer:
         if self.cfg.grad_clip:                       # paper: clip the gradient norm at 1.0
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)             # skips the step on fp16 overflow
+        self.scaler.step(self.optimizer)             # Lookahead-SGD; skipped on fp16 overflow
         scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None   # stays on the device
-        self.scaler.update()                         # after a skipped step it backs the scale off
+        self.scaler.update()
         skipped = None if scale is None else self.scaler._scale < scale
-        self.scheduler.step()                        # the LR schedules are per step
+        self.scheduler.step()                        # LR schedule, per step
         if self.ema:
             self.ema.update_parameters(self.model)   # EMA every step, BN buffers included
         return loss.detach(), logits.detach(), skipped
 
-    # -- one epoch
     def train_epoch(self, progress: bool = False) -> dict:
         self.net.train()
         alpha = mix_alpha_at(self.cfg, self.epoch)
         meter = EpochMeter(self.steps_per_epoch, self.device)
         with progress_bar(self.epoch_batches(alpha), total=self.steps_per_epoch, disable=not progress,
                           desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}") as batches:
-            for step, (x, y) in enumerate(batches):  # permute, crop/flip/Cutout, MixUp
-                loss, logits, skipped = self.train_step(x, y)   # forward/backward, clip, step, LR, EMA
+            for step, (x, y) in enumerate(batches):
+                loss, logits, skipped = self.train_step(x, y)
                 meter.add(step, loss, logits, y, skipped)
         if self.cfg.ema_reset == "epoch":            # the authors' apply()/restore() bug: go on
             self.ema.copy_to(self.model)             # from the EMA (optimizer state untouched)
@@ -258,20 +281,20 @@ class Trainer:
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
-        """fp16's GradScaler skips overflowing steps by design (skipped_steps), but an epoch of only
-        skipped steps trained nothing; without a scaler a NaN/inf loss has spoiled the weights.
-        Either way: stop, keep the last checkpoint."""
+        """Stop, keeping the last checkpoint, when fp16's scaler skipped every step of the epoch or,
+        without a scaler, a loss was NaN/inf (the weights are spoiled)."""
+        last_good = last_good or "none (first epoch)"
         if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= self.steps_per_epoch:
             raise NonFiniteLossError(
-                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all {self.steps_per_epoch}"
-                f" steps (loss scale now {self.scaler.get_scale():g}); nothing of this epoch was saved. Last good "
-                f"checkpoint: {last_good or 'none (first epoch)'}. Lower the learning rate (--set lr=...) "
+                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all "
+                f"{self.steps_per_epoch} steps (loss scale now {self.scaler.get_scale():g}); nothing of this "
+                f"epoch was saved. Last good checkpoint: {last_good}. Lower the learning rate (--set lr=...) "
                 "or train in fp32 (--set amp=off), then rerun to resume.")
         if row["nonfinite_steps"] and not self.scaler.is_enabled():
             raise NonFiniteLossError(
                 f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
                 f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
-                f"was saved. Last good checkpoint: {last_good or 'none (first epoch)'}. "
+                f"was saved. Last good checkpoint: {last_good}. "
                 "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
 
     def final_test(self, run: RunDir, progress: bool = False) -> dict:
@@ -293,13 +316,9 @@ class Trainer:
 def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs", device=None,
           profile: str | None = None, progress: bool = True, stop_after: int | None = None,
           wait: bool = False, later_seconds: float = 0.0):
-    """Train `cfg` (or reuse / resume its run) and return the run directory's path.
-
-    data_dir: parent of cifar-10-batches-py; or pass `dataset` directly (tests, synthetic).
-    wait: when another process is training the same run, wait for it instead of refusing.
-    later_seconds: the estimated time of the runs queued after this one (for the progress line).
-    stop_after: end the process's work after this many epochs of *this call* (to test resume).
-    """
+    """Train `cfg` (or reuse / resume its run); the run directory's path.  data_dir: parent of
+    cifar-10-batches-py (or pass `dataset`); wait: for another process training this run; later_seconds:
+    the estimate of the runs queued after this one; stop_after: epochs of this call (resume tests)."""
     t0 = time.time()
     device = dist.setup(resolve_device(device))
     try:                                         # the process group is left however this ends
@@ -319,21 +338,19 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
                 torch.cuda.set_device(device)        # so device queries (bf16 support, name) read this GPU
                 torch.backends.cudnn.benchmark = True
             trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
+            resumed = run.resume(cfg, trainer.load_state_dict)   # before anything is written
             run.start(cfg, profile, data_id)
-            state = run.resume_state("cpu", cfg)     # this run's; parts move to their devices as they load
-            if state is not None:
-                trainer.load_state_dict(state)
-                if dist.is_main():
-                    print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
             if dist.is_main():
+                if resumed:
+                    print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
                 print(f"run directory: {run.path}")
             if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
                 dist.barrier()
                 if dist.is_main():
                     run.finish(trainer.final_test(run, progress), {
                         **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
-                        "precision": trainer.precision,
-                        "profile": profile, "wall_seconds": round(time.time() - t0, 1),
+                        "precision": trainer.precision, "profile": profile,
+                        "wall_seconds": round(time.time() - t0, 1),
                         "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
                 dist.barrier()
         return run.path
@@ -343,49 +360,24 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
 
 def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None,
         later_seconds: float = 0.0) -> bool:
-    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done.
-
-    progress: a step bar within each epoch and one line per epoch with the time left for the
-    run, and for the whole plan when `later_seconds` (the estimate of the runs after this
-    one) is given.
-    """
+    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done."""
     cfg = trainer.cfg
     for done_here, epoch in enumerate(range(trainer.epoch, cfg.epochs), start=1):
         t_epoch = time.time()
-        row = {"epoch": epoch + 1, **trainer.train_epoch(progress)}   # data, mix, steps, EMA
+        # MixUp/CutMix (alpha ramp), Lookahead-SGD, per-step LR schedule and EMA: train_epoch
+        row = {"epoch": epoch + 1, **trainer.train_epoch(progress)}
         trainer.check_finite(row, last_good=epoch and run / "last.pt")
         row.update(trainer.evaluate(), lr=trainer.optimizer.param_groups[0]["lr"],
                    seconds=round(time.time() - t_epoch, 3))
         trainer.epoch = epoch + 1
         trainer.metrics.append(row)
-        save_reg, save_ema = trainer.best.update(row, epoch + 1)      # select
-        best_models = {"regular": trainer.model} if save_reg else {}
+        save_regular, save_ema = trainer.best.update(row, epoch + 1)     # checkpoint selection
+        best_models = {"regular": trainer.model} if save_regular else {}
         if save_ema:
             best_models["ema"] = trainer.ema.module
-        run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # checkpoint
+        run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # atomic checkpoint
         if progress:
             print(epoch_line(trainer, later_seconds), flush=True)
         if stop_after is not None and done_here >= stop_after:
             break
     return trainer.epoch == cfg.epochs
-
-
-def epoch_line(trainer: Trainer, later_seconds: float = 0.0) -> str:
-    """`final seed 84: epoch 3/8  loss 1.912  val 41.2% (EMA 40.1%)  24.1 s/epoch  left ...`."""
-    cfg, row = trainer.cfg, trainer.metrics[-1]
-    per_epoch = sum(r["seconds"] for r in trainer.metrics[-3:]) / len(trainer.metrics[-3:])
-    run_left = per_epoch * (cfg.epochs - trainer.epoch)
-    ema = f" (EMA {100 * row['val_acc_ema']:.1f}%)" if "val_acc_ema" in row else ""
-    plan = f", plan {format_duration(run_left + later_seconds)}" if later_seconds else ""
-    return (f"{cfg.name} seed {cfg.seed}: epoch {trainer.epoch}/{cfg.epochs}  loss {row['train_loss']:.3f}  "
-            f"val {100 * row['val_acc']:.1f}%{ema}  {row['seconds']:.1f} s/epoch  "
-            f"left: run {format_duration(run_left)}{plan}")
-
-
-def format_duration(seconds: float) -> str:
-    """7 h 01 min, 1 min 01 s, 59 s."""
-    if not math.isfinite(seconds):               # (an estimate that could not be made)
-        return "?"
-    h, rest = divmod(int(round(seconds)), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

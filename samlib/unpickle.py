@@ -1,10 +1,6 @@
-"""What the restricted unpickler of samlib.data admits, and checks of what the CIFAR-10
-python batches and the Kaggle file hold once unpickled.
-
-Every such file is untrusted: unpickling admits only the few numpy globals the files need,
-each narrowed here to its harmless use, so nothing in a file is ever run; anything wrong with
-a file (unreadable, a folder in its place, truncated, not a pickle, untrusted, a value of the
-wrong kind) is one DataError naming the file and the entry, and saying what to do.
+"""What samlib.data's restricted unpickler admits (the few numpy globals the CIFAR-10 batches and
+the Kaggle file need, each narrowed to its harmless use), and checks of what those files hold:
+anything wrong is one DataError naming the file and the entry, and saying what to do.
 """
 import reprlib
 
@@ -12,12 +8,9 @@ import numpy as np
 
 from samlib.errors import DataError
 
-# The only globals these files need, resolved from live objects (no deprecated imports).
-# Python 3 writes bytes as _codecs.encode(str, 'latin1'), b'' as __builtin__.bytes(), under
-# protocol < 3 (samlib.data.write_cifar10); numpy arrays use _frombuffer under protocol 5.  Each is
-# narrowed to what those files do with it: numpy.ndarray only as the class argument of
-# _reconstruct (never called: it would allocate any shape), _reconstruct only with the empty
-# shape numpy pickles use, encode only to latin1, bytes only as bytes().
+# Resolved from live objects.  Protocol < 3 writes bytes as _codecs.encode(str, 'latin1') and b''
+# as __builtin__.bytes(); numpy arrays use _frombuffer under protocol 5.  numpy.ndarray is only
+# _reconstruct's class argument (never called: it would allocate any shape).
 _np_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
 _NDARRAY = object()   # what the name numpy.ndarray unpickles to
 
@@ -63,8 +56,7 @@ def open_error(path, e: OSError) -> DataError:
 
 def as_dict(obj, source, expected):
     if not isinstance(obj, dict):
-        raise DataError(f"{source}: expected a pickled dict with {expected}, "
-                        f"got {type(obj).__name__}; {REPLACE}")
+        raise DataError(f"{source}: expected a pickled dict with {expected}, got {type(obj).__name__}; {REPLACE}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -142,15 +134,13 @@ def ids_of(v, n, path):
     ints mixed with texts become texts).  One id per image, each a usable CSV field."""
     if isinstance(v, np.ndarray):
         if v.ndim != 1 or v.dtype.kind not in "iuSUO":
-            raise DataError(f"{path}: ids must be one integer or text per image, got {describe(v)}; "
-                            + KAGGLE_FIX)
+            raise DataError(f"{path}: ids must be one integer or text per image, got {describe(v)}; {KAGGLE_FIX}")
     elif not isinstance(v, (list, tuple)):
         raise DataError(f"{path}: ids must be a list or 1-D array, got {describe(v)}; {KAGGLE_FIX}")
     if len(v) != n:
         raise DataError(f"{path}: {len(v)} ids for {n} images; need one id per image; {KAGGLE_FIX}")
     items = v.tolist() if isinstance(v, np.ndarray) else list(v)
-    ints = all(is_int(i) and -2**63 <= i < 2**63 for i in items)
-    if ints:
+    if all(is_int(i) and -2**63 <= i < 2**63 for i in items):
         ids = np.array(items, dtype=np.int64).reshape(n)
     else:
         texts = []
@@ -170,6 +160,5 @@ def ids_of(v, n, path):
     values, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dup = values[counts > 1]
-        raise DataError(f"{path}: ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}; "
-                        + KAGGLE_FIX)
+        raise DataError(f"{path}: ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}; {KAGGLE_FIX}")
     return ids

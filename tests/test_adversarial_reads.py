@@ -28,7 +28,7 @@ from samlib.errors import CheckpointError, ConfigError, DataError, SamlibError
 from samlib.io import load_checkpoint, save_checkpoint
 from samlib.report.runs import load_run
 from samlib.rundir import METRIC_FIELDS, RunDir, load_model, load_run_models
-from samlib.train import Trainer
+from helpers_loop import resume
 
 EXPECTED = (DataError, CheckpointError, ConfigError)
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -428,7 +428,7 @@ def read_with(reader, runs, run_dir: Path):
         return load_run(run_dir)
     if reader == "check_data":
         return RunDir(run_dir).check_data(runs["data_id"])
-    return RunDir(run_dir).resume_state("cpu")
+    return resume(run_dir)
 
 
 @pytest.mark.parametrize("name, payload, reader, match", table(RUN_FILE_BAD))
@@ -556,7 +556,7 @@ def test_checkpoint_file_bad(runs, tmp_path, payload, match):
         last = copy_run(runs, "partial", tmp_path / "p") / "last.pt"
         (last.parent / "last.pt.sha256").unlink()
         put(last, payload)
-        fails(lambda: RunDir(last.parent).resume_state("cpu"), last, CheckpointError, match)
+        fails(lambda: resume(last.parent), last, CheckpointError, match)
 
 
 MODEL_BAD = {   # best_*.pt -> load_model
@@ -599,7 +599,7 @@ def test_ema_checkpoint_of_another_config(runs, tmp_path):
 
 
 LONG = torch.int64
-RESUME_BAD = {   # last.pt -> RunDir.resume_state
+RESUME_BAD = {   # last.pt -> RunDir.resume (helpers_loop.resume)
     "no ema (EMA config)": (("ema",), DELETE, "'ema' is missing.*EMA"),
     "no rng": (("rng",), DELETE, "'rng' is missing"),
     "no optimizer": (("optimizer",), DELETE, "'optimizer' is missing"),
@@ -658,20 +658,18 @@ def test_resume_checkpoint_bad(runs, tmp_path, where, value, match):
     run_dir = copy_run(runs, "partial", tmp_path)
     path = run_dir / "last.pt"
     save_checkpoint(changed(raw_ckpt(path), where, value), path, keep_previous=False)
-    msg = fails(lambda: RunDir(run_dir).resume_state("cpu"), path, CheckpointError, match)
+    msg = fails(lambda: resume(run_dir), path, CheckpointError, match)
     assert f"cannot resume {run_dir}" in msg
 
 
 def resumes(runs, run_dir: Path, cfg=None):
-    """resume_state accepts last.pt, and Trainer.load_state_dict plus one step work with it."""
+    """RunDir.resume accepts last.pt into a Trainer, and one step works with it."""
     cfg = cfg or runs["cfg"]
-    state = RunDir(run_dir).resume_state("cpu")
-    trainer = Trainer(cfg, D.split_data(cfg, runs["dataset"]), torch.device("cpu"))
-    trainer.load_state_dict(state)
+    trainer = resume(run_dir, cfg, runs["dataset"])
     if trainer.epoch < cfg.epochs:
         x, y = next(trainer.epoch_batches(0.0))
         trainer.train_step(x, y)
-    return state
+    return trainer
 
 
 RESUME_ODD = {   # odd but valid
@@ -690,17 +688,17 @@ def test_resume_checkpoint_odd_but_valid(runs, tmp_path, where, value):
     run_dir = copy_run(runs, "partial", tmp_path)
     path = run_dir / "last.pt"
     save_checkpoint(changed(raw_ckpt(path), where, value), path, keep_previous=False)
-    assert resumes(runs, run_dir)["epoch"] == 1
+    assert resumes(runs, run_dir).epoch == 1
 
 
 def test_resume_of_a_finished_run_and_without_config_json(runs, tmp_path):
-    assert resumes(runs, copy_run(runs, "finished", tmp_path))["epoch"] == 2   # no step left to try
+    assert resumes(runs, copy_run(runs, "finished", tmp_path)).epoch == 2   # no step left to try
     run_dir = copy_run(runs, "partial", tmp_path / "b")
     (run_dir / "config.json").unlink()                   # the checkpoint's own config is used
-    assert resumes(runs, run_dir)["epoch"] == 1
+    assert resumes(runs, run_dir).epoch == 1
     ckpt = raw_ckpt(run_dir / "last.pt")
     save_checkpoint(dict(ckpt, config=dict(ckpt["config"], epochs="x")), run_dir / "last.pt", keep_previous=False)
-    fails(lambda: RunDir(run_dir).resume_state("cpu"), run_dir / "last.pt", CheckpointError, "field 'config'")
+    fails(lambda: resume(run_dir, runs["cfg"]), run_dir / "last.pt", CheckpointError, "field 'config'")
 
 
 def test_resume_without_ema_config(runs, tmp_path):
@@ -846,7 +844,7 @@ def _run_probe(runs, run_dir: Path, name: str, payload: bytes):
             except SamlibError as e:   # other data (the fingerprint changed) is not a damaged file
                 assert isinstance(e, EXPECTED) or "trained on other data" in str(e), str(e)
         if name == "config.json":   # (a valid config of another model: last.pt is named instead)
-            works_or_fails_cleanly(lambda: RunDir(run_dir).resume_state("cpu"), run_dir)
+            works_or_fails_cleanly(lambda: resume(run_dir), run_dir)
     finally:
         path.write_bytes(valid)
 
@@ -885,7 +883,7 @@ def test_checkpoint_byte_mutations(runs, fuzz_run, name, ops, sidecar):
     try:
         if name == "last.pt":
             works_or_fails_cleanly(lambda: load_checkpoint(path, fallback=False), path)
-            works_or_fails_cleanly(lambda: RunDir(fuzz_run).resume_state("cpu"), fuzz_run)  # (.prev)
+            works_or_fails_cleanly(lambda: resume(fuzz_run), fuzz_run)  # (.prev)
         else:
             works_or_fails_cleanly(lambda: load_model(path), path)
     finally:
@@ -902,7 +900,7 @@ def fuzz_partial(runs, tmp_path_factory):
 @settings(FUZZ, max_examples=100)
 @given(data=st.data())
 def test_resume_checkpoint_value_mutations(runs, fuzz_partial, data):
-    """A value of last.pt replaced (or deleted): resume_state refuses it, or Trainer really
+    """A value of last.pt replaced (or deleted): RunDir.resume refuses it, or Trainer really
     continues from it (load_state_dict and a step)."""
     run_dir, ckpt, _ = fuzz_partial
     top = data.draw(st.sampled_from([k for k in ckpt if k not in ("config", "format")]))

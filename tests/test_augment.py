@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from samlib.augment import (TrainTransform, augment_batch, crop_windows, cutmix, cutout, mix_batch,
-                            mixup, one_hot, random_crop, random_flip, sample_lambda)
+from helpers_method import augment_batch, random_crop, random_flip
+from samlib.augment import TrainTransform, crop_windows, cutmix, cutout, mix_batch, mixup, one_hot, sample_lambda
 
 
 def gen(seed):

@@ -1,4 +1,4 @@
-"""samlib.report.bench: the json it writes, and that both sides of the comparison do the same work.
+"""benchmarks/bench.py: the json it writes, and that both sides of the comparison do the same work.
 
 No speed is asserted: the figures are benchmark results, not timed tests.
 """
@@ -12,9 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from samlib.augment import augment_batch, cutout
+from helpers_method import augment_batch
+from samlib.augment import cutout
+from samlib.cli import load_bench
 from samlib.device import precision_for
-from samlib.report.bench import Cutout, PILDataset, images_per_second, paper_transform, run_benchmark
+
+bench = load_bench()                       # benchmarks/bench.py
+Cutout, PILDataset, paper_transform = bench.Cutout, bench.PILDataset, bench.paper_transform
+images_per_second, run_benchmark = bench.images_per_second, bench.run_benchmark
 
 SIZE, HOLE = 32, 16
 
@@ -143,7 +148,6 @@ def test_cli_default_plan_on_a_cpu_is_the_small_one_and_full_the_long_one(tmp_pa
     """`python -m samlib bench --out X` on a CPU runs the small plan, `--full` the long one
     (the old CPU plan); the plan chosen, not its speed, is what is checked."""
     from samlib import cli
-    from samlib.report import bench
 
     calls = []
     monkeypatch.setattr(bench, "run_benchmark", lambda out, **kw: calls.append(kw))
@@ -158,7 +162,7 @@ def test_cli_default_plan_on_a_cpu_is_the_small_one_and_full_the_long_one(tmp_pa
 
 
 def test_gpu_plan_is_the_cuda_one_whatever_full_says():
-    from samlib.report.bench import PLAN_COST, PLANS, select_plan
+    PLAN_COST, PLANS, select_plan = bench.PLAN_COST, bench.PLANS, bench.select_plan
 
     for full in (False, True):
         assert select_plan(torch.device("cuda"), full=full) == "cuda"

@@ -34,9 +34,9 @@ def test_a_resume_reads_the_checkpoint_on_the_cpu_whatever_device_trains(tmp_pat
     resume after a Colab disconnect.  The state is read on the CPU; each part moves itself."""
     cfg, run = _half_run(tmp_path, dataset)
     seen = []
-    real = samlib.rundir.RunDir.resume_state
-    monkeypatch.setattr(samlib.rundir.RunDir, "resume_state",
-                        lambda self, device, cfg=None: seen.append(device) or real(self, device, cfg))
+    real = samlib.rundir.load_checkpoint
+    monkeypatch.setattr(samlib.rundir, "load_checkpoint", lambda path, map_location="cpu", **kw:
+                        (path.name == "last.pt" and seen.append(map_location)) or real(path, map_location, **kw))
     train(cfg, dataset=dataset, out=tmp_path, device="cpu", progress=False)
     assert [str(d) for d in seen] == ["cpu"]
     state = load_checkpoint(run / "last.pt")

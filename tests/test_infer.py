@@ -9,12 +9,15 @@ from torch import nn
 
 from samlib.errors import DataError, SamlibError
 from samlib.infer import (PAPER_TTA, STRATEGIES, accuracy, ece, ensemble, evaluate_strategies,
-                          fit_temperature, get_strategy, model_norm, nll, predict_logits,
+                          get_strategy, model_norm, nll, predict_logits,
                           strategy_probs, tta_logits, tta_probs)
-from samlib.report.bench import predict_logits_sequential
+from samlib.cli import load_bench
 from samlib.report.tables import reliability_table
-from samlib.views import (AS_RUN_TTA, as_run_hpad, as_run_tta, as_run_vshift, brightness, hflip, identity,
+from helpers_method import AS_RUN_TTA
+from samlib.views import (as_run_hpad, as_run_tta, as_run_vshift, brightness, hflip, identity,
                           normalised_brightness, shift)
+
+from helpers_core import fit_temperature
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -156,7 +159,7 @@ def test_batched_tta_equals_sequential_and_per_image():
     views = PAPER_TTA[:3]
     model.train()
     batched = predict_logits(model, images, views, batch_size=16, precision="fp32")   # fp32, as the hand check
-    sequential = predict_logits_sequential(model, images, views, batch_size=16, precision="fp32")
+    sequential = load_bench().predict_logits_sequential(model, images, views, batch_size=16, precision="fp32")
     assert model.training                            # train mode restored
     assert batched.shape == (3, 37, 4) and batched.dtype == torch.float32
     assert torch.allclose(batched, sequential, atol=1e-5)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from samlib.errors import ConfigError
-from samlib.optim import (Lookahead, build_ema, build_optimizer, build_scheduler, lr_curve,
-                          schedule_curves)
+from helpers_method import lr_curve
+from samlib.optim import Lookahead, build_ema, build_optimizer, build_scheduler, schedule_curves
 
 
 # ---------------------------------------------------------------- Lookahead

@@ -31,6 +31,7 @@ from samlib.io import load_checkpoint, read_json, save_checkpoint
 from samlib.report.runs import evaluate_run, load_run, run_probs, saved_test_probs
 from samlib.rundir import RunDir, git_dirty, load_model, load_run_models, provenance
 from samlib.train import train
+from helpers_loop import resume
 from test_adversarial_writes import _kaggle, _submit, assert_one_clear_error, run_main, temporaries
 
 TINY = dict(widths="4,8,8", blocks="1,1,1", epochs="2", batch_size="64", val_size="64",
@@ -160,7 +161,7 @@ def test_a_last_pt_of_another_seed_is_refused_and_left_untouched(runs, tmp_path,
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name.startswith("last")} == before
     assert not (run_dir / "final.json").exists()
     with pytest.raises(CheckpointError, match="records seed 85"):      # config.json names the run
-        RunDir(run_dir).resume_state("cpu")
+        resume(run_dir)
 
 
 def test_every_differing_setting_is_named(runs, tmp_path):
@@ -169,7 +170,7 @@ def test_every_differing_setting_is_named(runs, tmp_path):
     save_checkpoint(dict(ckpt, config=dict(ckpt["config"], lr=0.2, widths=[8, 8, 8])), run_dir / "last.pt",
                     keep_previous=False)
     with pytest.raises(CheckpointError) as e:
-        RunDir(run_dir).resume_state("cpu", CFG)
+        resume(run_dir, CFG)
     assert "records widths 8,8,8, lr 0.2 but this run has widths 4,8,8, lr 0.1" in str(e.value), str(e.value)
 
 

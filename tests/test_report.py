@@ -346,7 +346,14 @@ def test_a_run_is_evaluated_in_the_precision_it_trained_in_where_native(monkeypa
 
 
 def test_paired_difference_against_hand_counts():
-    from samlib.report.tables import paired_difference
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
+    spec = importlib.util.spec_from_file_location("compare_runs", path)
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    paired_difference = compare_runs.paired_difference
 
     a = [1, 1, 0, 0, 1, 1, 0, 1]
     b = [1, 0, 0, 1, 0, 1, 0, 1]
@@ -378,3 +385,63 @@ def test_correct_on_test_agrees_with_the_training_loops_final_test(tmp_path):
         correct = correct_on_test(run, ds, kind)
         assert correct.shape == (48,) and correct.dtype == bool
         assert correct.mean() == pytest.approx(final[f"test_acc_{kind}"])
+
+
+def test_parameter_counts_are_the_codes_and_the_shortcut_variants():
+    from samlib.report.tables import parameter_counts
+
+    assert parameter_counts()["parameters"].tolist() == [4_697_162, 4_733_610, 4_697_162 + 128 * 256 * 8,
+                                     4_697_162 + 128 * 256 * 8 + 64 * 128 * 8]
+
+
+@pytest.mark.parametrize("stated, low, high, absolute, reading", [
+    (0.31, 0.35, 0.90, False, "supported"), (0.16, -0.33, 0.07, False, "contradicted"),
+    (0.16, -0.10, 0.30, False, "cannot resolve"), (float("nan"), -0.48, 0.04, False, "cannot resolve"),
+    (float("nan"), 0.0, 0.0, False, "contradicted"),
+    (0.31, float("nan"), float("nan"), False, "cannot resolve (no interval)"),
+    (92.99, 92.5, 93.5, True, "supported"), (92.99, 80.0, 81.6, True, "contradicted")])
+def test_claim_reading_from_the_interval(stated, low, high, absolute, reading):
+    from samlib.report.tables import claim_reading
+
+    assert claim_reading(stated, low, high, absolute) == reading
+
+
+def test_figure1_deltas_read_the_papers_claims_only():
+    t = _strategy_table().assign(test_images=10_000)
+    probs = {s: torch.eye(10)[[0] * 10] for s in STRATEGIES}
+    d = figure1_deltas(t, PAPER_FIGURE1, probs, np.zeros(10)).set_index("claim")
+    assert d["reading"].iloc[:3].tolist() == ["contradicted", "contradicted", "contradicted"]   # identical: no gain
+    assert d["reading"].iloc[3:5].tolist() == ["", ""]                   # not the paper's claims
+    assert d["reading"].iloc[-1] == "contradicted" and d["ci95_low"].iloc[-1] < 92 < d["ci95_high"].iloc[-1]
+
+
+def test_the_runs_say_their_seeds_precision_scale_and_time(monkeypatch):
+    import samlib.report.runs as runs
+    from samlib.data import synthetic_cifar10
+
+    def fake_run(path):
+        name, seed, precision = path.split(":")
+        provenance = {"precision": precision, "train_seconds": 10.0} if precision else {}
+        return {"config": resolve(name, "smoke", seed=int(seed)), "provenance": provenance,
+                "metrics": pd.DataFrame({"seconds": [1.5, 2.0]})}
+
+    monkeypatch.setattr(runs, "load_run", fake_run)
+    table = {"se": ["se:84:fp32"], "final": ["final:84:bf16", "final:85:"]}
+    assert runs.trained_precisions(table) == "bf16, fp32, unrecorded"
+    assert runs.trained_precisions(["se:84:fp32"]) == "fp32"
+    scale = runs.run_scale(table, synthetic_cifar10(1000, 10)).set_index("config")
+    assert scale.loc["final", "seeds"] == [84, 85] and scale.loc["final", "trained_in"] == "bf16, unrecorded"
+    assert scale.loc["final", "train_seconds"] == 13.5              # 10 s recorded + 3.5 s from metrics.csv
+    assert scale.loc["se", "training_images"] == 768 - 256          # smoke: train_subset - val_size
+    assert scale.loc["se", "epochs"] == 2 and scale.loc["se", "widths"] == [8, 16, 32]
+
+
+def test_ablation_seeds_and_split_runs():
+    from samlib.report.runs import ablation_seeds, split_runs
+
+    seeds_of = ablation_seeds(["schedule"], [84], [84, 85])
+    assert seeds_of == {"baseline": [84], "se": [84], "se_mixup": [84], "final": [84, 85],
+                        "final+schedule=as_written": [84]}
+    table1_runs, switch_runs = split_runs({c: [c] for c in seeds_of}, ["schedule"])
+    assert list(table1_runs) == ["baseline", "se", "se_mixup", "final"]
+    assert switch_runs == {"schedule=as_written": ["final+schedule=as_written"]}

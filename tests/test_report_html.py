@@ -144,3 +144,26 @@ def test_no_summary_and_no_outputs_still_give_a_page(tmp_path):
     text = "".join(parsed.text)
     assert "No notebook has recorded its time yet." in text and "No figures yet." in text
     assert parsed.images == []
+
+
+def test_the_page_starts_with_the_scale_and_the_headline(results):
+    summary = dict(json.loads((results / "summary.json").read_text()), seeds=[84])   # Table 1's seeds only
+    summary["scale"] = [{"config": "baseline", "seeds": [84], "trained_in": "fp32", "training_images": 45000,
+                         "epochs": 20, "widths": [16, 32, 64], "train_seconds": 3600.0},
+                        {"config": "final", "seeds": [84, 85], "trained_in": "bf16, fp32", "training_images": 45000,
+                         "epochs": 20, "widths": [16, 32, 64], "train_seconds": 5400.0}]
+    (results / "summary.json").write_text(json.dumps(summary, sort_keys=True))
+    (results / "figure1_deltas.csv").write_text("claim,paper,reproduced,ci95_low,ci95_high,note,reading\n"
+                                                "TTA gain: tta - standard,0.31,0.63,0.35,0.9,,supported\n")
+    page = write_index(results).read_text(encoding="utf-8")
+    parsed = Page(page)
+    h2 = [text for tag, text in parsed.headings if tag == "h2"]
+    assert h2.index("Scale") < h2.index("Provenance") and h2[1].startswith("Headline")
+    text = " ".join("".join(parsed.text).split())
+    assert "3 training runs, trained in bf16, fp32; 2 h 30 min of training in all." in text
+    scale = parsed.table_after("config")
+    assert scale[0] == ["config", "seeds", "trained in", "training images", "epochs", "widths", "train seconds"]
+    assert scale[2] == ["final", "84, 85", "bf16, fp32", "45,000", "20", "16, 32, 64", "5,400.00"]
+    assert parsed.table_after("claim")[1] == ["TTA gain: tta - standard", "0.31", "0.63", "0.35", "0.90", "supported"]
+    assert parsed.table_after("Table 1 row")[1] == ["Baseline ResNet", "45.16"]     # the columns table1.csv has
+    assert ["seeds", "84, 85"] in parsed.table_after("profile")                 # every run's seed

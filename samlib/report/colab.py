@@ -1,13 +1,7 @@
-"""The notebooks' first cell: Colab as a first-class place to run them, and the OpenMP
-setting every kernel needs.
-
-`setup()` is a no-op outside Colab (JupyterLab, papermill, nbval) apart from `quiet_threads()`.
-On Colab it makes samlib importable in the running kernel (no runtime restart), mounts Google
-Drive when asked, and points the notebooks' data / runs / results folders at Drive (through the
-SAMLIB_*_DIR variables that the parameters cell reads), so that a disconnect loses nothing:
-checkpoints are written atomically every epoch and a rerun resumes.
-
-This module imports no torch: the setup cell runs before anything else loads it.
+"""The notebooks' first cell: Colab as a first-class place to run them, and the OpenMP setting
+every kernel needs.  Off Colab `setup()` only sets the latter.  On Colab it makes samlib
+importable in the running kernel, mounts Drive when asked and points the data / runs / results
+folders there (SAMLIB_*_DIR), so a disconnect loses nothing: a rerun resumes.  Imports no torch.
 """
 from __future__ import annotations
 
@@ -18,16 +12,14 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-# Replace <owner> here and in the notebooks' setup cell with the account that holds the
-# repository (README, "Colab").
+# Replace <owner> here and in the notebooks' setup cell with the account that holds the repository.
 REPO_URL = "https://github.com/<owner>/samresnets"
 CLONE_DIR = Path("/content/samresnets")
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_DIR = DRIVE_MOUNT / "MyDrive" / "samresnets"
 # folder -> the variable the notebooks' parameters cell reads its default from
 ENV = {"data": "SAMLIB_DATA_DIR", "runs": "SAMLIB_RUNS_DIR", "results": "SAMLIB_RESULTS_DIR"}
-# In a checkout: your reports go to local/results/ (git-ignored); results/ holds the published
-# reports, which only `make publish` writes.
+# In a checkout reports go to local/results/ (git-ignored); only `make publish` writes results/.
 IN_CHECKOUT = {"data": "data", "runs": "runs", "results": "local/results"}
 
 
@@ -43,10 +35,9 @@ def on_colab() -> bool:
 
 
 def quiet_threads() -> bool:
-    """OMP_WAIT_POLICY=PASSIVE unless already set.  torch's OpenMP threads busy-wait by default:
-    a JupyterLab kernel ran 5x slower than `make report` (which exports PASSIVE).  OpenMP reads the
-    variable when torch loads it, so this must run before `import torch`; returns False (and
-    warns) when it came too late for this kernel."""
+    """OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise busy-wait and slow a
+    notebook kernel down.  OpenMP reads it when torch loads, so this returns False (and warns)
+    when torch came first."""
     late = "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if late:
@@ -56,8 +47,8 @@ def quiet_threads() -> bool:
 
 
 def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
-    """The clone this samlib was imported from, else one at or above `start` (the cwd: a
-    notebook's folder), else `clone_dir`; None when there is none."""
+    """The clone this samlib was imported from, else one at or above `start` (default: the
+    cwd), else `clone_dir`; None when there is none."""
     here = Path(__file__).resolve().parents[2]
     cwd = Path(start or os.getcwd()).resolve()
     for d in (here, cwd, *cwd.parents, Path(clone_dir)):
@@ -67,16 +58,14 @@ def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
 
 
 def installed() -> bool:
-    """A new process (a sweep, torchrun) imports samlib: it is pip-installed.  Asked of a fresh
-    interpreter outside the clone, since a clone's leftover samlib.egg-info (one kept on Drive
-    from an earlier runtime) would fool importlib.metadata here."""
-    probe = subprocess.run([sys.executable, "-c", "import samlib"], cwd=os.sep, capture_output=True)
-    return probe.returncode == 0
+    """samlib is pip-installed (new processes import it).  Asked of a fresh interpreter outside
+    the clone: a clone's leftover samlib.egg-info would fool importlib.metadata."""
+    return subprocess.run([sys.executable, "-c", "import samlib"], cwd=os.sep, capture_output=True).returncode == 0
 
 
 def ensure_importable(repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Path:
-    """Clone the repository when there is no clone, `pip install -e` it when samlib is not
-    installed, and put it on sys.path so that this kernel imports it without a restart."""
+    """Clone the repository if needed, `pip install -e` it if not installed, and put it on
+    sys.path so that this kernel imports it without a restart."""
     root = repo_root(clone_dir=clone_dir)
     if root is None:
         root = Path(clone_dir)
@@ -96,11 +85,10 @@ def mount_drive(mountpoint=DRIVE_MOUNT) -> None:
 
 def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
           repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Folders:
-    """Call first in every notebook.  Everywhere: `quiet_threads()`.  Off Colab nothing else:
-    returns the given folders, else the parameters cell's defaults (SAMLIB_*_DIR or ../x).
-    On Colab: `ensure_importable()`, Drive mounted when `drive`, and the folders (given ones
-    first, else MyDrive/samresnets/x with Drive, the clone's x without) exported as
-    SAMLIB_*_DIR for the parameters cell; papermill's parameters still win over them."""
+    """Call first in every notebook.  Off Colab: `quiet_threads()`, and the given folders, else
+    the parameters cell's defaults.  On Colab also `ensure_importable()`, Drive when `drive`, and
+    the folders (given, else on Drive or in the clone) exported as SAMLIB_*_DIR for the
+    parameters cell (papermill's parameters still win)."""
     quiet_threads()
     given = {"data": data_dir, "runs": runs_dir, "results": results_dir}
     if not on_colab():

@@ -1,9 +1,6 @@
-"""The report's figures (matplotlib).  Every function returns a Figure and, given `save`,
-writes it (PNG).  Figures are built with matplotlib.figure.Figure, not pyplot, so a notebook
-shows each exactly once (as the cell's value) and none pile up in memory.
-
-`caption` is the line naming profile, data source and device (samlib.report.params.Params.caption);
-every figure carries it under its title.
+"""The report's figures (matplotlib.figure.Figure, not pyplot: a notebook shows each exactly
+once and none pile up in memory).  Each returns its Figure and, given `save`, writes a PNG;
+`caption` (samlib.report.params.Params.caption) goes under the title.
 """
 from __future__ import annotations
 
@@ -19,11 +16,21 @@ from ..io import atomic_write_bytes
 from ..optim import schedule_curves
 from .runs import load_run
 from .tables import figure1_deltas, strategy_intervals
+
 CHANNELS = ("red", "green", "blue")
 MARKERS = ("o", "s", "^", "x", "D", "v", "+")
 
 
-def _finish(fig: Figure, title: str, caption: str, save) -> Figure:
+def _figure(size, *grid, **kwargs) -> tuple:
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(*grid, **kwargs)
+
+
+def _finish(fig: Figure, title: str, caption: str, save, axes=(), legend: int = 8) -> Figure:
+    """Grid and legend on `axes`, title and caption on top; the PNG written atomically to `save`."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend)
     if title or caption:
         fig.suptitle("\n".join(s for s in (title, caption) if s), fontsize=10)
     if save:
@@ -49,32 +56,28 @@ def sample_grid(images, labels=None, classes=CLASSES, per_class=8, names=None, t
         idx = np.arange(min(len(images), 10 * per_class))
         rows = [idx[i:i + per_class] for i in range(0, len(idx), per_class)]
         row_names = [""] * len(rows)
-    fig = Figure(figsize=(per_class * 0.9 + 1.2, len(rows) * 0.95 + 0.8), layout="constrained")
-    axes = fig.subplots(len(rows), per_class, squeeze=False)
+    fig, axes = _figure((per_class * 0.9 + 1.2, len(rows) * 0.95 + 0.8), len(rows), per_class, squeeze=False)
     for r, (row, name) in enumerate(zip(rows, row_names)):
-        for c in range(per_class):
-            ax = axes[r, c]
+        for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
-            if c < len(row):
-                ax.imshow(images[row[c]])
-                if names is not None:
-                    ax.set_title(str(names[row[c]]), fontsize=6)
-            else:
+            if c >= len(row):
                 ax.axis("off")
+                continue
+            ax.imshow(images[row[c]])
+            if names is not None:
+                ax.set_title(str(names[row[c]]), fontsize=6)
         axes[r, 0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     return _finish(fig, title, caption, save)
 
 
 def plot_class_balance(counts: pd.DataFrame, title="Images per class", caption="", save=None) -> Figure:
     """Grouped bars: `counts` indexed by class name, one column per split."""
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(counts))
+    fig, ax = _figure((9, 3.6))
     width = 0.8 / max(1, counts.shape[1])
     for i, col in enumerate(counts.columns):
-        ax.bar(x + i * width - 0.4 + width / 2, counts[col], width, label=str(col))
-    ax.set_xticks(x, counts.index, rotation=30, ha="right")
+        ax.bar(np.arange(len(counts)) + i * width - 0.4 + width / 2, counts[col], width, label=str(col))
+    ax.set_xticks(np.arange(len(counts)), counts.index, rotation=30, ha="right")
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     return _finish(fig, title, caption, save)
@@ -83,15 +86,13 @@ def plot_class_balance(counts: pd.DataFrame, title="Images per class", caption="
 def plot_pixel_histograms(images, title="Pixel values per channel", caption="", save=None,
                           max_images=5000, seed=0) -> Figure:
     """Histogram of pixel values (0..1) per channel, with the code's mean and both stds
-    (as run: 0.2023, ...; true: 0.2470, ...) marked as mean +- std."""
+    (as run and true) marked as mean +- std."""
     images = np.asarray(images)
     if len(images) > max_images:
         images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
-    fig = Figure(figsize=(12, 3.4), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
+    fig, axes = _figure((12, 3.4), 1, 3, sharey=True)
     for ch, ax in enumerate(axes):
-        values = images[..., ch].ravel() / 255.0
-        ax.hist(values, bins=64, range=(0, 1), color=CHANNELS[ch], alpha=0.6)
+        ax.hist(images[..., ch].ravel() / 255.0, bins=64, range=(0, 1), color=CHANNELS[ch], alpha=0.6)
         m = CIFAR_MEAN[ch]
         ax.axvline(m, color="k", lw=1, label=f"mean {m:.4f}")
         for std, style, name in ((STD_AS_RUN[ch], "--", "std as run"), (STD_TRUE[ch], ":", "true std")):
@@ -108,22 +109,17 @@ def plot_pixel_histograms(images, title="Pixel values per channel", caption="", 
 
 def plot_training_curves(runs: dict, title="Training curves (first seed of each config)", caption="",
                          save=None) -> Figure:
-    """Loss, validation and test accuracy (regular solid, EMA dashed) and LR per epoch.
-
-    `runs`: {config: [run_dir, ...]} as from samlib.report.runs.train_many; the first seed is drawn.
-    The per-epoch test curve may use a test subset (config test_eval_size); Table 1 uses all."""
-    fig = Figure(figsize=(12, 7), layout="constrained")
-    (ax_loss, ax_val), (ax_test, ax_lr) = fig.subplots(2, 2, sharex=True)
-    colours = dict(zip(runs, [f"C{i}" for i in range(len(runs))]))
-    for name, dirs in runs.items():
+    """Loss, validation and test accuracy (regular solid, EMA dashed) and LR per epoch of the
+    first seed of each config of `runs` ({config: [run_dir, ...]}).  The per-epoch test curve
+    may use a test subset (config test_eval_size); Table 1 uses all."""
+    fig, ((ax_loss, ax_val), (ax_test, ax_lr)) = _figure((12, 7), 2, 2, sharex=True)
+    for k, (name, dirs) in enumerate(runs.items()):
         m = load_run(dirs[0])["metrics"]
         if m.empty:
             continue
-        # Configs that train identically (final = se_mixup + an EMA, which does not change
-        # training) draw the same regular curve: markers of different shape and size and a
-        # thinner line on top keep every one of them visible.
-        c, k = colours[name], list(runs).index(name)
-        style = dict(color=c, marker=MARKERS[k % len(MARKERS)], markersize=8 - 1.5 * k, lw=2.2 - 0.4 * k,
+        # Configs that train identically (final = se_mixup + an EMA) draw the same regular curve:
+        # markers of other shapes and sizes and thinner lines on top keep each visible.
+        style = dict(color=f"C{k}", marker=MARKERS[k % len(MARKERS)], markersize=8 - 1.5 * k, lw=2.2 - 0.4 * k,
                      alpha=0.85)
         ax_loss.plot(m["epoch"], m["train_loss"], label=name, **style)
         for ax, col in ((ax_val, "val_acc"), (ax_test, "test_acc")):
@@ -136,63 +132,50 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
     ax_test.set_ylabel("test accuracy (%), per-epoch curve")
     ax_lr.set_ylabel("LR at the end of the epoch")
     ax_lr.set_yscale("log")
-    for ax in (ax_test, ax_lr):
-        ax.set_xlabel("epoch")
-    for ax in (ax_loss, ax_val, ax_test, ax_lr):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _finish(fig, title, caption, save)
+    ax_test.set_xlabel("epoch")
+    ax_lr.set_xlabel("epoch")
+    return _finish(fig, title, caption, save, (ax_loss, ax_val, ax_test, ax_lr), legend=7)
 
 
-def plot_lr_schedules(epochs=200, steps_per_epoch=50, title=None,
-                      caption="", save=None, **kwargs) -> Figure:
+def plot_lr_schedules(epochs=200, steps_per_epoch=50, title=None, caption="", save=None, **kwargs) -> Figure:
     """The paper's schedule as written (10-epoch warm-up 0.001 -> 0.1, then OneCycle) and the
     one its code ran (LinearLR overridden by OneCycleLR: plain OneCycle), LR and momentum per
-    step, x in epochs.  The shape does not depend on steps_per_epoch (the paper's is 351)."""
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
-    ax_lr, ax_m = fig.subplots(1, 2)
+    step, x in epochs.  The shape does not depend on steps_per_epoch."""
+    fig, (ax_lr, ax_m) = _figure((11, 3.8), 1, 2)
     for kind, style in (("as_written", "-"), ("as_run", "--")):
         lrs, moms = schedule_curves(kind, epochs, steps_per_epoch, **kwargs)
         x = np.arange(len(lrs)) / steps_per_epoch
-        peak = x[np.argmax(lrs)]
-        ax_lr.plot(x, lrs, style, label=f"{kind} (peak at epoch {peak:.0f}, ends at {lrs[-1]:.1e})")
+        ax_lr.plot(x, lrs, style, label=f"{kind} (peak at epoch {x[np.argmax(lrs)]:.0f}, ends at {lrs[-1]:.1e})")
         ax_m.plot(x, moms, style, label=kind)
     ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
     ax_m.set_ylabel("SGD momentum")
-    for ax in (ax_lr, ax_m):
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ax_lr.set_xlabel("epoch")
+    ax_m.set_xlabel("epoch")
     title = title or f"Learning-rate schedule as written vs as run, drawn for the paper's {epochs} epochs"
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, (ax_lr, ax_m))
 
 
 # ---------------------------------------------------------------- inference (notebook 02)
 
 def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: inference strategies",
                  caption="", save=None, deltas: pd.DataFrame | None = None) -> Figure:
-    """Left: test accuracy of each strategy with its 95% binomial interval, on an axis at
-    least as tall as a few intervals, so that gaps smaller than the noise look small.
-    Right: the paper's stated gains beside the reproduced ones, with their 95% paired
-    bootstrap intervals when `deltas` (tables.figure1_deltas with probabilities) has them."""
-    fig = Figure(figsize=(13, 4.4), layout="constrained")
-    ax, ax_d = fig.subplots(1, 2, width_ratios=(1.6, 1))
+    """Left: test accuracy of each strategy with its 95% binomial interval, on an axis at least
+    as tall as a few intervals, so that gaps smaller than the noise look small.  Right: the
+    paper's stated gains beside the reproduced ones, with their 95% paired-bootstrap intervals
+    when `deltas` (tables.figure1_deltas with probabilities) has them."""
+    fig, (ax, ax_d) = _figure((13, 4.4), 1, 2, width_ratios=(1.6, 1))
     acc = strategy_intervals(table)
-    names = [s for s in STRATEGIES if s in acc.index]
-    acc = acc.loc[names]
-    x = np.arange(len(names))
-    err = np.vstack([acc["test_acc"] - acc["ci_low"], acc["ci_high"] - acc["test_acc"]])
-    colours = ["C3" if "as run" in s else "C0" for s in names]
+    acc = acc.loc[[s for s in STRATEGIES if s in acc.index]]
     for i, (name, row) in enumerate(acc.iterrows()):
-        ax.errorbar(i, row["test_acc"], yerr=err[:, i:i + 1], fmt="o", color=colours[i], capsize=4)
+        ax.errorbar(i, row["test_acc"], yerr=[[row["test_acc"] - row["ci_low"]], [row["ci_high"] - row["test_acc"]]],
+                    fmt="o", color="C3" if "as run" in name else "C0", capsize=4)
         ax.annotate(f"{row['test_acc']:.2f}", (i, row["ci_high"]), textcoords="offset points",
                     xytext=(0, 4), ha="center", fontsize=8)
-    ax.set_xticks(x, names, rotation=25, ha="right")
+    ax.set_xticks(np.arange(len(acc)), acc.index, rotation=25, ha="right")
     width = np.nanmax(acc["ci_high"] - acc["ci_low"]) if acc["ci_low"].notna().any() else 1.0
     lo, hi = np.nanmin(acc["ci_low"].fillna(acc["test_acc"])), np.nanmax(acc["ci_high"].fillna(acc["test_acc"]))
-    pad = max(width, 0.5)
-    ax.set_ylim(max(0, lo - pad), min(100, hi + pad))
+    ax.set_ylim(max(0, lo - max(width, 0.5)), min(100, hi + max(width, 0.5)))
     ax.set_ylabel("test accuracy (%), 95% interval")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"reproduced; the paper's final {paper['final']:.2f}% is drawn when it falls on this axis",
@@ -202,12 +185,10 @@ def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: infe
         ax.legend(fontsize=8)
     deltas = (deltas if deltas is not None else figure1_deltas(table, paper)).iloc[:2]
     x = np.arange(len(deltas))
-    b1 = ax_d.bar(x - 0.2, deltas["paper"], 0.4, label="paper", color="0.6")
     yerr = np.vstack([deltas["reproduced"] - deltas["ci95_low"], deltas["ci95_high"] - deltas["reproduced"]])
-    b2 = ax_d.bar(x + 0.2, deltas["reproduced"], 0.4, label="reproduced (95% interval)", color="C0",
-                  yerr=None if np.isnan(yerr).all() else yerr, capsize=4)
-    ax_d.bar_label(b1, fmt="%+.2f", fontsize=8)
-    ax_d.bar_label(b2, fmt="%+.2f", fontsize=8, padding=2)
+    ax_d.bar_label(ax_d.bar(x - 0.2, deltas["paper"], 0.4, label="paper", color="0.6"), fmt="%+.2f", fontsize=8)
+    ax_d.bar_label(ax_d.bar(x + 0.2, deltas["reproduced"], 0.4, label="reproduced (95% interval)", color="C0",
+                            yerr=None if np.isnan(yerr).all() else yerr, capsize=4), fmt="%+.2f", fontsize=8, padding=2)
     ax_d.axhline(0, color="k", lw=0.8)
     ax_d.set_xticks(x, ["TTA - standard", "ensemble+TTA - TTA"])
     ax_d.set_ylabel("gain (percentage points)")
@@ -216,56 +197,47 @@ def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: infe
 
 
 def plot_reliability(tables, title="Reliability diagram", caption="", save=None) -> Figure:
-    """Accuracy vs mean confidence per bin (samlib.infer.reliability_table), with the diagonal
-    and the share of images per bin.  `tables`: one table or {label: table}."""
-    if isinstance(tables, pd.DataFrame):
-        tables = {"": tables}
-    fig = Figure(figsize=(5.6, 6), layout="constrained")
-    ax, ax_n = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    """Accuracy vs mean confidence per bin (tables.reliability_table), with the diagonal and
+    the share of images per bin.  `tables`: one table or {label: table}."""
+    tables = {"": tables} if isinstance(tables, pd.DataFrame) else tables
+    fig, (ax, ax_n) = _figure((5.6, 6), 2, 1, height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":", label="perfect calibration")
     for i, (label, t) in enumerate(tables.items()):
         filled = t[t["count"] > 0]
         ax.plot(filled["confidence"], filled["accuracy"], "o-", color=f"C{i}", label=label or "model")
-        centres = (t["bin_lower"] + t["bin_upper"]) / 2
-        ax_n.bar(centres + (i - (len(tables) - 1) / 2) * 0.02, t["count"] / t["count"].sum(),
-                 width=0.9 / len(t) / max(1, len(tables)), color=f"C{i}")
+        ax_n.bar((t["bin_lower"] + t["bin_upper"]) / 2 + (i - (len(tables) - 1) / 2) * 0.02,
+                 t["count"] / t["count"].sum(), width=0.9 / len(t) / max(1, len(tables)), color=f"C{i}")
     ax.set_ylabel("accuracy in bin")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     ax_n.set_xlabel("confidence (max probability)")
     ax_n.set_ylabel("share")
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, (ax,))
 
 
 def plot_confusion(cm, classes=CLASSES, title="Confusion matrix", caption="", save=None) -> Figure:
-    """Row-normalised confusion matrix (true class in rows), counts written in the cells."""
+    """Row-normalised confusion matrix (true class in rows), counts written in the cells; the
+    title gets the share of images predicted right."""
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig = Figure(figsize=(7, 6.2), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _figure((7, 6.2))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if share[i, j] > 0.5 else "black")
+    for (i, j), count in np.ndenumerate(cm):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, label="share of the true class")
-    return _finish(fig, title, caption, save)
+    return _finish(fig, f"{title} ({100 * np.trace(cm) / max(cm.sum(), 1):.2f}% correct)", caption, save)
 
 
 def plot_prediction_histogram(counts, classes=CLASSES, title="Predicted classes", caption="",
                               save=None) -> Figure:
     """Bar chart of how many images were predicted as each class."""
     counts = np.asarray(counts)
-    fig = Figure(figsize=(8, 3.4), layout="constrained")
-    ax = fig.subplots()
-    bars = ax.bar(range(len(counts)), counts)
-    ax.bar_label(bars, fontsize=8)
+    fig, ax = _figure((8, 3.4))
+    ax.bar_label(ax.bar(range(len(counts)), counts), fontsize=8)
     ax.axhline(counts.sum() / len(counts), color="k", ls=":", lw=1, label="uniform")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_ylabel("images")

@@ -1,133 +1,85 @@
-"""The report's front page, results/<profile>/html/index.html: where the numbers come from
-(provenance, time per notebook), links to the notebook pages, the main tables and figures.
+"""The report's front page, results/<profile>/html/index.html: first the scale of the runs, the
+headline numbers against the paper and the reading of each claim; then the details (provenance,
+time per notebook, links to the notebook pages, tables, figures).
 
-The page is rendered from templates/index.html.j2 with autoescaping on, so any text from
-summary.json or a CSV (a data-source label, a switch name) is shown, never run as HTML.
-`python -m samlib.report.notebooks index RESULTS/<profile>` writes it after nbconvert.
+Rendered from templates/index.html.j2 with autoescaping on: text from summary.json or a CSV is
+shown, never run as HTML.  `python -m samlib.report.notebooks index RESULTS/<profile>` writes it.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from ..io import atomic_write_text, read_json
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PROVENANCE = ("profile", "data_source", "device", "commit", "commit_dirty", "torch", "seeds", "updated")
-INDEX_TABLES = (("table1", "Table 1 rebuilt"), ("discrepancies", "Paper/code switches on the final config"),
-                ("figure1_deltas", "Figure 1: the paper's claims and the reproduced numbers"),
-                ("temperature", "Temperature scaling"))
-
-
-@dataclass(frozen=True)
-class IndexFigure:
-    """A figure of the page: results/<profile>/<name>.png with its heading, caption and alt text."""
-    name: str
-    title: str
-    caption: str
-    alt: str
-
-
+SCALE_COLUMNS = ("config", "seeds", "trained_in", "training_images", "epochs", "widths", "train_seconds")
+HEADLINE_NAMES = {"configuration": "Table 1 row", "ci95_low": "95% interval low", "ci95_high": "95% interval high"}
+IndexFigure = namedtuple("IndexFigure", "name title caption alt")   # results/<profile>/<name>.png
 INDEX_FIGURES = (
-    IndexFigure("training_curves", "Training curves",
-                "First seed of each Table 1 configuration, EMA weights dashed; the per-epoch test curve "
-                "may use a test subset, Table 1 the whole test set.",
-                "Training loss, validation accuracy, test accuracy and learning rate against epoch "
-                "for each Table 1 configuration"),
-    IndexFigure("lr_schedules", "Learning-rate schedule: as written vs as run",
-                "Drawn for the paper's 200 epochs whatever the profile: the warm-up then OneCycle the "
-                "paper describes, and the plain OneCycle its code ran.",
-                "Learning rate on a log scale and SGD momentum against epoch, the schedule as written "
-                "and as run"),
-    IndexFigure("figure1", "Figure 1 rebuilt: inference strategies",
-                "Left: test accuracy of each strategy with its 95% interval; right: the paper's stated "
-                "gains beside the reproduced ones.",
-                "Test accuracy per inference strategy with 95% intervals, and bars of the paper's and "
-                "the reproduced TTA and ensemble gains"),
-    IndexFigure("reliability", "Reliability diagram",
-                "Accuracy against mean confidence per bin for the best strategy: points below the "
-                "diagonal are overconfident; the lower panel is each bin's share of the test images.",
-                "Accuracy against confidence per bin with the diagonal of perfect calibration, and the "
-                "share of test images per bin"),
-    IndexFigure("confusion", "Confusion matrix",
-                "Best strategy on the test set: true class in rows, colour the share of the true class, "
-                "counts in the cells.",
-                "Ten-by-ten confusion matrix of the test set, true classes in rows and predicted classes "
-                "in columns"),
+    IndexFigure("training_curves", "Training curves", "First seed of each Table 1 configuration, EMA dashed; the "
+                "per-epoch test curve may use a test subset, Table 1 the whole test set.",
+                "Training loss, validation and test accuracy and learning rate against epoch per configuration"),
+    IndexFigure("lr_schedules", "Learning-rate schedule: as written vs as run", "Drawn for the paper's 200 epochs: "
+                "the warm-up then OneCycle the paper describes, and the plain OneCycle its code ran.",
+                "Learning rate (log scale) and SGD momentum against epoch, as written and as run"),
+    IndexFigure("figure1", "Figure 1 rebuilt: inference strategies", "Left: test accuracy of each strategy with its "
+                "95% interval; right: the paper's stated gains beside the reproduced ones.",
+                "Test accuracy per inference strategy with 95% intervals, and the paper's and reproduced gains"),
+    IndexFigure("reliability", "Reliability diagram", "Accuracy against mean confidence per bin for the best "
+                "strategy (below the diagonal: overconfident); below, each bin's share of the test images.",
+                "Accuracy against confidence per bin with the diagonal, and the share of test images per bin"),
+    IndexFigure("confusion", "Confusion matrix", "Best strategy on the test set: true class in rows, colour the "
+                "share of the true class, counts in the cells.",
+                "Ten-by-ten confusion matrix of the test set, true classes in rows, predicted in columns"),
 )
-DOWNLOADS = ("summary.json", "table1.md", "submission.csv")
 
 
-# ---------------------------------------------------------------- formatting
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 def format_number(value) -> str:
     """Ints as 4,697,162, floats as 1,234.57, missing values (None, NaN) as ''; text as is."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value)
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(value)
     if isinstance(value, numbers.Integral):
         return f"{value:,}"
-    if isinstance(value, numbers.Real):
-        return "" if math.isnan(value) else f"{value:,.2f}"
-    return str(value)
+    return ("" if math.isnan(value) else f"{value:,.2f}") if _real(value) else str(value)
 
 
-def _provenance_text(value) -> str:
-    """A summary.json value as one line of the provenance table."""
-    if value is None:
-        return "not recorded"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+def _text(value) -> str:
+    """A summary.json value as one line of text: lists comma-separated, booleans yes/no."""
+    if value is None or isinstance(value, bool):
+        return "not recorded" if value is None else ("yes" if value else "no")
+    return ", ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _seconds(value) -> str:
-    """A notebook's wall time as 1,234.5 (one decimal, as summary.json records it)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return f"{value:,.1f}"
-    return str(value)
-
-
-# ---------------------------------------------------------------- page parts
-
-def _summary(results_dir: Path) -> dict:
-    """summary.json as a dict; {} before any notebook has written one."""
-    path = results_dir / "summary.json"
-    summary = read_json(path) if path.exists() else {}
-    return summary if isinstance(summary, dict) else {}
-
-
-def _timings(summary: dict) -> dict:
-    """{"rows": [(notebook, seconds text)], "total": text or None} from summary["timings"]."""
-    timings = summary.get("timings")
-    if not isinstance(timings, dict):
-        return {"rows": [], "total": None}
-    rows = [(str(name), _seconds(s)) for name, s in sorted(timings.items())]
-    numeric = [s for s in timings.values() if isinstance(s, numbers.Real) and not isinstance(s, bool)]
-    total = _seconds(sum(numeric)) if len(rows) > 1 and len(numeric) == len(rows) else None
-    return {"rows": rows, "total": total}
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def frame_html(frame) -> str:
     """A DataFrame as an HTML table (cells escaped by pandas), numbers thousands-separated."""
+    from markupsafe import Markup
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
     formatters = {col: format_number for col in frame.columns
                   if is_numeric_dtype(frame[col]) and not is_bool_dtype(frame[col])}
-    return frame.to_html(index=False, na_rep="", formatters=formatters, border=0, escape=True,
-                         classes="data")
+    return Markup(frame.to_html(index=False, na_rep="", formatters=formatters, border=0, escape=True,
+                                classes="data"))
 
 
-def _table(results_dir: Path, name: str, title: str):
-    """One table of the page, or None when its CSV does not exist; "html" is None when the CSV
-    has no rows (the page says so instead of drawing an empty table)."""
+def _table(results_dir: Path, name: str, title: str, columns=None):
+    """A table of the page from results_dir/<name>.csv (only `columns`, where given), or None
+    without the CSV; "html" is None when the CSV has no rows."""
     import pandas as pd
-    from markupsafe import Markup
 
     path = results_dir / f"{name}.csv"
     if not path.exists():
@@ -136,8 +88,35 @@ def _table(results_dir: Path, name: str, title: str):
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:      # not even a header line
         frame = pd.DataFrame()
-    return {"name": name, "title": title, "file": path.name,
-            "html": Markup(frame_html(frame)) if len(frame) else None}
+    if columns:
+        frame = frame[[c for c in columns if c in frame.columns]].rename(columns=HEADLINE_NAMES)
+    return {"title": title, "file": path.name, "html": frame_html(frame) if len(frame) else None}
+
+
+def _scale(summary: dict):
+    """The runs' scale as notebook 01 recorded it (summary["scale"], a row per config): the table,
+    the number of runs, every seed, the precisions they trained in and their summed training time."""
+    import pandas as pd
+
+    rows = summary.get("scale")
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+        return None
+    seeds = [s for r in rows if isinstance(r.get("seeds"), list) for s in r["seeds"] if isinstance(s, int)]
+    seconds = [r.get("train_seconds") for r in rows]
+    precisions = {p.strip() for r in rows for p in str(r.get("trained_in")).split(",")}
+    frame = pd.DataFrame(rows).map(lambda v: _text(v) if isinstance(v, list) else v)
+    frame = frame[[c for c in SCALE_COLUMNS if c in frame.columns]]     # summary.json sorts the keys
+    return {"html": frame_html(frame.rename(columns=lambda c: str(c).replace("_", " "))),
+            "runs": len(seeds), "seeds": sorted(set(seeds)), "precisions": ", ".join(sorted(precisions)),
+            "total": _duration(sum(seconds)) if all(_real(s) for s in seconds) else "not recorded"}
+
+
+def _timings(summary: dict) -> dict:
+    """{"rows": [(notebook, seconds text)], "total": text or None} from summary["timings"]."""
+    timings = summary.get("timings") if isinstance(summary.get("timings"), dict) else {}
+    rows = [(str(name), f"{s:,.1f}" if _real(s) else str(s)) for name, s in sorted(timings.items())]
+    numeric = len(rows) > 1 and all(_real(s) for s in timings.values())
+    return {"rows": rows, "total": f"{sum(timings.values()):,.1f}" if numeric else None}
 
 
 def render_index(results_dir) -> str:
@@ -145,21 +124,29 @@ def render_index(results_dir) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     results_dir = Path(results_dir)
-    summary = _summary(results_dir)
-    text = {key: _provenance_text(summary.get(key)) for key in PROVENANCE}
-    tables = [t for t in (_table(results_dir, name, title) for name, title in INDEX_TABLES) if t]
+    path = results_dir / "summary.json"
+    summary = read_json(path) if path.exists() else {}
+    summary = summary if isinstance(summary, dict) else {}
+    scale = _scale(summary)
+    if scale and scale["seeds"]:
+        summary["seeds"] = scale["seeds"]          # every run's seed, not only the Table 1 rows'
+    text = {key: _text(summary.get(key)) for key in PROVENANCE}
+    machine = f"trained in {scale['precisions']} | evaluated on {text['device']}" if scale else text["device"]
+
+    def tables(specs):            # the template names the tables: (CSV name, heading[, columns])
+        return [t for t in (_table(results_dir, *spec) for spec in specs) if t]
+
+    def present(names):           # the files of results_dir that exist
+        return [name for name in names if (results_dir / name).exists()]
+
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("index.html.j2").render(
-        profile=text["profile"],
-        scaled_down=summary.get("profile") != "paper",
-        provenance=list(text.items()),
-        caption=f"profile {text['profile']} | {text['data_source']} | {text['device']}",
-        timings=_timings(summary),
+        profile=text["profile"], scaled_down=summary.get("profile") != "paper", scale=scale,
+        provenance=list(text.items()), timings=_timings(summary), tables=tables, present=present,
+        caption=f"profile {text['profile']} | {text['data_source']} | {machine}",
         notebooks=[(p.name, p.stem) for p in sorted((results_dir / "html").glob("[0-9]*.html"))],
-        tables=tables,
-        figures=[f for f in INDEX_FIGURES if (results_dir / f"{f.name}.png").exists()],
-        downloads=[name for name in DOWNLOADS if (results_dir / name).exists()])
+        figures=[f for f in INDEX_FIGURES if (results_dir / f"{f.name}.png").exists()])
 
 
 def write_index(results_dir) -> Path:

@@ -1,12 +1,7 @@
-"""The reference outputs of `# NBVAL_CHECK_OUTPUT` cells: what nbval compares must survive a
-commit of a notebook whose run was partial, interrupted or failed (issue 20).
-
-A check cell's output is *complete* when the cell ran (it has an execution count), printed
-something, holds no error output, and the notebook's run was not interrupted (no cell holds an
-error output, e.g. a KeyboardInterrupt; papermill recorded no exception).  A complete output
-replaces the stored reference (that is how `make notebook-outputs` updates it); any other keeps
-the reference stored in git's HEAD version of the notebook, matched by the cell's source text.
-Imports stay light (no nbformat at import, no torch): `clean` runs in every `git status`.
+"""The reference outputs of `# NBVAL_CHECK_OUTPUT` cells survive a commit of a notebook whose
+run was partial, interrupted or failed.  A check cell's complete output (it ran, printed, no
+error, the run not interrupted) replaces the reference; any other keeps the one in git's HEAD,
+matched by the cell's source.  Imports stay light: `clean` runs in every `git status`.
 """
 from __future__ import annotations
 
@@ -18,8 +13,7 @@ from .notebooks import CHECK_MARK
 
 
 class MissingReference(ValueError):
-    """A check cell has no complete output and HEAD holds no reference for it; the message is
-    one line."""
+    """A check cell has no complete output and HEAD holds no reference for it (one-line message)."""
 
 
 def _check_cells(nb) -> list:
@@ -31,8 +25,8 @@ def _has_error(outputs) -> bool:
 
 
 def run_interrupted(nb) -> bool:
-    """Some code cell holds an error output (a failure, or a KeyboardInterrupt from JupyterLab's
-    stop button), or papermill recorded an exception: the run did not go through."""
+    """A code cell holds an error output (a failure, or JupyterLab's stop button), or papermill
+    recorded an exception."""
     if (nb.metadata.get("papermill") or {}).get("exception"):
         return True
     return any(c.cell_type == "code" and _has_error(c.get("outputs", [])) for c in nb.cells)
@@ -50,9 +44,7 @@ def incomplete_reason(cell, interrupted: bool = False) -> str | None:
 
 
 def head_notebook(path):
-    """The notebook stored in git's HEAD at `path` (a working-tree path; relative to the
-    current directory, as git's `%f` is to the filter's), or None: no git, not in a repository,
-    no commit yet, not tracked at HEAD, not a notebook."""
+    """git HEAD's version of the notebook at `path` (relative to the cwd, as git's %f), or None."""
     import nbformat
 
     p = Path(path)
@@ -65,11 +57,9 @@ def head_notebook(path):
 
 
 def keep_references(nb, path=None) -> list:
-    """In place, before `strip_notebook`: each check cell whose output is not complete gets
-    the reference outputs of the same-source check cell (the n-th of identical sources for the
-    n-th) in HEAD's version of `path`, when that one's are complete.  HEAD is read only when
-    some cell needs it.  Returns [(cell number from 1, reason)] of the cells left as they were
-    for want of a reference."""
+    """In place: each check cell without a complete output gets the complete outputs of the
+    same-source check cell (the n-th of identical sources for the n-th) in HEAD's `path`.
+    Returns [(cell number from 1, reason)] of the cells that found no reference."""
     interrupted = run_interrupted(nb)
     seen: dict = {}
     todo = []

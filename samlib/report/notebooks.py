@@ -1,9 +1,6 @@
-"""Notebook upkeep: strip outputs except the checked cells (files, or stdin -> stdout as a git
-clean filter), scrub machine paths from executed notebooks, write the HTML index, write a small
-Kaggle-format file for tests.  `python -m samlib.report.notebooks -h`.
-
-Imports stay lazy: git runs `clean` on every changed notebook in `git status`, so it must not
-load torch.
+"""Notebook upkeep: strip outputs except the checked cells (also as git's clean filter), scrub
+machine paths from executed notebooks, write the HTML index and a small Kaggle-format file.
+`python -m samlib.report.notebooks -h`.  Imports stay lazy: git runs `clean` in every `git status`.
 """
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ import sys
 from pathlib import Path
 
 CHECK_MARK = "NBVAL_CHECK_OUTPUT"
-# The contract of the stored notebooks (tests/test_notebooks_env.py): JupyterLab writes its own
-# kernel's display name and the full language_info, which would show as a change in git.
+# The stored notebooks' contract (tests/test_notebooks_env.py), whatever kernel JupyterLab ran.
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 LANGUAGE_INFO = {"name": "python", "pygments_lexer": "ipython3"}
 # per-cell metadata that is run or view state, not content (papermill, JupyterLab, extensions)
@@ -25,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _merge_streams(outputs: list) -> list:
-    """Consecutive stream outputs of one name as one, as nbconvert stores them (JupyterLab may
-    store them apart; nbval compares them merged)."""
+    """Consecutive stream outputs of one name as one, as nbconvert stores them and nbval compares them."""
     merged = []
     for out in outputs:
         if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
@@ -38,10 +33,9 @@ def _merge_streams(outputs: list) -> list:
 
 
 def strip_notebook(nb) -> int:
-    """In place on a NotebookNode: clear outputs and execution counts except in
-    `# NBVAL_CHECK_OUTPUT` cells (whose outputs nbval compares; they are numbered 1, 2, ...),
-    drop papermill and other run-state metadata, reset kernelspec and language_info to the
-    stored notebooks' contract.  Returns the number of cells kept."""
+    """In place: clear outputs and execution counts except in check cells (numbered 1, 2, ...
+    for nbval), drop run-state metadata, reset kernelspec and language_info.  Returns the
+    number of cells kept."""
     kept = 0
     nb.metadata.pop("papermill", None)
     nb.metadata.pop("widgets", None)
@@ -57,7 +51,7 @@ def strip_notebook(nb) -> int:
         if CHECK_MARK not in cell.source:
             cell.outputs, cell.execution_count = [], None
             continue
-        kept += 1      # nbval needs an execution count on a cell whose outputs it compares
+        kept += 1
         cell.execution_count = kept
         cell.outputs = _merge_streams(cell.outputs)
         for out in cell.outputs:
@@ -68,10 +62,17 @@ def strip_notebook(nb) -> int:
     return kept
 
 
+def _text(nb) -> str:
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
 def strip_outputs(path) -> int:
-    """`strip_notebook` on a notebook file, rewritten in place; returns the cells kept.  A check
-    cell without a complete output keeps the reference stored in git's HEAD (`nbrefs`); with
-    none there it raises `nbrefs.MissingReference` (one line) and leaves the file alone."""
+    """`strip_notebook` on a file, in place; returns the cells kept.  A check cell without a
+    complete output keeps HEAD's reference (`nbrefs`); with none there, MissingReference
+    (one line) and the file is left alone."""
     import nbformat
 
     from .nbrefs import MissingReference, describe, keep_references
@@ -87,12 +88,10 @@ def strip_outputs(path) -> int:
 
 
 def clean_stream(src=None, dst=None, path=None) -> int:
-    """The git clean filter: a notebook on stdin, `strip_notebook`-ed, on stdout (UTF-8).  What
-    is not notebook JSON (an empty file, merge-conflict markers) passes through unchanged, as git
-    would pass it after a failed filter, without the error.  With the notebook's `path` (git's
-    %f), a check cell without a complete output keeps the reference in git's HEAD (`nbrefs`).
-    With none there it never fails (git, the filter not being `required`, would then store the
-    unstripped notebook): one warning line, and such a cell's unfinished outputs are emptied."""
+    """The git clean filter: a notebook on stdin, stripped, on stdout.  Not notebook JSON (empty,
+    merge conflict) passes through.  A check cell without a complete output keeps HEAD's
+    reference for `path` (git's %f); with none it never fails (git would then store the notebook
+    unstripped): one warning, and the cell's unfinished outputs are stored empty."""
     import nbformat
 
     from .nbrefs import describe, keep_references
@@ -113,17 +112,14 @@ def clean_stream(src=None, dst=None, path=None) -> int:
               "in git's HEAD to keep, unfinished outputs stored empty; run `make notebook-outputs`",
               file=sys.stderr)
     kept = strip_notebook(nb)
-    text = nbformat.writes(nb)
-    dst.write((text if text.endswith("\n") else text + "\n").encode("utf-8"))
+    dst.write(_text(nb).encode("utf-8"))
     dst.flush()
     return kept
 
 
 def path_replacements(paths=(), root=ROOT, home=None) -> dict:
-    """This machine's absolute paths -> portable ones: each of `paths` (the data, runs and
-    results folders, a Kaggle file) -> its path relative to the repo `root` (or just its name
-    when it lies outside the repo), then `root` -> "." and the home directory -> "~".  Both
-    the given and the symlink-resolved form are listed."""
+    """This machine's absolute paths -> portable ones: each of `paths` -> relative to `root`
+    (its name when outside), `root` -> ".", home -> "~"; given and symlink-resolved forms."""
     def forms(p):
         return dict.fromkeys((os.path.abspath(p), os.path.realpath(p)))
 
@@ -138,21 +134,9 @@ def path_replacements(paths=(), root=ROOT, home=None) -> dict:
     return {old: new for old, new in table.items() if old != os.sep and old != new}
 
 
-def _scrubber(replacements: dict):
-    """str -> str with every replacement applied at path boundaries, longest path first (so a
-    folder inside the repo becomes "data", not "./data"; "/a/bc" is not "/a/b" + "c")."""
-    olds = sorted(replacements, key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, olds)) + r")(?![\w-]|\.\w)")
-    return lambda text: pattern.sub(lambda m: replacements[m.group(1)], text)
-
-
-def _is_text(mime: str) -> bool:
-    return mime.startswith("text/") or mime.endswith("json") or mime == "image/svg+xml"
-
-
 def _walk(obj, sub, counter: list):
-    """`obj` with `sub` applied to every string inside it (dicts and lists in place); a `data`
-    bundle only in its text mimetypes (base64 images are left alone)."""
+    """`obj` with `sub` applied to every string in it (in place); in a `data` bundle only to
+    the text mimetypes (base64 images stay)."""
     if isinstance(obj, str):
         new = sub(obj)
         counter[0] += new != obj
@@ -162,7 +146,7 @@ def _walk(obj, sub, counter: list):
     elif isinstance(obj, dict):
         for k, v in obj.items():
             if k == "data" and isinstance(v, dict):
-                for mime in [m for m in v if _is_text(m)]:
+                for mime in [m for m in v if m.startswith("text/") or m.endswith("json") or m == "image/svg+xml"]:
                     v[mime] = _walk(v[mime], sub, counter)
             else:
                 obj[k] = _walk(v, sub, counter)
@@ -170,19 +154,20 @@ def _walk(obj, sub, counter: list):
 
 
 def scrub_paths(notebook_path, replacements: dict) -> int:
-    """Rewrite an executed notebook in place (atomically) with `replacements` (old absolute
-    path -> new, e.g. `path_replacements(...)`) applied to every cell output, to the source
-    of the parameters and papermill's injected-parameters cells and to all metadata
-    (papermill's holds the input/output paths and the parameters), so that a committed report
-    carries no paths of the machine that ran it.  Returns the number of strings changed."""
+    """Apply `replacements` (see path_replacements) to an executed notebook's outputs, metadata
+    and parameters cells, in place, so a committed report carries no machine paths.  Longest
+    path first, at path boundaries.  Returns the number of strings changed."""
     import nbformat
 
     from ..io import atomic_write_text
 
     if not replacements:
         return 0
+    table = {str(k): str(v) for k, v in replacements.items()}
+    olds = sorted(table, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, olds)) + r")(?![\w-]|\.\w)")
+    sub, counter = (lambda text: pattern.sub(lambda m: table[m.group(1)], text)), [0]
     nb = nbformat.read(str(notebook_path), as_version=4)
-    sub, counter = _scrubber({str(k): str(v) for k, v in replacements.items()}), [0]
     _walk(nb.metadata, sub, counter)
     for cell in nb.cells:
         _walk(cell.metadata, sub, counter)
@@ -191,38 +176,33 @@ def scrub_paths(notebook_path, replacements: dict) -> int:
         for out in cell.get("outputs", []):
             _walk(out, sub, counter)
     if counter[0]:
-        text = nbformat.writes(nb)
-        atomic_write_text(notebook_path, text if text.endswith("\n") else text + "\n")
+        atomic_write_text(notebook_path, _text(nb))
     return counter[0]
 
 
 def write_kaggle_sample(data_dir, out, n=200) -> Path:
-    """A Kaggle-format file (dict b'data' uint8 (n, 32, 32, 3), b'ids') from the first n test
-    images of data_dir, for exercising the submission path in tests."""
+    """A Kaggle-format file (b'data' uint8 (n, 32, 32, 3), b'ids') of the first n test images, for tests."""
     import numpy as np
 
     from .. import data as D
+    from ..io import atomic_write_bytes
 
     ds = D.load_cifar10(data_dir)
     n = min(n, len(ds.test_labels))
-    from ..io import atomic_write_bytes
-
-    return atomic_write_bytes(out, pickle.dumps({b"data": np.ascontiguousarray(ds.test_images[:n]),
-                                                 b"ids": np.arange(1000, 1000 + n)}, protocol=4))
+    sample = {b"data": np.ascontiguousarray(ds.test_images[:n]), b"ids": np.arange(1000, 1000 + n)}
+    return atomic_write_bytes(out, pickle.dumps(sample, protocol=4))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m samlib.report.notebooks", description="notebook upkeep")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells")
-    s.add_argument("notebooks", nargs="+")
+    sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells").add_argument("notebooks", nargs="+")
     f = sub.add_parser("clean", help="strip a notebook from stdin to stdout (the git filter: make git-filter)")
     f.add_argument("path", nargs="?", help="its path (git's %%f): where HEAD's reference outputs are read")
     c = sub.add_parser("scrub", help="replace this machine's absolute paths in executed notebooks")
     c.add_argument("notebooks", nargs="+")
     c.add_argument("--paths", nargs="*", default=[], help="data/runs/results folders: made relative to the repo")
-    i = sub.add_parser("index", help="write RESULTS/html/index.html")
-    i.add_argument("results")
+    sub.add_parser("index", help="write RESULTS/html/index.html").add_argument("results")
     k = sub.add_parser("kaggle-sample", help="write a small Kaggle-format test file")
     k.add_argument("data_dir")
     k.add_argument("out")
@@ -239,7 +219,7 @@ def main(argv=None) -> int:
                 print(e, file=sys.stderr)
                 refused += 1
         return 1 if refused else 0
-    elif args.cmd == "clean":
+    if args.cmd == "clean":
         clean_stream(path=args.path)
     elif args.cmd == "scrub":
         table = path_replacements(args.paths)

@@ -3,17 +3,14 @@ say what it is, name profile/data/device on every table, and update summary.json
 
     p = check_params(profile=..., data_dir=..., seeds=..., results_dir=..., runs_dir=..., device=...)
     ds = load_data(p)          # prints the header: profile, data source, device, torch, commit
-    ...
     finish(p, "01_table1_ablation", table1=...)
-
 """
 from __future__ import annotations
 
 import html
-import math
+import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,36 +25,35 @@ from ..io import atomic_write_text, read_json, write_json
 from ..rundir import provenance
 
 REQUIRED = ("profile", "data_dir", "seeds", "results_dir", "runs_dir", "device")
-# The paper's own protocol by default: the four Table 1 configs at one seed (as the paper
-# ran).  More seeds and the discrepancy switches are one parameter away (seeds=[84, 85, 86],
-# switches="all").
+EXTRAS = ("final_seeds", "switches", "kaggle_file", "strategy")
+# The paper's protocol by default: the four Table 1 configs at one seed, as the paper ran.
 DEFAULT_SEEDS = {"smoke": [84], "quick": [84], "cpu": [84], "paper": [84]}
-# `final` may run at more seeds than the other Table 1 rows and the switches: the cpu
-# report's seed-to-seed noise for Table 1's last row and Figure 1.
+# `final` may run at more seeds than the rest: the cpu report's seed-to-seed noise.
 DEFAULT_FINAL_SEEDS = {"cpu": [84, 85]}
 DEFAULT_SWITCHES = {"smoke": ["schedule"], "quick": [], "cpu": ["ema_reset"], "paper": []}
 STRATEGY_CHOICES = ("best", *STRATEGIES)
-# Notebooks train with progress=False; tqdm.auto's notice about missing ipywidgets is noise.
-warnings.filterwarnings("ignore", message="IProgress not found")
-
 
 INTERRUPTED = ("interrupted: every file written so far is intact (a run keeps its last finished epoch, "
                "an evaluation its finished parts); run this cell again to go on from there")
 
 
-def _one_line_user_errors() -> None:
-    """In a notebook kernel, show a samlib error (a user mistake: a bad parameter, missing
-    data) as one `error:` line, and Kernel -> Interrupt as one `interrupted:` line, instead of
-    a traceback; the cell still fails, so Run All, papermill and nbval still stop there.
-    Any other exception keeps its traceback."""
+def _shell():
     try:
-        shell = get_ipython()  # noqa: F821 - defined inside IPython only
+        return get_ipython()  # noqa: F821 - defined inside IPython only
     except NameError:
+        return None
+
+
+def _one_line_user_errors() -> None:
+    """In a notebook kernel, a samlib error shows as one `error:` line and Kernel -> Interrupt
+    as one `interrupted:` line, not a traceback; the cell still fails (Run All, papermill and
+    nbval stop there).  Other exceptions keep their traceback."""
+    shell = _shell()
+    if shell is None:
         return
 
     def show(shell, etype, value, tb, tb_offset=None):
-        line = INTERRUPTED if issubclass(etype, KeyboardInterrupt) else f"error: {value}"
-        stb = [line]                               # the cell's whole "traceback"
+        stb = [INTERRUPTED if issubclass(etype, KeyboardInterrupt) else f"error: {value}"]
         shell._showtraceback(etype, value, stb)    # as IPython shows any error (kernel: an error output)
         return stb
 
@@ -67,24 +63,21 @@ def _one_line_user_errors() -> None:
 _one_line_user_errors()
 
 
-def figure_png(fig) -> tuple:
-    """A matplotlib figure as PNG bytes and the metadata {"alt": its title}: the notebook shows
-    the same image as the inline backend, and the HTML pages get alt text."""
-    from IPython.core.pylabtools import print_figure
-
-    title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
-    return print_figure(fig, "png", bbox_inches="tight"), {"alt": title.replace("\n", " - ") or "a figure of this report"}
-
-
 def _figures_with_alt_text() -> None:
-    """In a notebook kernel, display every matplotlib Figure through `figure_png`."""
-    try:
-        shell = get_ipython()  # noqa: F821 - defined inside IPython only
-    except NameError:
+    """In a notebook kernel, show matplotlib figures as PNG with {"alt": the title} metadata,
+    so that the HTML pages get alt text."""
+    shell = _shell()
+    if shell is None:
         return
+    from IPython.core.pylabtools import print_figure
     from matplotlib.figure import Figure
 
-    shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+    def png(fig) -> tuple:
+        title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
+        alt = title.replace("\n", " - ") or "a figure of this report"
+        return print_figure(fig, "png", bbox_inches="tight"), {"alt": alt}
+
+    shell.display_formatter.formatters["image/png"].for_type(Figure, png)
 
 
 @dataclass
@@ -101,11 +94,14 @@ class Params:
     started: float = field(default_factory=time.time)
     data_source: str = "not loaded yet"
     provenance: dict = field(default_factory=dict)
+    trained_in: str = ""   # the precision the reported runs trained in (their provenance), when known
 
     @property
     def caption(self) -> str:
-        """The line every figure and table carries: profile, data source, device."""
+        """The line every figure and table carries: profile, data source, precision, device."""
         device = self.provenance.get("device", self.device)
+        if self.trained_in:
+            return f"profile {self.profile} | {self.data_source} | trained in {self.trained_in} | evaluated on {device}"
         return f"profile {self.profile} | {self.data_source} | {device}"
 
     @property
@@ -128,23 +124,19 @@ def _fail(name, expected, value):
     raise ConfigError(f"notebook parameter {name} must be {expected}; got {value!r}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _seed_list(name, seeds) -> list:
-    if isinstance(seeds, tuple):
-        seeds = list(seeds)
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+    seeds = list(seeds) if isinstance(seeds, tuple) else seeds
+    valid = isinstance(seeds, list) and seeds and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    if not valid:
         _fail(name, "None or a non-empty list of non-negative ints, e.g. [84] or [84, 85, 86]", seeds)
     if len(set(seeds)) != len(seeds):
         _fail(name, "a list without repeats", seeds)
-    return seeds
+    return [int(s) for s in seeds]
 
 
 def _path(name, value, written: bool = False) -> Path:
-    """A path parameter, resolved; a folder the notebook writes (`written`) is checked for
-    writing before any work (samlib.paths)."""
+    """A path parameter, resolved; a folder the notebook writes is checked for writing first."""
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         _fail(name, "a path (string)", value)
     from ..paths import output_dir, resolved
@@ -152,64 +144,55 @@ def _path(name, value, written: bool = False) -> Path:
     return (output_dir if written else resolved)(value, f"parameter {name}")
 
 
-def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
-    """Check the parameters cell's values; raise ConfigError naming the first bad one.
+def _extra(name, value, profile: str, seeds: list):
+    """One notebook-specific parameter, checked and resolved."""
+    if name == "final_seeds":         # always a superset of `seeds`
+        value = _seed_list(name, DEFAULT_FINAL_SEEDS.get(profile, seeds) if value is None else value)
+        return seeds + [s for s in value if s not in seeds]
+    if name == "switches":
+        if value is None:
+            value = DEFAULT_SWITCHES[profile]
+        elif value == "all":
+            value = list(SWITCHES)
+        if not isinstance(value, (list, tuple)) or not all(v in SWITCHES for v in value):
+            _fail(name, f'None, "all" or a list of names from {list(SWITCHES)}', value)
+        return list(value)
+    if name == "kaggle_file":
+        return None if value in (None, "", "None") else str(_path(name, value))
+    if name == "strategy":
+        if value not in STRATEGY_CHOICES:
+            _fail(name, f"one of {list(STRATEGY_CHOICES)}", value)
+        return value
+    raise ConfigError(f"unknown notebook parameter {name!r}; known: {', '.join(REQUIRED + EXTRAS)}")
 
-    profile: "auto" (paper on CUDA, else quick) or one of PROFILES.  seeds: None (the
-    profile's default: DEFAULT_SEEDS) or a non-empty list of ints.  device: "auto" | "cpu" |
-    "cuda[:n]".  Extras: switches (None = DEFAULT_SWITCHES[profile], "all", or a list of SWITCHES
-    names), final_seeds (the seeds of `final`: None = DEFAULT_FINAL_SEEDS or `seeds`; always a
-    superset of `seeds`), kaggle_file (None or a path), strategy ("best" or a samlib.infer.STRATEGIES name).
-    """
+
+def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
+    """The parameters cell's values, checked; ConfigError names the first bad one.
+
+    profile: "auto" (paper on CUDA, else quick) or one of PROFILES; seeds: None (DEFAULT_SEEDS)
+    or a list of ints; device: "auto" | "cpu" | "cuda[:n]".  Extras: final_seeds, switches
+    (None, "all" or SWITCHES names), kaggle_file, strategy ("best" or a STRATEGIES name)."""
     import torch
 
+    from ..device import check_environment, resolve_device
+
+    check_environment()
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str):
-        _fail("device", '"auto", "cpu" or "cuda[:n]"', device)
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        _fail("device", '"auto", "cpu" or "cuda[:n]"', device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"notebook parameter device={device!r} but this machine has no CUDA device; "
-                          'use device="auto" or "cpu"')
-    from ..device import resolve_device
-
-    resolve_device(device)               # a GPU index that exists; the environment's settings
+        dev = resolve_device(device)
+    except SamlibError:
+        _fail("device", '"auto", "cpu" or "cuda[:n]" naming a GPU of this machine', device)
     if profile == "auto":
         resolved = "paper" if dev.type == "cuda" else "quick"
     elif isinstance(profile, str) and profile in PROFILES:
         resolved = profile
     else:
         _fail("profile", f'"auto" or one of {list(PROFILES)}', profile)
-    if seeds is None:
-        seeds = DEFAULT_SEEDS[resolved]
-    seeds = _seed_list("seeds", seeds)
-    checked = {}
-    for name, value in extra.items():
-        if name == "final_seeds":
-            value = _seed_list("final_seeds", DEFAULT_FINAL_SEEDS.get(resolved, seeds) if value is None else value)
-            value = [int(s) for s in seeds] + [int(s) for s in value if s not in seeds]
-        elif name == "switches":
-            if value is None:
-                value = DEFAULT_SWITCHES[resolved]
-            elif value == "all":
-                value = list(SWITCHES)
-            if not isinstance(value, (list, tuple)) or not all(v in SWITCHES for v in value):
-                _fail("switches", f'None, "all" or a list of names from {list(SWITCHES)}', value)
-            value = list(value)
-        elif name == "kaggle_file":
-            value = None if value in (None, "", "None") else str(_path("kaggle_file", value))
-        elif name == "strategy":
-            if value not in STRATEGY_CHOICES:
-                _fail("strategy", f"one of {list(STRATEGY_CHOICES)}", value)
-        else:
-            raise ConfigError(f"unknown notebook parameter {name!r}; known: "
-                              f"{', '.join(REQUIRED + ('final_seeds', 'switches', 'kaggle_file', 'strategy'))}")
-        checked[name] = value
+    seeds = _seed_list("seeds", DEFAULT_SEEDS[resolved] if seeds is None else seeds)
+    checked = {name: _extra(name, value, resolved, seeds) for name, value in extra.items()}
     return Params(profile=resolved, requested_profile=str(profile), data_dir=_path("data_dir", data_dir),
-                  seeds=[int(s) for s in seeds], device=str(dev),
+                  seeds=seeds, device=str(dev),
                   results=_path("results_dir", results_dir, written=True) / resolved,
                   runs=_path("runs_dir", runs_dir, written=True) / resolved, extra=checked)
 
@@ -223,41 +206,30 @@ def load_data(p: Params, download: bool = True):
     _figures_with_alt_text()          # after %matplotlib inline, which registers its own
     dataset = D.load_cifar10(p.data_dir, download=download)
     p.data_source = D.describe_source(dataset, p.data_dir)
-    p.provenance = provenance(torch.device(p.device), p.data_source)
-    header(p, dataset)
-    return dataset
-
-
-def header(p: Params, dataset=None) -> None:
-    import torch
-
-    prov = p.provenance
-    how = "" if p.requested_profile == p.profile else (
-        f"  (requested {p.requested_profile!r}: " +
-        ("CUDA available -> paper)" if p.profile == "paper" else "no CUDA device -> the CPU-sized quick profile)"))
-    commit = prov.get("git_commit") or "unknown (not a git checkout)"
+    p.provenance = prov = provenance(torch.device(p.device), p.data_source)
+    requested = f"  (requested {p.requested_profile!r})" if p.requested_profile != p.profile else ""
     knobs = ", ".join(f"{k}={v}" for k, v in PROFILES[p.profile].items())
-    lines = [f"profile    : {p.profile}{how}",
+    commit = (prov.get("git_commit") or "unknown (not a git checkout)")[:12]
+    lines = [f"profile    : {p.profile}{requested}",
              f"             {knobs or 'the paper: full width, 200 epochs, 45,000 training images'}",
-             f"data       : {p.data_source} at {p.data_dir}" +
-             (f"  [{len(dataset.train_labels)} train / {len(dataset.test_labels)} test]" if dataset else ""),
+             f"data       : {p.data_source} at {p.data_dir}  "
+             f"[{len(dataset.train_labels)} train / {len(dataset.test_labels)} test]",
              f"device     : {prov.get('device', p.device)}",
              f"torch      : {torch.__version__} (torchvision {prov.get('torchvision', '?')})",
-             f"git commit : {commit[:12]}{' + uncommitted changes' if prov.get('git_dirty') else ''}",
+             f"git commit : {commit}{' + uncommitted changes' if prov.get('git_dirty') else ''}",
              f"seeds      : {p.seeds}",
              f"results    : {p.results}",
-             f"runs       : {p.runs}"]
-    lines += [f"{k:<11}: {v}" for k, v in p.extra.items()]
-    if p.scale_note:
-        lines.append("NOTE: " + p.scale_note)
-    print("\n".join(lines))
+             f"runs       : {p.runs}",
+             *(f"{k:<11}: {v}" for k, v in p.extra.items())]
+    print("\n".join(lines + (["NOTE: " + p.scale_note] if p.scale_note else [])))
+    return dataset
 
 
 # ---------------------------------------------------------------- tables and summary
 
 def markdown_table(frame) -> str:
     """A GitHub-flavoured markdown table: floats to 2 decimals, thousands separated, "|" in
-    text escaped (tabulate leaves it as is, which would split the cell)."""
+    text escaped (tabulate would let it split the cell)."""
     text = frame.apply(lambda col: col if pd.api.types.is_numeric_dtype(col) or col.isna().all()
                        else col.map(lambda v: v if pd.isna(v) else str(v).replace("|", "\\|")))
     text = text.astype(object).where(text.notna(), None)       # tabulate's missingval needs None
@@ -274,56 +246,38 @@ READABLE = {"test_acc": "test %", "test_acc_sd": "test % sd (>= 2 seeds)",
 
 
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
-    """Write results/<profile>/<name>.csv and .md (title, caption, notes, the profile's scale
-    note) and return a Styler (captioned, 2 decimals) for display; the .md and the display
-    use READABLE column names."""
+    """Write results/<profile>/<name>.csv and .md (title, caption, notes, scale note; READABLE
+    column names) and return it styled for display: '<title> - <caption>', 2 decimals."""
     atomic_write_text(p.results / f"{name}.csv", frame.to_csv(index=False))
     frame = frame.rename(columns=READABLE)
     notes = "\n\n".join(n.strip() for n in (notes, p.scale_note) if n)
     md = f"### {title}\n\n_{p.caption}_\n\n{markdown_table(frame)}" + (f"\n{notes}\n" if notes else "")
     atomic_write_text(p.results / f"{name}.md", md)
-    return show(frame, title, p)
+    return (frame.style.format(precision=2, thousands=",", na_rep="-")
+            .set_caption(f"{title} &mdash; {html.escape(p.caption)}").hide(axis="index"))
 
 
 def drop_table(p: Params, name: str) -> None:
-    """Remove a table an earlier report wrote and this one does not (so the HTML index never
-    shows a stale one)."""
+    """Remove a table an earlier report wrote and this one does not (no stale one in the index)."""
     for suffix in (".csv", ".md"):
         (p.results / f"{name}{suffix}").unlink(missing_ok=True)
 
 
-def show(frame, title: str, p: Params):
-    """The frame with '<title> - <caption>' above it, floats to 2 decimals."""
-    try:
-        return (frame.style.format(precision=2, thousands=",", na_rep="-")
-                .set_caption(f"{title} &mdash; {html.escape(p.caption)}").hide(axis="index"))
-    except ImportError:                    # no jinja2: plain frame with a printed caption
-        print(f"{title} - {p.caption}")
-        return frame
-
-
 def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "to_dict") and hasattr(obj, "columns"):          # a DataFrame
-        return _jsonable(obj.to_dict("records"))
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    """Strict JSON values: DataFrames as records, numpy values as Python ones, NaN and inf as null."""
+    def default(value):
+        if hasattr(value, "columns"):
+            return value.to_dict("records")
+        return value.tolist() if hasattr(value, "tolist") else str(value)
+
+    return json.loads(json.dumps(obj, default=default), parse_constant=lambda name: None)
 
 
 def update_summary(p: Params, notebook: str | None = None, **sections) -> dict:
     """Merge sections into results/<profile>/summary.json ('timings' merges per notebook).
 
-    Each notebook's part records the commit it ran at (`provenance`: notebook -> commit,
-    dirty, updated); the top-level commit is given only while every part agrees, so a summary
-    never presents numbers of two commits as one."""
+    Each notebook's part records its commit (`provenance`); the top-level commit is given only
+    while every part agrees, so a summary never presents numbers of two commits as one."""
     path = p.results / "summary.json"
     summary = read_json(path) if path.exists() else {}
     timings = dict(summary.get("timings", {}), **sections.pop("timings", {}))
@@ -348,5 +302,3 @@ def finish(p: Params, notebook: str, **sections) -> None:
     seconds = round(time.time() - p.started, 1)
     update_summary(p, notebook, timings={notebook: seconds}, **sections)
     print(f"{notebook}: {seconds} s; summary in {p.results / 'summary.json'}")
-
-

@@ -1,11 +1,7 @@
 """`make report`'s notebook runner: every report notebook, in order, through papermill.
 
-    python -m samlib.report.runner --profile quick --data-dir data [--seeds 84,85] [--final-seeds 84,85]
-        [--switches schedule,cutout] [--kaggle-file F] [--device auto] [--results local/results] [--runs runs]
-
-The parameters are checked here, once, before anything is written (a bad profile never
-creates results/<profile>/).  A notebook that stops on a user mistake (a samlib error in a
-cell) ends the run with one `error:` line and exit status 2; anything else is a bug and
+The parameters are checked once, before anything is written.  A notebook that stops on a user
+mistake (a samlib error) ends the run with one `error:` line and exit status 2; anything else
 keeps its traceback.  An interrupted report resumes: finished runs are reused.
 """
 from __future__ import annotations
@@ -18,21 +14,22 @@ from pathlib import Path
 
 from .. import errors
 from ..errors import ConfigError, SamlibError
-from .notebooks import path_replacements, scrub_paths
-from .params import check_params
+from .notebooks import ROOT, path_replacements, scrub_paths
+from .params import REQUIRED, check_params
 
 NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
 EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("final_seeds", "switches"),
                     "02_figure1_inference": ("final_seeds",), "03_submission": ("kaggle_file",)}
 # What the terminal shows of a notebook's output: the plan (samlib.plan.format_plan) and one
 # line per epoch (samlib.train.epoch_line); tests/test_entry_errors.py keeps them in step.
-PROGRESS = re.compile(r"^(run +epochs +state|\S.* seed \d+ +\d+  |\d+ runs?, \d+ to train|\S.* seed \d+: epoch \d+/\d+ )")
-USER_ERRORS = {name for name in dir(errors) if isinstance(getattr(errors, name), type)
-               and issubclass(getattr(errors, name), SamlibError)}
+PROGRESS = re.compile(r"^(run +epochs +state|\S.* seed \d+ +\d+  |\d+ runs?, \d+ to train"
+                      r"|\S.* seed \d+: epoch \d+/\d+ )")
+USER_ERRORS = {name for name, value in vars(errors).items()
+               if isinstance(value, type) and issubclass(value, SamlibError)}
 
 
 def _names(text: str | None, what: str, parse=str) -> list | None:
-    if text is None or text == "":
+    if not text:
         return None
     try:
         return [parse(v.strip()) for v in text.split(",") if v.strip()]
@@ -41,15 +38,13 @@ def _names(text: str | None, what: str, parse=str) -> list | None:
 
 
 def parameters(args) -> dict:
-    """The notebooks' parameters, checked (check_params raises ConfigError on the first bad one)."""
+    """The notebooks' parameters, checked (ConfigError on the first bad one); "auto" resolved once."""
     values = dict(profile=args.profile, data_dir=str(Path(args.data_dir).resolve()),
                   seeds=_names(args.seeds, "seeds", int), final_seeds=_names(args.final_seeds, "final-seeds", int),
-                  results_dir=str(Path(args.results).resolve()),
-                  runs_dir=str(Path(args.runs).resolve()), device=args.device,
-                  switches="all" if args.switches == "all" else _names(args.switches, "switches"),
+                  results_dir=str(Path(args.results).resolve()), runs_dir=str(Path(args.runs).resolve()),
+                  device=args.device, switches="all" if args.switches == "all" else _names(args.switches, "switches"),
                   kaggle_file=str(Path(args.kaggle_file).resolve()) if args.kaggle_file else None)
-    checked = check_params(**values)
-    values["profile"] = checked.profile          # "auto" resolved once, for every notebook
+    values["profile"] = check_params(**values).profile
     return values
 
 
@@ -71,29 +66,22 @@ class ProgressOnly:
         self.out.flush()
 
 
-def _local_kernels():
-    """Kernels over local IPC sockets: nothing on the network, and no ipykernel warning about
-    unencrypted TCP on every run."""
+def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Path:
+    """Execute one notebook into results/, its output filtered to progress, its paths scrubbed."""
+    import papermill
     from jupyter_client.manager import AsyncKernelManager
 
-    class LocalKernelManager(AsyncKernelManager):
+    class LocalKernelManager(AsyncKernelManager):     # IPC sockets: nothing on the network
         transport = "ipc"
 
-    return LocalKernelManager
-
-
-def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Path:
-    import papermill
-
-    wanted = {"profile", "data_dir", "seeds", "results_dir", "runs_dir", "device", *EXTRA_PARAMETERS.get(name, ())}
+    wanted = {*REQUIRED, *EXTRA_PARAMETERS.get(name, ())}
     out = results / f"{name}.ipynb"
     papermill.execute_notebook(str(notebooks / f"{name}.ipynb"), str(out), cwd=str(notebooks),
                                parameters={k: v for k, v in values.items() if k in wanted and v is not None},
                                progress_bar=False, log_output=True, stdout_file=ProgressOnly(sys.stdout),
-                               stderr_file=ProgressOnly(sys.stdout), kernel_manager_class=_local_kernels())
-    # committed reports carry no absolute paths of the machine that ran them
-    scrub_paths(out, path_replacements([values["data_dir"], values["runs_dir"], values["results_dir"],
-                                        values.get("kaggle_file")]))
+                               stderr_file=ProgressOnly(sys.stdout), kernel_manager_class=LocalKernelManager)
+    folders = [values["data_dir"], values["runs_dir"], values["results_dir"], values.get("kaggle_file")]
+    scrub_paths(out, path_replacements(folders))
     return out
 
 
@@ -102,14 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="auto")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seeds")
+    ap.add_argument("--seeds", help="comma-separated, e.g. 84,85")
     ap.add_argument("--final-seeds", help="more seeds for final only (default: the profile's)")
-    ap.add_argument("--switches")
+    ap.add_argument("--switches", help='comma-separated names, or "all"')
     ap.add_argument("--kaggle-file")
     ap.add_argument("--results", default="local/results",
                     help="parent of <profile>/ (default local/results, git-ignored; results/ is for `make publish`)")
     ap.add_argument("--runs", default="runs")
-    ap.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[2] / "notebooks"))
+    ap.add_argument("--notebooks", default=str(ROOT / "notebooks"))
     args = ap.parse_args(argv)
     try:
         values = parameters(args)

@@ -1,5 +1,6 @@
-"""The runs behind the report: train (or reuse) them, read them back, evaluate a run's
-inference strategies once and cache the result in its run directory.
+"""The runs behind the report: train (or reuse) them, read them back, say at what scale and
+precision they trained, evaluate a run's inference strategies once and cache the result in its
+run directory.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 import torch
 
 from .. import data as D
-from ..config import from_dict, resolve
+from ..config import SWITCHES, TABLE1, from_dict, resolve
 from ..device import PRECISIONS, precision_for, resolve_device, runs_natively
 from ..errors import DataError, SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
@@ -23,8 +24,7 @@ from ..plan import estimate, format_plan, plan_runs
 from ..rundir import METRIC_FIELDS, RunDir, describe_device, load_run_models
 from ..train import train
 
-CACHE_VERSION = 3   # 2: strategies.csv with temperature_from / selected columns; 3: keyed by the run's state
-
+CACHE_VERSION = 3   # the strategy cache's format; a cache of another version is recomputed
 
 # What the report reads from a run's files: a field of another kind is a DataError naming it.
 _FINAL = {"train_acc_mixed": "number", "train_acc_clean": "number", "test_acc_regular": "number"}
@@ -56,11 +56,8 @@ def _read_metrics(path, fix) -> pd.DataFrame:
 
 
 def load_run(run_dir) -> dict:
-    """Everything a finished (or unfinished) run directory holds, as Python objects.
-
-    Damaged files (config.json, final.json, run.json, provenance.json, metrics.csv: not
-    readable, not parseable, fields of the wrong kind) are a DataError / ConfigError naming
-    the file and the field."""
+    """Everything a (finished or not) run directory holds, as Python objects; a damaged file
+    (unreadable, unparseable, a field of the wrong kind) is a DataError / ConfigError naming it."""
     run_dir = Path(run_dir)
     fix = f"the run folder is damaged: move {run_dir} away (or delete it) and train the run again"
     if not present(run_dir / "config.json"):
@@ -68,8 +65,9 @@ def load_run(run_dir) -> dict:
                           "folder that `python -m samlib train` printed")
     config = run_dir / "config.json"
     out = {"dir": run_dir, "config": from_dict(read_json(config, fix=fix), source=str(config))}
-    fields = {"final": (_FINAL if not out["config"].ema else dict(_FINAL, test_acc_ema="number"),
-                        _FINAL_OPTIONAL), "provenance": ({}, {}), "run": ({}, _RUN_OPTIONAL)}
+    final = dict(_FINAL, test_acc_ema="number") if out["config"].ema else _FINAL
+    fields = {"final": (final, _FINAL_OPTIONAL), "provenance": ({}, {"train_seconds": "number"}),
+              "run": ({}, _RUN_OPTIONAL)}
     for name, (required, optional) in fields.items():
         path = run_dir / f"{name}.json"
         out[name] = (check_fields(read_json(path, fix=fix), path, required, optional, fix)
@@ -81,12 +79,9 @@ def load_run(run_dir) -> dict:
 
 def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs", device=None,
                progress=True, **overrides) -> dict:
-    """Train (or reuse) every config x seed; returns {config: [run_dir, ...]}.  `seeds`: one
-    list for every config, or {config: seeds}.
-
-    With `progress`, first prints the plan (each run's state and an estimate from a timing
-    probe on this device), then one line per epoch with the time left for the run and the plan.
-    """
+    """Train (or reuse) every config x seed -> {config: [run_dir, ...]}; `seeds`: one list, or
+    {config: seeds}.  With `progress`, prints the plan (each run's state and an estimate on this
+    device), then one line per epoch with the time left."""
     plan = plan_runs(configs, seeds, profile, out, **overrides)
     if progress:
         estimate(plan, profile, device, say=lambda line: print(line, flush=True), **overrides)
@@ -111,23 +106,72 @@ def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> P
     return run.path
 
 
+def finished_runs(config: str, profile: str, seeds, out, needed_by: str) -> dict:
+    """{seed: finished run directory} of `config` at each of `seeds` (finished_run)."""
+    return {seed: finished_run(config, profile, seed, out, needed_by) for seed in seeds}
+
+
+# ---------------------------------------------------------------- which runs; their precision and scale
+
+def ablation_seeds(switches, seeds, final_seeds) -> dict:
+    """{config: seeds} of notebook 01: Table 1's configs and `final` with each discrepancy switch
+    (samlib.config.SWITCHES) at `seeds`, `final` at `final_seeds` (its seed-to-seed noise)."""
+    plan = {**{name: seeds for name in TABLE1}, **{f"final+{s}={SWITCHES[s]}": seeds for s in switches}}
+    plan["final"] = final_seeds
+    return plan
+
+
+def split_runs(runs: dict, switches) -> tuple:
+    """Notebook 01's runs as (Table 1's {config: run dirs}, {"switch=value": run dirs})."""
+    return ({name: runs[name] for name in TABLE1},
+            {f"{s}={SWITCHES[s]}": runs[f"final+{s}={SWITCHES[s]}"] for s in switches})
+
+
+def precisions(loaded) -> str:
+    """The precisions loaded runs trained in (provenance.json), e.g. "fp32" or "bf16, fp32"."""
+    return ", ".join(sorted({str((r["provenance"] or {}).get("precision") or "unrecorded") for r in loaded}))
+
+
+def trained_precisions(runs) -> str:
+    """The precisions `runs` ({config: [run_dir, ...]} or run dirs) trained in: the figures' captions."""
+    dirs = [d for group in runs.values() for d in group] if isinstance(runs, dict) else runs
+    return precisions([load_run(d) for d in dirs])
+
+
+def run_scale(runs: dict, dataset) -> pd.DataFrame:
+    """The report's scale, for its index page: per config of `runs` ({config: [run_dir, ...]})
+    its seeds, the precisions they trained in, training images, epochs, widths, training time."""
+    rows = []
+    for name, dirs in runs.items():
+        loaded = [load_run(d) for d in dirs]
+        cfg = loaded[0]["config"]
+        images = min(cfg.train_subset or len(dataset.train_labels), len(dataset.train_labels)) - cfg.val_size
+        rows.append({"config": name, "seeds": [r["config"].seed for r in loaded], "trained_in": precisions(loaded),
+                     "training_images": images, "epochs": cfg.epochs, "widths": list(cfg.widths),
+                     "train_seconds": sum(_train_seconds(r) for r in loaded)})
+    return pd.DataFrame(rows)
+
+
+def _train_seconds(run: dict) -> float:
+    """A run's training time: provenance.json's, else the sum of metrics.csv's epoch seconds."""
+    recorded = (run["provenance"] or {}).get("train_seconds")
+    if recorded is None:
+        recorded = run["metrics"]["seconds"].sum() if "seconds" in run["metrics"] else 0.0
+    return float(recorded)
+
+
 def _digest(path) -> str | None:
     """sha256 of a file's bytes; None when there is none ("unreadable": its reader says why)."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
         return None
     except OSError:
         return "unreadable"
-    return digest.hexdigest()
 
 
 def _run_state(run_dir: Path) -> dict:
-    """What an evaluation of the run directory is computed from: its selected checkpoints (their
-    content) and whether the run had finished."""
+    """What an evaluation is computed from: the selected checkpoints' content, finished or not."""
     return {"finished": present(run_dir / "final.json"),
             **{name: _digest(run_dir / name) for name in ("best_regular.pt", "best_ema.pt")}}
 
@@ -142,10 +186,9 @@ STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "
 
 
 def _cached_table(cached: Path, meta: Path, key: dict):
-    """The cached strategy table when it is intact and was made for `key`; None (recompute)
-    when it was made for other data, precision, checkpoints, or is damaged.  The key file
-    (strategies.json) holds the sha256 of the table it was written with: a table written by
-    another evaluation (one killed before its key, or a concurrent one) is never served."""
+    """The cached strategy table when intact and made for `key`, else None (recompute).  The key
+    file holds the sha256 of the table it was written with: a table of another evaluation (one
+    killed before its key, or a concurrent one) is never served."""
     try:
         recorded = read_json(meta)
         text = read_bytes(cached)
@@ -170,15 +213,10 @@ def inference_precision(run: dict, device=None) -> str:
 
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                  allow_other_data: bool = False) -> pd.DataFrame:
-    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies).
-
-    Refuses data other than the run was trained on (run.json's fingerprint) unless
-    `allow_other_data`.  Cached in the run directory (strategies.csv, the test probabilities
-    of every strategy in strategy_probs.pt), keyed (strategies.json) by the data fingerprint,
-    the strategy registry, the precision and the run's state (the content of best_regular.pt
-    and best_ema.pt, finished or not): other data, another samlib version, new checkpoints or
-    a run finished since recompute instead of reusing.
-    """
+    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies); refuses data
+    other than the run's own (run.json) unless `allow_other_data`.  Cached in the run directory
+    (strategies.csv, strategy_probs.pt), keyed (strategies.json) by data, strategies, precision
+    and the run's state: anything else recomputes."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg = run["config"]
@@ -204,9 +242,8 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                                                    batch_size=cfg.eval_batch_size, precision=precision)
     table = pd.DataFrame(rows)
     table.attrs["selected_on"] = selected_on
-    # Test probabilities of every strategy, for the reliability diagram, the confusion matrix
-    # and the submission: computed once here, never again.  Each file names its key: the key
-    # file is removed first and written last, with the sha256 of the table.
+    # Every strategy's test probabilities are kept for the later figures and the submission.
+    # The key file goes first and comes back last, with the sha256 of the table.
     try:
         meta.unlink(missing_ok=True)
     except OSError:                     # e.g. a folder in its place: write_json below says so
@@ -220,10 +257,8 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
 
 
 def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
-    """({strategy: test probabilities}, labels) that evaluate_run saved for `key`, or (None,
-    None).  Default key: the one of the cached table (strategies.json), while it still fits
-    the run (its checkpoints, finished or not): probabilities of other checkpoints, another
-    evaluation or an older samlib are never served."""
+    """({strategy: test probabilities}, labels) that evaluate_run saved for `key` (default: the
+    cached table's, while it fits the run's checkpoints), or (None, None)."""
     run_dir = Path(run_dir)
     path = run_dir / "strategy_probs.pt"
     if not path.exists():
@@ -242,12 +277,23 @@ def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
 
 
 def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:
-    """Class probabilities (N, classes) of one strategy of a run on `images`: the test
-    probabilities evaluate_run saved when `labels` are the ones they were saved for, else
-    computed now (e.g. for the Kaggle file)."""
+    """Class probabilities (N, classes) of one strategy of a run on `images`: those evaluate_run
+    saved when `labels` are theirs, else computed now (e.g. for the Kaggle file)."""
     probs, saved_labels = saved_test_probs(run_dir) if labels is not None else (None, None)
     if probs is not None and strategy in probs and np.array_equal(saved_labels, np.asarray(labels)):
         return probs[strategy]
     device = resolve_device(device)
     regular, ema = load_run_models(run_dir, device)
-    return strategy_probs(regular, ema, images, strategy, device=device, precision=inference_precision(load_run(run_dir), device))
+    precision = inference_precision(load_run(run_dir), device)
+    return strategy_probs(regular, ema, images, strategy, device=device, precision=precision)
+
+
+def probs_on_test(run_dir, strategy: str, dataset, device=None) -> tuple:
+    """(probabilities, labels) of one strategy of a run on the run's own test split (run_probs)."""
+    test_x, test_y = D.split_data(load_run(run_dir)["config"], dataset)["test"]
+    return run_probs(run_dir, strategy, test_x, test_y, device), test_y
+
+
+def evaluate_runs(run_dirs: dict, **kwargs) -> dict:
+    """{key: strategy table} of each run of {key: run_dir} (evaluate_run, cached)."""
+    return {key: evaluate_run(run_dir, **kwargs) for key, run_dir in run_dirs.items()}

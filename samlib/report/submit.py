@@ -1,9 +1,8 @@
 """Kaggle submission (paper Section 5): predict the unlabeled test file, write ID,Labels.
 
-The competition's file (cifar_test_nolabel.pkl) is read with the restricted unpickler of
-samlib.data; the CSV is written atomically and validated (header, one row per id, unique
-ids, labels 0-9) before anyone uploads it.  Kaggle accuracy on that hidden set is not
-CIFAR-10 test accuracy: never report one as the other.
+The competition's file is read with samlib.data's restricted unpickler; the CSV is validated
+(header, one row per id, unique ids, labels 0-9) before it is written, atomically.  Kaggle
+accuracy on the hidden set is not CIFAR-10 test accuracy: never report one as the other.
 """
 from __future__ import annotations
 
@@ -15,34 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import load_unlabeled
+from ..data import channel_stats, load_unlabeled, split_data
 from ..device import resolve_device
 from ..errors import DataError
 from ..infer import strategy_probs
 from ..io import atomic_write_text
 from ..rundir import load_run_models
-
-
-def _csv_text(ids, labels) -> str:
-    ids, labels = np.asarray(ids), np.asarray(labels)
-    if len(ids) != len(labels):
-        raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ID", "Labels"])
-    writer.writerows(zip(ids.tolist(), labels.astype(int).tolist()))
-    return buf.getvalue()
-
-
-def write_submission(ids, labels, path, num_classes=10) -> Path:
-    """Write the Kaggle CSV: header ID,Labels, one row per id, atomically.
-
-    The rows are validated in memory first (the checks of `validate_submission`): a
-    submission that would fail them raises DataError and is never written, and a previous
-    file at `path` stays as it was."""
-    text = _csv_text(ids, labels)
-    _check(_read(io.StringIO(text), path), path, ids, num_classes)
-    return atomic_write_text(path, text)
 
 
 def _read(source, path) -> pd.DataFrame:
@@ -53,7 +30,7 @@ def _read(source, path) -> pd.DataFrame:
 
 
 def _check(frame: pd.DataFrame, path, ids, num_classes) -> dict:
-    """The submission's checks on its rows (as read back from CSV); DataError on the first problem."""
+    """The submission's rows as read back from CSV, checked; DataError on the first problem."""
     if list(frame.columns) != ["ID", "Labels"]:
         raise DataError(f"{path}: header must be ID,Labels, found {','.join(map(str, frame.columns))}")
     if frame["ID"].duplicated().any():
@@ -69,6 +46,26 @@ def _check(frame: pd.DataFrame, path, ids, num_classes) -> dict:
     return {"rows": len(frame), "class_counts": counts.tolist()}
 
 
+def _write(ids, labels, path, num_classes=10) -> dict:
+    """The CSV, validated in memory and only then written: a bad one leaves `path` as it was."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    if len(ids) != len(labels):
+        raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["ID", "Labels"])
+    writer.writerows(zip(ids.tolist(), labels.astype(int).tolist()))
+    summary = _check(_read(io.StringIO(buf.getvalue()), path), path, ids, num_classes)
+    atomic_write_text(path, buf.getvalue())
+    return summary
+
+
+def write_submission(ids, labels, path, num_classes=10) -> Path:
+    """Write the Kaggle CSV (header ID,Labels, one row per id) atomically, after its checks."""
+    _write(ids, labels, path, num_classes)
+    return Path(path)
+
+
 def validate_submission(path, ids=None, num_classes=10) -> dict:
     """Check a submission CSV; raise DataError naming the first problem, else return a summary."""
     return _check(_read(path, path), path, ids, num_classes)
@@ -82,10 +79,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
-    """Predict a Kaggle-format unlabeled file with a finished run and write the submission.
-
-    The output may not be the input file (nor a folder); the rows are validated before the
-    CSV is written, so an invalid submission never reaches the disk."""
+    """Predict a Kaggle-format file with a finished run and write the submission (`samlib submit`);
+    the output may be neither the input file nor a folder."""
     output = Path(output)
     if _same_file(Path(input_path), output):
         raise DataError(f"--output {output} is the input file {input_path}; writing there would "
@@ -101,8 +96,71 @@ def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=No
         raise DataError(f"the {strategy} predictions of {run_dir} for {input_path} are not all finite "
                         f"(NaN or inf), so nothing was written to {output}: check the input file, or "
                         "evaluate the run (python -m samlib evaluate) and train it again if it diverged")
-    labels = probs.argmax(1).numpy()
-    text = _csv_text(ids, labels)
-    summary = _check(_read(io.StringIO(text), output), output, ids, 10)
-    atomic_write_text(output, text)
-    return summary
+    return _write(ids, probs.argmax(1).numpy(), output)
+
+
+# ---------------------------------------------------------------- the report notebooks
+
+def kaggle_preview(p, train_mean, train_std) -> None:
+    """Notebook 00: the Kaggle file's size, ids and channel statistics beside the training
+    images', and its first images; a note when there is no p.kaggle_file."""
+    if p.kaggle_file is None:
+        print("kaggle_file not given: no preview (pass -p kaggle_file PATH, or make report KAGGLE_FILE=PATH)")
+        return
+    from IPython.display import display
+
+    from .figures import sample_grid
+
+    images, ids = load_unlabeled(p.kaggle_file)
+    mean, std = channel_stats(images)
+    print(f"{p.kaggle_file}: {len(ids)} images {images.shape[1:]} {images.dtype}, ids {ids[0]} .. {ids[-1]}")
+    display(pd.DataFrame({"channel": ["red", "green", "blue"], "mean (Kaggle)": mean, "mean (train)": train_mean,
+                          "std (Kaggle)": std, "std (train)": train_std}).round(4))
+    display(sample_grid(images, names=ids, title="Kaggle unlabeled images (first 40)", per_class=8,
+                        caption=p.caption, save=p.results / "kaggle_samples.png"))
+
+
+def report_run(p, dataset) -> tuple:
+    """Notebook 03's (run folder, strategy): `final` at the first seed, and p.strategy, where
+    "best" is the one notebook 02 selected on validation (its cached strategy table)."""
+    from .runs import evaluate_run, finished_run
+    from .tables import best_strategy
+
+    run_dir = finished_run("final", p.profile, p.seeds[0], p.runs, needed_by="notebook 03")
+    strategy = p.strategy
+    if strategy == "best":
+        strategy = best_strategy(evaluate_run(run_dir, dataset=dataset, device=p.device))
+    print(f"run {run_dir.name}, strategy {strategy}")
+    return run_dir, strategy
+
+
+def report_submission(p, dataset, run_dir, strategy) -> dict:
+    """Notebook 03: results/<profile>/submission.csv for p.kaggle_file, or without one for the
+    profile's CIFAR-10 test images (ids 0..N-1; not a Kaggle submission, but its accuracy is
+    known).  Returns summary.json's `submission` section."""
+    from .runs import load_run, run_probs
+
+    if p.kaggle_file:
+        images, ids = load_unlabeled(p.kaggle_file)
+        labels = None
+        source = f"Kaggle-format file {os.path.basename(p.kaggle_file)}"
+        print(f"predicting the Kaggle file {p.kaggle_file}: {len(ids)} images")
+    else:
+        images, labels = split_data(load_run(run_dir)["config"], dataset)["test"]
+        ids = np.arange(len(labels))
+        source = f"CIFAR-10 test images ({p.profile} profile)"
+        print(f"kaggle_file not given: exporting predictions for the {len(ids)} CIFAR-10 test images of the "
+              f"{p.profile} profile (ids 0..{len(ids) - 1}). This file is NOT a Kaggle submission.")
+    # CIFAR-10 test images: notebook 02's cached probabilities; the Kaggle file: predicted now
+    pred = run_probs(run_dir, strategy, images, labels, p.device).argmax(1).numpy()
+    path = p.results / "submission.csv"
+    check = _write(ids, pred, path)
+    print(f"wrote {path}: {check['rows']} rows, header ID,Labels, ids unique, labels in 0..9: valid")
+    accuracy = None if labels is None else float((pred == labels).mean())
+    if accuracy is None:
+        print("no labels: the Kaggle score comes from uploading the file; it is not CIFAR-10 test accuracy")
+    else:
+        print(f"CIFAR-10 test accuracy of these predictions ({p.profile} profile, {strategy}): "
+              f"{100 * accuracy:.2f}% - a CIFAR-10 number, not a Kaggle score")
+    return {"file": path.name, "source": source, "strategy": strategy, "run": run_dir.name, **check,
+            "cifar10_test_accuracy": accuracy}

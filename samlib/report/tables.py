@@ -1,5 +1,5 @@
-"""The report's tables: Table 1, the discrepancy switches, Figure 1's strategy table and its
-claims, reliability bins - each with the paper's value beside the reproduced one.
+"""The report's tables: Table 1 and its parameter counts, the discrepancy switches, Figure 1's
+strategies and claims, reliability bins - each with the paper's value beside the reproduced one.
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pandas as pd
 
 from ..data import split_data
 from ..device import resolve_device
-from ..progress import progress_bar
 from ..errors import SamlibError
 from ..infer import calibration_bins, predict_logits
 from ..model import build_model, count_parameters
+from ..progress import progress_bar
 from ..rundir import load_run_models
-from .runs import inference_precision, load_run
+from .runs import inference_precision, load_run, precisions
 
 # Paper Table 1 (CIFAR-10; percent) and its parameter column, as printed.
 PAPER_TABLE1 = pd.DataFrame([
@@ -53,13 +53,28 @@ def _mean_sd(values) -> tuple:
     return s.mean(), (s.std(ddof=1) if len(s) > 1 else float("nan"))
 
 
+# ---------------------------------------------------------------- Table 1
+
+def parameter_counts() -> pd.DataFrame:
+    """Parameters of the model the paper's code builds, without and with SE, and of the shortcut
+    variants that land on Table 1's 4.96M / 5.02M: 3x3 instead of 1x1 projections into stage 3,
+    then stages 2 and 3 (a 3x3 kernel adds 8 weights per 1x1 one)."""
+    plain = build_model(se=False)
+    extra = [8 * stage[0].shortcut.conv.weight.numel() for stage in plain.stages[1:]]
+    n = count_parameters(plain)
+    return pd.DataFrame([("baseline, no SE (code as run)", n, "4.96M"),
+                         ("with SE, r=16 (code as run)", count_parameters(build_model(se=True)), "5.02M"),
+                         ("no SE, 3x3 shortcut into stage 3", n + extra[1], "4.96M"),
+                         ("no SE, 3x3 shortcuts into stages 2+3", n + sum(extra), "5.02M")],
+                        columns=["model", "parameters", "paper"])
+
+
 def table1(runs: dict) -> pd.DataFrame:
     """Table 1 rebuilt: paper column, reproduced mean and sd over seeds, delta, parameters.
 
-    Test accuracy is the selected checkpoint's on the full test set: the EMA model for
-    configs with EMA (the paper's "final"), the regular model otherwise.  Train accuracy is
-    shown both ways: lambda-weighted on mixed batches (what the paper reports) and clean.
-    `trained_in`: the precision(s) its seeds trained in (fp32, bf16, fp16).
+    Test accuracy is the selected checkpoint's on the full test set: the EMA model for configs
+    with EMA (the paper's "final"), the regular model otherwise.  Train accuracy both ways:
+    lambda-weighted on mixed batches (what the paper reports) and clean.
     """
     rows = []
     for name, dirs in runs.items():
@@ -67,15 +82,12 @@ def table1(runs: dict) -> pd.DataFrame:
         cfg = loaded[0]["config"]
         key = "test_acc_ema" if cfg.ema else "test_acc_regular"
         test = _mean_sd([100 * r["final"][key] for r in loaded])
-        mixed = _mean_sd([100 * r["final"]["train_acc_mixed"] for r in loaded])
-        clean = _mean_sd([100 * r["final"]["train_acc_clean"] for r in loaded])
         # noise: sd over seeds when there are several, else the 95% binomial interval
         n_test = loaded[0]["final"].get("test_size", 0)
         lo, hi = binomial_interval(test[0] / 100, n_test) if len(loaded) == 1 else (float("nan"),) * 2
-        # the precision each seed trained in (provenance.json): a report trained across machines shows it
-        precisions = sorted({str((r["provenance"] or {}).get("precision") or "unrecorded") for r in loaded})
-        rows.append({"config": name, "seeds": len(loaded), "trained_in": ", ".join(precisions),
-                     "train_acc_mixed": mixed[0], "train_acc_clean": clean[0],
+        rows.append({"config": name, "seeds": len(loaded), "trained_in": precisions(loaded),
+                     "train_acc_mixed": _mean_sd([100 * r["final"]["train_acc_mixed"] for r in loaded])[0],
+                     "train_acc_clean": _mean_sd([100 * r["final"]["train_acc_clean"] for r in loaded])[0],
                      "test_acc": test[0], "test_acc_sd": test[1],
                      "test_acc_ci_low": 100 * lo, "test_acc_ci_high": 100 * hi,
                      "params_profile": count_parameters(build_model(se=cfg.se, widths=cfg.widths,
@@ -106,10 +118,9 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
 
 def discrepancy_table(reference: list, variants: dict, dataset=None, device=None) -> pd.DataFrame:
     """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus that of
-    `final` at the same seed, paired by seed (mean and sd over the seeds both have).  With the
-    `dataset`, also a 95% paired-bootstrap interval over the test images of that mean
-    difference (`delta_lo`, `delta_hi`): the test set's share of the noise, which one seed
-    can measure; the sd over seeds adds training's share."""
+    `final`, paired by seed (mean and sd over the seeds both have).  With the `dataset`, also a
+    95% paired-bootstrap interval over the test images (`delta_lo`, `delta_hi`): the test set's
+    share of the noise; the sd over seeds adds training's share."""
     def by_seed(dirs):   # {seed: (run dir, EMA test accuracy in %)}, each run read once
         runs = {d: load_run(d) for d in dirs}
         return {r["config"].seed: (d, 100 * r["final"]["test_acc_ema"]) for d, r in runs.items()}
@@ -153,33 +164,20 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
     return logits.argmax(1).numpy() == np.asarray(test_y)
 
 
-def paired_difference(correct_a, correct_b) -> dict:
-    """Two models on the same test images: accuracies, a - b in points with its 95% paired-
-    bootstrap interval, and the images only one of them gets right (McNemar's counts)."""
-    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    if a.shape != b.shape:
-        raise SamlibError(f"the two runs were tested on different test sets ({len(a)} and {len(b)} images)")
-    diff, lo, hi = paired_bootstrap(a, b)
-    return {"acc_a": 100 * a.mean(), "acc_b": 100 * b.mean(), "difference": diff, "interval": (lo, hi),
-            "only_a": int((a & ~b).sum()), "only_b": int((b & ~a).sum()), "images": len(a)}
-
-
 # ---------------------------------------------------------------- Figure 1
-
-def strategy_accuracy(table: pd.DataFrame) -> pd.Series:
-    """Test accuracy (%) of each strategy at its own temperature, indexed by name."""
-    rows = table[table["temperature_from"] == "strategy"]
-    return 100 * rows.set_index("strategy")["test_accuracy"]
-
 
 def strategy_intervals(table: pd.DataFrame) -> pd.DataFrame:
     """Per strategy (own temperature): test accuracy and its 95% binomial interval, in %."""
     rows = table[table["temperature_from"] == "strategy"].set_index("strategy")
     n = rows["test_images"] if "test_images" in rows else pd.Series(np.nan, index=rows.index)
-    ci = [binomial_interval(a, int(k)) if k == k else (np.nan, np.nan)
-          for a, k in zip(rows["test_accuracy"], n)]
+    ci = [binomial_interval(a, int(k)) if k == k else (np.nan, np.nan) for a, k in zip(rows["test_accuracy"], n)]
     return pd.DataFrame({"test_acc": 100 * rows["test_accuracy"], "ci_low": [100 * c[0] for c in ci],
                          "ci_high": [100 * c[1] for c in ci]}, index=rows.index)
+
+
+def strategy_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The strategy table as the report shows it: accuracies and ECE in %."""
+    return table.assign(**{c: 100 * table[c] for c in ("test_accuracy", "val_accuracy", "test_ece")})
 
 
 def best_strategy(table: pd.DataFrame) -> str:
@@ -187,16 +185,28 @@ def best_strategy(table: pd.DataFrame) -> str:
     return str(table.loc[table["selected"].astype(bool), "strategy"].iloc[0])
 
 
+def claim_reading(stated: float, low: float, high: float, absolute: bool = False) -> str:
+    """A paper claim read from the reproduced 95% interval.  A stated gain (NaN: "positive", no
+    number) is supported when the interval lies above 0, contradicted when it lies wholly below
+    the gain (at or below 0 without a number); an absolute number when the interval holds it."""
+    if not (low == low and high == high):
+        return "cannot resolve (no interval)"
+    if absolute:
+        return "supported" if low <= stated <= high else "contradicted"
+    if low > 0:
+        return "supported"
+    return "contradicted" if high <= 0 or high < stated else "cannot resolve"
+
+
 def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict | None = None,
                    labels=None) -> pd.DataFrame:
-    """The paper's Figure 1 claims beside the reproduced numbers (percentage points), with a
-    95% paired-bootstrap interval of each reproduced difference when the strategies' test
-    probabilities (`probs`, {strategy: (N, classes)}) and `labels` are given.
-
-    The paper does not say which model its +0.16 ensemble gain starts from; we take
-    regular + TTA."""
-    a = strategy_accuracy(table).reindex(["standard", "tta", "ema+tta", "ensemble+tta",
-                                          "ensemble+tta (as run)"])
+    """The paper's Figure 1 claims beside the reproduced numbers (percentage points), with a 95%
+    paired-bootstrap interval of each difference when the strategies' test probabilities
+    (`probs`, {strategy: (N, classes)}) and `labels` are given, and the reading of each claim.
+    The paper does not say which model its +0.16 ensemble gain starts from; we take regular + TTA."""
+    acc = strategy_intervals(table).reindex(["standard", "tta", "ema+tta", "ensemble+tta",
+                                             "ensemble+tta (as run)"])
+    a = acc["test_acc"]
     claims = [
         ("TTA gain: tta - standard", paper["tta_gain"], ("tta", "standard"), ""),
         ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], ("ensemble+tta", "tta"),
@@ -208,15 +218,18 @@ def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict
          ("ensemble+tta (as run)", "ensemble+tta"), "code: logit average, as-run views"),
     ]
     rows = []
-    for claim, stated, (x, y), note in claims:
+    for i, (claim, stated, (x, y), note) in enumerate(claims):
         lo = hi = float("nan")
         if probs is not None and x in probs and y in probs:
             right = {k: (np.asarray(probs[k].argmax(1)) == np.asarray(labels)) for k in (x, y)}
             _, lo, hi = paired_bootstrap(right[x], right[y])
-        rows.append((claim, stated, a[x] - a[y], lo, hi, note))
-    rows.append(("final accuracy: ensemble+tta (%)", paper["final"], a["ensemble+tta"], float("nan"),
-                 float("nan"), "absolute, not a delta"))
-    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "ci95_low", "ci95_high", "note"])
+        reading = claim_reading(stated, lo, hi) if i < 3 else ""      # the last two are not the paper's
+        rows.append((claim, stated, a[x] - a[y], lo, hi, note, reading))
+    final = acc.loc["ensemble+tta"]
+    rows.append(("final accuracy: ensemble+tta (%)", paper["final"], final["test_acc"], final["ci_low"],
+                 final["ci_high"], "absolute, not a delta",
+                 claim_reading(paper["final"], final["ci_low"], final["ci_high"], absolute=True)))
+    return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "ci95_low", "ci95_high", "note", "reading"])
 
 
 def figure1_across_seeds(tables: dict, paper: dict = PAPER_FIGURE1) -> pd.DataFrame:

@@ -1,26 +1,17 @@
-"""Speed benchmark: the paper's input pipeline against samlib's, side by side.
+"""Speed benchmark, `python -m samlib bench`: the paper's input pipeline against samlib's, side by side.
 
-The paper's code (SAMResNet.py) augments each image on its own as a PIL image in DataLoader
-workers (num_workers=2), then copies batches to the GPU.  samlib does what airbench does: the
-training set lives on the device as uint8 and each step augments a whole batch there.
-
-Four comparisons, each naive vs samlib in the same process, on the same data and device
-(and a fifth, amp_train, of samlib against itself: fp32 vs automatic mixed precision):
-  augment       the issue's definition: crop, flip, to float, Cutout (+ Normalize on the
-                naive side, its real cost; samlib's model normalises inside) per batch.
+The paper's code (SAMResNet.py) augments each image on its own as a PIL image in DataLoader workers, then copies
+batches to the GPU; samlib keeps the training set on the device as uint8 and augments whole batches there (as
+airbench does).  Each comparison runs both sides in one process, on the same data and device:
+  augment       crop, flip, to float, Cutout (+ Normalize on the naive side; samlib's model normalises inside).
   augment_mixup the same plus one_hot + MixUp on both sides: a training-ready batch.
-  train_step    the same Trainer.train_step (forward, backward, clip, Lookahead-SGD, LR
-                schedule, EMA) fed by either pipeline: only the feed differs.  The naive
-                feed skips Normalize here, because samlib's model normalises internally.
-  tta           predict_logits (all PAPER_TTA views in one forward per batch) vs
-                predict_logits_sequential (one pass over the data per view); also the
-                model's forward alone on the same inputs, the ceiling for any TTA loop.
-  amp_train     Trainer.train_step on samlib's feed, amp="off" (fp32) vs amp="auto"; ratio =
-                AMP / fp32 images/s, per width.
-Plans (PLANS; costs in benchmarks/README.md): "cuda" on a GPU; on a CPU "cpu" (small samples)
-or "cpu_full" (`bench --full`); "quick" tests the benchmark itself.  Each figure is the
-median images/s over timed windows (torch.utils.benchmark.Timer), after untimed warm-up;
-CUDA is synchronised before every clock read; each side's windows run back to back.
+  train_step    the same Trainer.train_step fed by either pipeline (the naive feed without Normalize).
+  tta           predict_logits (all PAPER_TTA views in one forward per batch) vs predict_logits_sequential
+                (one pass per view), and the model's forward alone, the ceiling for any TTA loop.
+  amp_train     samlib against itself: Trainer.train_step with amp="off" (fp32) vs amp="auto", per width.
+Plans (PLANS, costs in benchmarks/README.md): "cuda" on a GPU; on a CPU "cpu", or "cpu_full" with --full; "quick"
+tests the benchmark itself.  Each figure is the median images/s over timed windows (torch.utils.benchmark.Timer)
+after an untimed warm-up, with the device synchronised before every clock read.
 """
 from __future__ import annotations
 
@@ -39,15 +30,15 @@ from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from .. import data as D
-from ..augment import mix_batch, one_hot
-from ..config import resolve
-from ..device import resolve_device
-from ..infer import PAPER_TTA, _check_images, _forward, _model_device, _pixel_batch, predict_logits
-from ..io import atomic_write_text
-from ..rundir import describe_data, provenance
-from ..train import Trainer, to_device
-from ..views import View, identity
+from samlib import data as D
+from samlib.augment import mix_batch, one_hot
+from samlib.config import resolve
+from samlib.device import resolve_device
+from samlib.infer import PAPER_TTA, _check_images, _forward, _model_device, _pixel_batch, predict_logits
+from samlib.io import atomic_write_text
+from samlib.rundir import describe_data, provenance
+from samlib.train import Trainer, to_device
+from samlib.views import View, identity
 
 # Per plan: training images, TTA test images, steps per timed window, windows per side, and
 # the widths amp_train compares (why these sizes: benchmarks/README.md, "What it costs").
@@ -140,9 +131,8 @@ def predict_logits_sequential(model: torch.nn.Module, images, views: Optional[Se
         with torch.inference_mode():
             per_view = []
             for view in views:
-                chunks = [_forward(model, view.fn(_pixel_batch(images, s, s + batch_size, device)), device, precision).cpu()
-                          for s in range(0, n, batch_size)]
-                per_view.append(torch.cat(chunks))
+                batches = (view.fn(_pixel_batch(images, s, s + batch_size, device)) for s in range(0, n, batch_size))
+                per_view.append(torch.cat([_forward(model, x, device, precision).cpu() for x in batches]))
     finally:
         model.train(was_training)
     return torch.stack(per_view)

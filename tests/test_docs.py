@@ -1,0 +1,74 @@
+"""The documentation: a short README front page, links that resolve, no machine-specific paths."""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+README_MAX_CHARS = 12_000
+SKIPPED_DIRS = (".git/", ".venv/", "data/", "results/")   # generated or not ours to scan
+MACHINE_PATH = "/work/"                                    # the checkout path of one machine
+
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)            # links inside code are not links
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {github_anchor(h) for h in HEADING.findall(text)}
+
+
+def relative_links(path: Path):
+    for target in LINK.findall(CODE.sub("", path.read_text(encoding="utf-8"))):
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target):     # http:, https:, mailto: ...
+            yield target
+
+
+def test_readme_is_a_front_page():
+    chars = len(README.read_text(encoding="utf-8"))        # characters, as `wc -m` counts them
+    assert chars <= README_MAX_CHARS, f"README.md has {chars} characters (at most {README_MAX_CHARS})"
+
+
+def test_readme_names_the_test_command():
+    assert "make test" in README.read_text(encoding="utf-8")   # .ci/run runs the README's command
+
+
+@pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    broken = []
+    for target in relative_links(doc):
+        file_part, _, anchor = target.partition("#")
+        linked = (doc.parent / file_part).resolve() if file_part else doc
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(target)
+    assert not broken, f"{doc.name}: links to nothing: {broken}"
+
+
+def test_no_tracked_file_names_a_machine_path():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if not name or name.startswith(SKIPPED_DIRS) or not path.is_file():
+            continue
+        content = path.read_bytes()
+        if b"\0" in content:                               # binary: weights, images
+            continue
+        if MACHINE_PATH.encode() in content:
+            offenders.append(name)
+    assert not offenders, f"files naming the machine path {MACHINE_PATH!r}: {offenders}"
