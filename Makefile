@@ -35,6 +35,8 @@ PUBLISHED := results
 RUNS ?= runs
 NOTEBOOKS := 00_data_exploration 01_table1_ablation 02_figure1_inference 03_submission
 NBVAL_DIR := build/nbval
+# git's clean filter for notebooks (make git-filter); absolute paths, whatever directory git runs it in
+GIT_FILTER_CLEAN := "$(abspath $(PY))" "$(CURDIR)/tools/nbfilter.py" clean %f
 # torch's OpenMP threads busy-wait: with another process on these 2 cores a CPU epoch ran 10-15x
 # slower (32 s vs 4.6 s for a smoke epoch).  PASSIVE waiting avoids that (OMP_WAIT_POLICY=ACTIVE make ... opts out).
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -52,7 +54,10 @@ endef
 .PHONY: venv test unit nbval notebook-outputs report publish report-notebooks html strip clean-venv
 .PHONY: gpu-check
 
+# A clone whose filter still names the module it once lived in (samlib.report.notebooks) gets the new command.
 venv: $(VENV)/.installed
+	@if git config --get filter.samlib-strip.clean 2>/dev/null | grep -q 'samlib\.report\.notebooks'; then \
+	  git config filter.samlib-strip.clean '$(GIT_FILTER_CLEAN)' && echo "git filter: now tools/nbfilter.py (as make git-filter)"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,7 +89,7 @@ else \
   [ -f $$data/cifar-10-batches-py/batches.meta ] || $(PY) -m samlib synthetic $$data >/dev/null || exit 1; \
 fi; \
 rm -rf $(NBVAL_DIR)/runs $(NBVAL_DIR)/results; \
-$(PY) -m samlib.report.notebooks kaggle-sample $$data $(NBVAL_DIR)/kaggle_sample.pkl --n 200 >/dev/null || exit 1; \
+$(PY) tools/nbfilter.py kaggle-sample $$data $(NBVAL_DIR)/kaggle_sample.pkl --n 200 >/dev/null || exit 1; \
 echo "smoke profile, data $$data"; \
 export SAMLIB_PROFILE=smoke SAMLIB_DATA_DIR="$$(realpath $$data)" SAMLIB_RESULTS_DIR="$(CURDIR)/$(NBVAL_DIR)/results" \
   SAMLIB_RUNS_DIR="$(CURDIR)/$(NBVAL_DIR)/runs" SAMLIB_KAGGLE_FILE="$(CURDIR)/$(NBVAL_DIR)/kaggle_sample.pkl"
@@ -102,7 +107,7 @@ nbval: venv
 notebook-outputs: venv
 	@$(smoke_env); for nb in notebooks/[0-9]*.ipynb; do \
 	  $(PY) -m nbconvert --to notebook --execute --inplace --log-level WARN $$nb || exit 1; done
-	$(PY) -m samlib.report.notebooks strip notebooks/[0-9]*.ipynb
+	$(PY) tools/nbfilter.py strip notebooks/[0-9]*.ipynb
 
 report: venv
 	@$(pick_profile); \
@@ -120,7 +125,7 @@ publish: venv
 
 report-notebooks: venv
 	@test -n "$(PROFILE)" || { echo "report-notebooks needs PROFILE (or use make report)"; exit 2; }
-	@$(PY) -m samlib.report.runner --profile $(PROFILE) --data-dir $(DATA_DIR) --device $(DEVICE) \
+	@$(PY) tools/report.py --profile $(PROFILE) --data-dir $(DATA_DIR) --device $(DEVICE) \
 	  --results $(RESULTS) --runs $(RUNS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(FINAL_SEEDS),--final-seeds $(FINAL_SEEDS)) $(if $(SWITCHES),--switches $(SWITCHES)) \
 	  $(if $(KAGGLE_FILE),--kaggle-file $(KAGGLE_FILE))
 
@@ -128,10 +133,10 @@ html: venv
 	@$(pick_profile); \
 	ls $(RESULTS)/$$profile/[0-9]*.ipynb >/dev/null 2>&1 || { echo "no executed notebooks in $(RESULTS)/$$profile: run make report PROFILE=$$profile"; exit 2; }; \
 	$(PY) -m nbconvert --to html --template samlib --TemplateExporter.extra_template_basedirs=$$($(PY) -c 'import samlib.report, pathlib; print(pathlib.Path(samlib.report.__file__).parent / "templates" / "nbconvert")') --log-level WARN --output-dir $(RESULTS)/$$profile/html $(RESULTS)/$$profile/[0-9]*.ipynb && \
-	$(PY) -m samlib.report.notebooks index $(RESULTS)/$$profile
+	$(PY) tools/nbfilter.py index $(RESULTS)/$$profile
 
 strip: venv
-	$(PY) -m samlib.report.notebooks strip notebooks/[0-9]*.ipynb
+	$(PY) tools/nbfilter.py strip notebooks/[0-9]*.ipynb
 
 # The git clean filter that .gitattributes names for notebooks/*.ipynb: git diff, add and commit see
 # a notebook run in JupyterLab as `make strip` leaves it (the working copy keeps its outputs).  git
@@ -140,7 +145,7 @@ strip: venv
 # with the venv gone git falls back to the unfiltered file instead of refusing to run.
 .PHONY: git-filter
 git-filter: venv
-	git config filter.samlib-strip.clean '"$(abspath $(PY))" -m samlib.report.notebooks clean %f'
+	git config filter.samlib-strip.clean '$(GIT_FILTER_CLEAN)'
 	@echo "notebook outputs are now invisible to git; undo: git config --remove-section filter.samlib-strip"
 
 clean-venv:

@@ -10,7 +10,7 @@ TRAIN = """
 import time, torch
 from samlib.config import resolve
 from samlib.data import load_cifar10
-from samlib.train import train
+from samlib.run import train
 ds = load_cifar10(%r)
 cfg = resolve('final', 'smoke', epochs=4, seed=%d)
 t = time.time(); run = train(cfg, dataset=ds, out=__import__('tempfile').mkdtemp(), device='cpu', progress=False)

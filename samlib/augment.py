@@ -1,8 +1,7 @@
 """Batched, on-device training augmentation (paper Section 3.2): crop, flip, Cutout, MixUp, CutMix.
 
-Whole (B, C, H, W) batches with per-sample draws as tensors, as airbench does (torchvision v2 draws
-one crop per call, and its MixUp takes no generator).  `generator` None is the global RNG; draws
-are made on its device and moved to the images'.  Pixels stay in [0, 1]: the model normalises.
+Whole (B, C, H, W) batches with per-sample draws, as airbench does; draws are made on the generator's
+device (None: the global RNG) and moved to the images'.  Pixels stay in [0, 1]: the model normalises.
 """
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ def _draw(images: torch.Tensor, generator: torch.Generator | None, sample, *args
 
 
 def crop_windows(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, size: tuple):
-    """Crops of size (h, w) of padded[index] at per-image offsets (dy, dx), as one gather: ``unfold``
-    views the buffer as all runs of w elements, and row r of channel c of crop i is the run that
-    starts at ((index_i*C + c)*H + dy_i + r)*W + dx_i."""
+    """Crops of size (h, w) of padded[index] at offsets (dy, dx) as one gather over ``unfold``'s runs of w
+    elements: row r of channel c of crop i starts at ((index_i*C + c)*H + dy_i + r)*W + dx_i."""
     _, c, hp, wp = padded.shape
     h, w = size
     dev = padded.device
@@ -60,10 +58,7 @@ def one_hot(labels: torch.Tensor, num_classes: int = 10, dtype: torch.dtype = to
 
 
 def sample_lambda(alpha: float, generator: torch.Generator | None = None) -> float:
-    """One Beta(alpha, alpha) draw: a seed from `generator` feeds numpy (torch's Beta takes no
-    generator).  alpha == 0 means "no mixing", which callers skip."""
-    if not alpha > 0:
-        raise ValueError(f"mixing alpha must be > 0, got {alpha!r} (use 0 only to mean 'no mixing')")
+    """One Beta(alpha, alpha) draw: a seed from `generator` feeds numpy (torch's Beta takes no generator)."""
     dev = generator.device if generator is not None else "cpu"
     seed = int(torch.randint(0, 2**62, (), generator=generator, device=dev))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
@@ -91,9 +86,8 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float, generator: 
 
 def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator | None = None,
            host_generator: torch.Generator | None = None):
-    """CutMix (Yun et al. 2019; the paper's rejected alternative): one box, side int(H*sqrt(1-lam)),
-    centre uniform, clipped, from the permuted batch; targets weighted by the clipped area.
-    lam and the centre are host numbers, from ``host_generator`` if given."""
+    """CutMix (Yun et al. 2019; the paper's rejected alternative): one clipped box of side int(H*sqrt(1-lam))
+    from the permuted batch, targets weighted by its area; lam and the centre from ``host_generator``."""
     _check_targets(images, targets)
     scalars = host_generator if host_generator is not None else generator
     lam = sample_lambda(alpha, scalars)
@@ -115,8 +109,6 @@ def mix_batch(images: torch.Tensor, targets: torch.Tensor, kind: str, alpha: flo
               generator: torch.Generator | None = None, host_generator: torch.Generator | None = None,
               inplace: bool = False):
     """Dispatch "none" | "mixup" | "cutmix"; alpha == 0 also means no mixing."""
-    if kind not in MIX_KINDS:
-        raise ValueError(f"mix kind must be one of {MIX_KINDS}, got {kind!r}")
     if kind == "none" or alpha == 0:
         return images, targets
     if kind == "mixup":
@@ -125,13 +117,8 @@ def mix_batch(images: torch.Tensor, targets: torch.Tensor, kind: str, alpha: flo
 
 
 class TrainTransform:
-    """The reference's RandomCrop(32, padding=4), RandomHorizontalFlip, Cutout(1, 16) on a uint8
-    (N, 3, H, W) image set kept on the device (exact on uint8: pixels only move or become 0).
-
-    The set is padded once and stored beside its mirror image: a flipped crop at offset dx is the
-    mirror's crop at 2*padding - dx, so crop + flip is one ``crop_windows`` gather.  Draws dy, dx,
-    flip, then the Cutout centre: cutout(flip(crop(images[index]))) bit for bit.
-    """
+    """The reference's RandomCrop(32, padding=4), RandomHorizontalFlip, Cutout(1, 16) on a uint8 image set
+    kept on the device, padded once beside its mirror (a flipped crop at dx is the mirror's at 2p - dx)."""
 
     def __init__(self, images_uint8: torch.Tensor, crop_padding: int = 4, flip: bool = True, cutout_size: int = 16):
         if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:

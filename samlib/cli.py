@@ -1,9 +1,6 @@
 """Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep,bench} ...`.
-
-A user's mistake (a missing file, a bad value, an unwritable folder, a full disk) ends with one `error: ...`
-line on stderr that says what to do, exit status 2; anything else is a bug and keeps its traceback.  Ctrl-C
-(exit 130) and SIGTERM (exit 143) keep the last good checkpoint: the same command again resumes.
-"""
+A user's mistake is one `error: ...` line (exit 2), a bug keeps its traceback; Ctrl-C (130) and SIGTERM (143)
+keep the last good checkpoint, so the same command again resumes."""
 from __future__ import annotations
 
 import argparse
@@ -39,8 +36,7 @@ COMMANDS = {
         OUT, ("--seed", {"type": int}), DEVICE, SET, ("--no-progress", FLAG)]),
     "evaluate": ("Figure 1's table of inference strategies for a run", [
         RUN_DIR, DATA_DIR, DEVICE,
-        ("--allow-other-data", {**FLAG, "help": "evaluate on data other than the run was trained on (e.g. the "
-                                "real test set for a run trained on a copy); the table says so"})]),
+        ("--allow-other-data", {**FLAG, "help": "evaluate on data other than the run was trained on"})]),
     "submit": ("write a Kaggle submission (ID,Labels) for an unlabeled file", [
         RUN_DIR, ("--input", {"required": True, "help": "the competition's test pickle"}),
         ("--output", {"default": "submission.csv"}),
@@ -57,16 +53,14 @@ COMMANDS = {
         ("--out", {"required": True, "help": "json file to write"}),
         ("--width", {"type": int, "help": "first-stage width (default: 64 on GPU, 16 on CPU)"}), DEVICE,
         [("--quick", {**FLAG, "help": "fewer repeats (tests)"}),
-         ("--full", {**FLAG, "help": "on a CPU, the long, precise plan (tens of minutes; the default CPU plan "
-                                     "takes 1-3 minutes on 2 cores); a GPU always runs its full plan"})],
-        ("--data-dir", {"help": "folder holding cifar-10-batches-py (default: ./data if present, else "
-                                "synthetic images)"}),
+         ("--full", {**FLAG, "help": "on a CPU, the long, precise plan; a GPU always runs its full plan"})],
+        ("--data-dir", {"help": "folder holding cifar-10-batches-py (default: ./data, else synthetic images)"}),
         ("--threads", {"type": int, "help": "torch CPU threads for the timed process"}),
         ("--no-compile", {**FLAG, "help": "skip the torch.compile timing (CUDA)"})]),
 }
 
-# Every path flag, checked (samlib.paths) before any work starts: inputs for symlink loops (their other
-# faults have messages of their own), outputs for a writable folder ("out") or file ("file").
+# Every path flag, checked (samlib.paths) before any work starts: "in" (symlink loops), "out" (a writable
+# folder) or "file" (a writable file).
 PATH_FLAGS = {
     "train": {"out": ("--out", "out"), "data_dir": ("--data-dir", "in")},
     "evaluate": {"run_dir": ("the run directory", "in"), "data_dir": ("--data-dir", "in")},
@@ -78,7 +72,6 @@ PATH_FLAGS = {
 
 
 def _items(text: str, flag: str, example: str) -> list:
-    """A comma-separated flag value as a list of non-empty items, or a clear error."""
     items = [item.strip() for item in str(text).split(",")]
     if not all(items):
         raise SamlibError(f"{flag} expects a comma-separated list without empty entries "
@@ -105,7 +98,7 @@ def _overrides(pairs) -> dict:
 def cmd_train(args) -> None:
     from . import dist
     from .config import resolve
-    from .train import train
+    from .run import train
 
     overrides = _overrides(args.set)
     if args.seed is not None:
@@ -169,8 +162,7 @@ def cmd_sweep(args) -> None:
     device = resolve_device(devices[0] if devices else None)
     slots = [str(resolve_device(d)) for d in devices] if devices else [str(device)]
     if device.type == "cuda" and not args.plan:
-        # The timing probe in a process of its own: in this one it would keep a CUDA context
-        # (and its memory) on the GPU for the whole sweep, beside that GPU's training job.
+        # Probe in a process of its own: here it would hold a CUDA context beside that GPU's training job.
         if subprocess.run([sys.executable, "-m", "samlib", *args.argv, "--plan"]).returncode != 0:
             raise SamlibError("the sweep's plan failed (see the line above); nothing was trained")
     else:
@@ -186,15 +178,14 @@ def cmd_sweep(args) -> None:
 
 
 def _show_plan(args, configs, seeds, overrides, device, slots) -> None:
-    """Print the sweep's plan with its time estimate (samlib.plan), probed on `device`."""
+    """Print the sweep's plan and estimate, probed on `device` at each job's OMP_NUM_THREADS (sweep.job_env)."""
     import torch
 
     from .plan import estimate, format_plan, plan_runs, wall_seconds
+    from .progress import format_duration
     from .rundir import describe_device
     from .sweep import job_env
-    from .train import format_duration
 
-    # Jobs that share the CPU each get OMP_NUM_THREADS threads (samlib.sweep.job_env): probe at that.
     threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
     before = torch.get_num_threads()
     try:
@@ -212,7 +203,7 @@ def _show_plan(args, configs, seeds, overrides, device, slots) -> None:
 
 
 def load_bench():
-    """The benchmark module, benchmarks/bench.py of this checkout (loaded once, by its path)."""
+    """benchmarks/bench.py of this checkout, loaded once by its path."""
     if "benchmarks.bench" not in sys.modules:
         if not BENCH.is_file():
             raise SamlibError(f"the benchmark lives in the repository, not in the installed package: {BENCH} "
@@ -258,23 +249,19 @@ def check_paths(args) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every `finally`
-    and samlib.io.atomic_write_bytes' cleanup run and the files on disk stay whole."""
+    """SIGTERM, raised like Ctrl-C so that every `finally` (atomic writes' cleanup) runs."""
 
 
 def _on_signal(signum, frame):
-    # Already stopping: a later SIGTERM (e.g. a sweep passing one on) would only interrupt the
-    # cleanup.  A second Ctrl-C still interrupts, as usual.
+    # Already stopping: a later SIGTERM would only interrupt the cleanup (a second Ctrl-C still does).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
 def _signals_raise(program: bool):
-    """SIGTERM (and SIGINT, where Python's default is in place) raise while a command runs; signals left
-    ignored (e.g. SIGINT of a background job) stay ignored.  Afterwards an in-process caller gets its
-    handlers back; the program itself only exits, so there a late signal is ignored: it can neither turn
-    a finished command into a kill nor interrupt the exit."""
+    """SIGTERM (and SIGINT, where Python's default is in place) raise while a command runs; ignored signals stay
+    ignored.  Afterwards an in-process caller gets its handlers back; the program ignores late signals."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
@@ -315,7 +302,7 @@ def _os_error_message(e: OSError) -> str:
 
 
 def main(argv=None) -> int:
-    """Run one command; the one error boundary of the command line (see the module docstring)."""
+    """Run one command: the command line's one error boundary."""
     args = build_parser().parse_args(argv)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]    # for the processes it starts
     with _signals_raise(program=argv is None):

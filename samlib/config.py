@@ -1,8 +1,6 @@
-"""Configurations as plain data: the Table 1 configs (Section 4), the paper/code switches, profiles.
-
-A config says *what method* runs; a profile says *how big* the run is.  `resolve(config, profile,
-**overrides)` gives the frozen, validated `Config` a run records in config.json and hashes into
-its folder name.  This module is the one validation of every setting.
+"""Configurations as plain data: the Table 1 configs (Section 4), the paper/code switches, and profiles
+(how big a run is).  `resolve` gives the frozen `Config` a run records and hashes into its folder name;
+this module is the one validation of every setting.
 """
 from __future__ import annotations
 
@@ -82,8 +80,8 @@ class Config:
         return tuple(field for field, inert in rules.items() if inert)
 
     def hash(self) -> str:
-        """Stable hash of what affects the result: not the speed knobs nor the inert settings, nor
-        an ADDED_LATER setting at its default (so older runs keep their names)."""
+        """Stable hash of what affects the result: not speed knobs, inert settings or ADDED_LATER ones at
+        their default (so older runs keep their names)."""
         skip = set(SPEED_KNOBS + self.inert_fields())
         skip |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
@@ -270,8 +268,10 @@ _FILE_FIX = ("the file was edited by hand or damaged: restore it, or move its ru
              "(or delete it) and train the run again")
 
 
-def _scalar_problem(v) -> str | None:
-    """Why `v` cannot be a stored scalar setting: JSON scalars, 64-bit integers, valid Unicode text."""
+def _stored_problem(v, in_list: bool = False) -> str | None:
+    """Why `v` cannot be a stored setting: a JSON scalar (64-bit integers, valid Unicode) or a flat list of them."""
+    if isinstance(v, (list, tuple)) and not in_list:
+        return next((f"[{i}] {p}" for i, p in enumerate(_stored_problem(x, True) for x in v) if p), None)
     if _is_int(v) and abs(v) >= 2**63:
         return f"holds an integer too large for any setting ({v.bit_length()} bits)"
     if isinstance(v, str):
@@ -284,17 +284,8 @@ def _scalar_problem(v) -> str | None:
     return None
 
 
-def _stored_problem(v) -> str | None:
-    """Why `v` cannot be a stored setting: a scalar or one flat list of scalars."""
-    if isinstance(v, (list, tuple)):
-        problems = [f"[{i}] {p}" for i, p in enumerate(map(_scalar_problem, v)) if p]
-        return problems[0] if problems else None
-    return _scalar_problem(v)
-
-
 def from_dict(d: dict, source: str = "config.json") -> Config:
-    """Rebuild a Config from config.json (lists back to tuples): anything wrong (not an object, an
-    unknown key, a value of the wrong type or out of range) is a ConfigError naming `source`."""
+    """Rebuild a Config from config.json (lists back to tuples); anything wrong is a ConfigError naming `source`."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source} must hold an object of settings, got {type(d).__name__}; {_FILE_FIX}")
     unknown = sorted(str(k) for k in d if k not in _FIELDS)

@@ -1,11 +1,8 @@
-"""CIFAR-10 on disk: loading, validation, restricted unpickling, splits, synthetic data.
-
-Images are uint8 (N, 32, 32, 3) numpy arrays (HWC), labels int64 in 0..9 in the standard class
-order.  The python batches hold channel-planar rows (N, 3072): 1024 red, 1024 green, 1024 blue.
-Every file is untrusted (samlib.unpickle): nothing in it is ever run, anything wrong is a DataError.
+"""CIFAR-10 on disk (uint8 (N, 32, 32, 3) images, int64 labels 0..9): loading, restricted unpickling of
+untrusted files (samlib.unpickle: anything wrong is a DataError), splits, synthetic data.
 """
-import contextlib
 import hashlib
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from samlib.errors import ConfigError, DataError
-from samlib.unpickle import (ALLOWED, KAGGLE_FIX, REPLACE, as_dict, class_names, describe, ids_of, keys_of,
-                             labels_of, open_error)
+from samlib.errors import read_bytes
+from samlib.unpickle import ALLOWED, KAGGLE_FIX, REPLACE, as_dict, class_names, ids_of, images_of, keys_of, labels_of
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -71,7 +68,7 @@ def channel_stats(images, chunk=4096):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only the globals in samlib.unpickle.ALLOWED, each narrowed to its harmless use."""
+    """Admits only the globals in samlib.unpickle.ALLOWED."""
     def __init__(self, file, source):
         super().__init__(file, encoding="bytes")
         self.source = source
@@ -85,17 +82,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_pickle_load(path_or_fileobj):
-    """pickle.load(f, encoding="bytes") through _RestrictedUnpickler; anything wrong with the file
-    (unreadable, truncated, not a pickle, untrusted) is a DataError naming it."""
+    """pickle.load(f, encoding="bytes") through _RestrictedUnpickler; any problem is a DataError naming the file."""
     own = not hasattr(path_or_fileobj, "read")
     source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
+    f = io.BytesIO(read_bytes(path_or_fileobj, DataError, REPLACE)) if own else path_or_fileobj
     try:
-        with open(path_or_fileobj, "rb") if own else contextlib.nullcontext(path_or_fileobj) as f:
-            return _RestrictedUnpickler(f, source).load()
+        return _RestrictedUnpickler(f, source).load()
     except DataError:
         raise
-    except OSError as e:   # cannot open (permissions, a folder), or a read error half-way
-        raise open_error(source, e) from None
     except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
         raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: "
                         f"{str(e)[:200]}); {REPLACE}") from None
@@ -113,12 +107,8 @@ def _read_batch(path):
     if missing:
         raise DataError(f"{path}: no {missing} entry (keys: {keys_of(d)}); "
                         f"is this a CIFAR-10 python batch? {REPLACE}")
-    x = d["data"]
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise DataError(f"{path}: data is {desc}; expected uint8 (n, 3072) channel-planar rows; {REPLACE}")
-    y = labels_of(d["labels"], len(x), path)
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+    x = images_of(d["data"], path)
+    return x, labels_of(d["labels"], len(x), path)
 
 
 def has_official_md5(root) -> bool:
@@ -156,8 +146,8 @@ def describe_source(dataset: CIFAR10, data_dir=None) -> str:
 
 
 def load_cifar10(root, download=False):
-    """Read root/cifar-10-batches-py (or that folder itself) into a CIFAR10.  Files without the
-    official MD5 sums (the JPEG copy, write_cifar10's) load with one notice line."""
+    """Read root/cifar-10-batches-py (or that folder itself) into a CIFAR10; files without the official
+    MD5 sums (the JPEG copy, write_cifar10's) load with a notice."""
     if root is None:
         raise DataError("no CIFAR-10 folder given; " + _guidance("data"))
     folder = Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
@@ -171,9 +161,7 @@ def load_cifar10(root, download=False):
             import torchvision
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         except Exception as e:
-            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); put the "
-                            f"python batches in {folder} by hand (extract {URL} into {root}) or build "
-                            f"the offline copy with `python ../shared/data/make_cifar10.py {root}`") from None
+            raise DataError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); " + _guidance(root)) from None
     missing = [f for f in OFFICIAL_MD5 if _kind(folder / f) == "missing"]
     if missing:   # (a folder or an unreadable file in a file's place: safe_pickle_load names it)
         raise DataError(f"{folder} is missing {', '.join(missing)}; " + _guidance(root))
@@ -224,19 +212,9 @@ def load_unlabeled(path):
     if "data" not in d:
         raise DataError(f"{path}: no b'data' entry (keys: {keys_of(d)}); "
                         f"expected the Kaggle cifar_test_nolabel.pkl: {KAGGLE_FIX}")
-    x = d["data"]
-    if not isinstance(x, np.ndarray):
-        raise DataError(f"{path}: data cannot be read as an array (it is {describe(x)}); expected "
-                        f"a numpy uint8 array; {KAGGLE_FIX}")
-    if x.dtype != np.uint8:
-        if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
-            raise DataError(f"{path}: data is {x.dtype}; expected uint8 pixel values 0..255; {KAGGLE_FIX}")
-        x = x.astype(np.uint8)
-    if x.ndim == 2 and x.shape[1] == 3072:
-        x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) == 0:
-        raise DataError(f"{path}: data has shape {x.shape}; expected N >= 1 images of 32x32x3 "
-                        f"as (N, 32, 32, 3) uint8 or flat (N, 3072) channel-planar rows; {KAGGLE_FIX}")
+    x = images_of(d["data"], path, KAGGLE_FIX)
+    if len(x) == 0:
+        raise DataError(f"{path}: data holds no images; expected N >= 1 images; {KAGGLE_FIX}")
     if "ids" not in d:
         print(f"note: {path} has no b'ids'; using ids 0..{len(x) - 1}")
     ids = ids_of(d["ids"], len(x), path) if "ids" in d else np.arange(len(x))
@@ -260,12 +238,10 @@ def split_train_val(labels, val_size=5000, seed=0):
     reference code selected checkpoints on the test set; a held-out split avoids that)."""
     labels = np.asarray(labels)
     n = len(labels)
-    if not isinstance(val_size, (int, np.integer)):
-        raise ConfigError(f"val_size must be an integer count of images, got {val_size!r}")
+    if not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n:
+        raise ConfigError(f"val_size={val_size!r} must be an integer in 0..{n - 1} (there are {n} labels)")
     if val_size == 0:
         return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
-    if not 0 < val_size < n:
-        raise ConfigError(f"val_size={val_size} must lie in 0..{n - 1} (there are {n} labels)")
     val = _stratified_pick(labels, int(val_size), np.random.default_rng(seed))
     return np.setdiff1d(np.arange(n, dtype=np.int64), val), val
 
@@ -277,8 +253,6 @@ def subset(dataset, n_train=None, n_test=None, seed=0):
     def pick(x, y, k):
         if k is None or k >= len(y):
             return x, y
-        if k < 1:
-            raise ConfigError(f"subset size {k} must be at least 1")
         idx = _stratified_pick(y, int(k), rng)
         return x[idx], y[idx]
 

@@ -1,7 +1,5 @@
-"""Where a run computes and at which precision (paper Section 3.3, "AMP").
-
-`precision_for(amp, device)` is the one place that turns the config's `amp` setting into a
-precision; a started run keeps the one it recorded (Trainer.load_state_dict).
+"""Where a run computes and at which precision (paper Section 3.3, "AMP"): `precision_for` is the one
+place that turns the config's `amp` into a precision; a started run keeps the one it recorded.
 """
 from __future__ import annotations
 
@@ -17,9 +15,7 @@ from .errors import SamlibError
 AMP_MODES = ("auto", "off")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REMOVED_ENV = "SAMLIB_CPU_AMP"
-SUPPORTED_DEVICES = "cpu, cuda or cuda:N (N = 0, 1, ...)"
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = "/proc/cpuinfo"
 
 
@@ -32,14 +28,13 @@ def check_environment() -> None:
 
 
 def resolve_device(device=None) -> torch.device:
-    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) as a torch.device, a GPU
-    always with its index; any other device (mps, meta, xla, ...) is a clear error."""
+    """`device` ("cpu", "cuda", "cuda:1"; default cuda when available) as a torch.device with its index."""
     check_environment()
     if device is None or device == "":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(device).strip() if isinstance(device, (str, torch.device)) else None
     if name is None or not _DEVICE.fullmatch(name):
-        raise SamlibError(f"unknown device {device!r}; supported: {SUPPORTED_DEVICES} "
+        raise SamlibError(f"unknown device {device!r}; supported: cpu, cuda or cuda:N (N = 0, 1, ...) "
                           "(e.g. --device cpu, or leave --device out)")
     dev = torch.device(name)
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
@@ -70,14 +65,13 @@ def cpu_model() -> str:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16), by torch's own
-    detection, else by the kernel's flags in /proc/cpuinfo."""
+    """Whether this CPU computes bf16 in hardware, by torch's detection, else /proc/cpuinfo's flags."""
     detect = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
     try:
         flags = {name for name, present in detect().items() if present is True}
     except Exception:   # not in this torch (a private API), or it failed
         flags = set((_cpuinfo("flags") or "").split())
-    return bool(flags & set(CPU_BF16_FLAGS))
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def precision_for(amp: str, device: torch.device) -> str:
@@ -94,8 +88,7 @@ def precision_for(amp: str, device: torch.device) -> str:
 
 
 def runs_natively(precision: str, device: torch.device) -> bool:
-    """Whether `device` computes `precision` in hardware: fp32 everywhere, fp16 on a GPU, bf16
-    where precision_for picks it."""
+    """Whether `device` computes `precision` in hardware (bf16: where precision_for picks it)."""
     if precision == "bf16":
         return precision_for("auto", device) == "bf16"
     return precision == "fp32" or device.type == "cuda"

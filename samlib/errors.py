@@ -1,5 +1,7 @@
 """User-facing errors: a `SamlibError` is a mistake the user can fix; the command line prints its
-message on one line and exits with status 2, notebooks see the exception."""
+message on one line and exits with status 2, notebooks see the exception.  Also the one reader of
+a file the user gave that turns an OSError into such an error."""
+from pathlib import Path
 
 
 class SamlibError(Exception):
@@ -16,3 +18,21 @@ class ConfigError(SamlibError):
 
 class CheckpointError(SamlibError):
     """A checkpoint that is missing, corrupt, untrusted or of another architecture."""
+
+
+def read_problem(path, e: OSError) -> str:
+    """Why an OSError stopped reading `path`, and what to do about it."""
+    if isinstance(e, IsADirectoryError):
+        return f"cannot read {path}: it is a folder, not a file (move it away)"
+    if isinstance(e, PermissionError):
+        return f"cannot read {path}: permission denied; make it readable (chmod u+r {path})"
+    return f"cannot read {path}: {e.strerror or e}"
+
+
+def read_bytes(path, error: type, fix: str) -> bytes:
+    """The bytes of a file the user gave; an OSError (permissions, a folder in its place) becomes one
+    `error` naming the file and `fix`."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{read_problem(path, e)}; {fix}") from None

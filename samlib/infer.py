@@ -1,9 +1,6 @@
-"""Inference (paper, "Inference" and Figure 1): batched TTA prediction, ensembling, temperature
-scaling, calibration metrics and the registry of inference strategies (the views: samlib.views).
-
-The reference code (SAMResNet.py, ``tta_predict``) averages view *logits* / 1.2 with weights 1.5
-for the original and 1 otherwise, then ensembles logits, softmax last: ``tta_logits``, the
-"(as run)" row.  ``tta_probs`` averages per-view softmaxes, the usual TTA.
+"""Inference (paper, "Inference" and Figure 1): batched TTA prediction, ensembling, temperature scaling,
+calibration metrics and the registry of strategies.  ``tta_probs`` averages per-view softmaxes (the usual
+TTA); ``tta_logits`` averages logits as the reference code's ``tta_predict`` did (the "(as run)" row).
 """
 from __future__ import annotations
 
@@ -21,15 +18,11 @@ from samlib.views import PAPER_TTA, View, as_run_tta, identity
 
 
 def _check_images(images) -> None:
-    if isinstance(images, np.ndarray):
-        ok = images.ndim == 4 and images.shape[-1] == 3
-        expected = "a numpy array (N, H, W, 3)"
-    elif torch.is_tensor(images):
-        ok = images.ndim == 4 and images.shape[1] == 3
-        expected = "a tensor (N, 3, H, W)"
-    else:
+    is_numpy = isinstance(images, np.ndarray)
+    if not is_numpy and not torch.is_tensor(images):
         raise DataError(f"images must be a numpy array or a torch tensor, got {type(images).__name__}")
-    if not ok:
+    if images.ndim != 4 or images.shape[-1 if is_numpy else 1] != 3:
+        expected = "a numpy array (N, H, W, 3)" if is_numpy else "a tensor (N, 3, H, W)"
         raise DataError(f"images must be {expected}, got shape {tuple(images.shape)}")
     if len(images) == 0:
         raise DataError("no images to predict")
@@ -60,10 +53,9 @@ def _forward(model, x: torch.Tensor, device: torch.device, precision: Optional[s
 
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
                    batch_size: int = 1000, device=None, precision: Optional[str] = None, bar=None) -> torch.Tensor:
-    """Logits (V, N, classes), float32 on the CPU, of every view of every image (uint8 numpy
-    (N, H, W, 3), uint8 or float tensor (N, 3, H, W)); ``views=None``: the image itself.  Batched
-    TTA: chunks of ``batch_size // V`` images pass once with all V views concatenated.  Eval mode,
-    autocast in ``precision`` (default: precision_for's); ``bar`` advances by image-views."""
+    """Float32 CPU logits (V, N, classes) of every view (None: the image itself) of uint8 numpy (N, H, W, 3)
+    or tensor (N, 3, H, W) images, in eval mode: chunks of ``batch_size // V`` images pass once with all V
+    views concatenated, autocast in ``precision`` (default: precision_for's)."""
     views = list(views) if views else [View("original", identity)]
     _check_images(images)
     device = _model_device(model, device)
@@ -133,8 +125,8 @@ def nll(probs: torch.Tensor, labels) -> float:
 
 
 def calibration_bins(probs: torch.Tensor, labels, n_bins: int = 15) -> dict:
-    """Equal-width confidence bins (lower, upper]: edges, and per bin the count, the mean
-    confidence and the accuracy (NaN where a bin is empty)."""
+    """Equal-width confidence bins (lower, upper]: edges, and per bin the count, mean confidence and
+    accuracy (NaN where empty)."""
     probs = probs.double().cpu()
     conf, pred = probs.max(-1)
     correct = (pred == _labels(labels)).double()
@@ -156,8 +148,7 @@ def ece(probs: torch.Tensor, labels, n_bins: int = 15) -> float:
 
 def fit_temperature_fn(probs_at: Callable[[torch.Tensor], torch.Tensor], labels,
                        t_min: float = 0.05, t_max: float = 20.0) -> float:
-    """Temperature scaling: the T minimising nll(probs_at(T), labels), by L-BFGS on log T from
-    T = 1, clamped to [t_min, t_max]."""
+    """Temperature scaling: the T minimising nll(probs_at(T), labels), L-BFGS on log T from 1, clamped."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -224,8 +215,7 @@ def get_strategy(name: str, has_ema: bool = True) -> Strategy:
 
 
 def model_norm(model: torch.nn.Module):
-    """(mean, std) of the first submodule holding 3-channel ``mean``/``std`` tensors (samlib's
-    Normalize), else None."""
+    """(mean, std) of the first submodule holding 3-channel ``mean``/``std`` tensors (Normalize), else None."""
     for module in model.modules():
         mean, std = getattr(module, "mean", None), getattr(module, "std", None)
         if torch.is_tensor(mean) and torch.is_tensor(std) and mean.numel() == std.numel() == 3:
@@ -248,17 +238,15 @@ def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
                         norm=None, precision: Optional[str] = None, progress: bool = True):
-    """Figure 1: one row per strategy, then the validation-best one at the paper's T = 1.2 and at
-    the T fitted on validation.  ``val``/``test``: (uint8 images, labels); without validation data
-    the best is picked on test and nothing is fitted.  Each model predicts each split once over the
-    union of all views.  Returns (rows, test probabilities per strategy, selected_on)."""
+    """Figure 1: a row per strategy, then the validation-best one at T = 1.2 and at the T fitted on ``val``
+    (without it: picked on ``test``, nothing fitted).  Each model predicts each split once over the union
+    of all views.  Returns (rows, test probabilities per strategy, selected_on)."""
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
     strategies = [s for s in STRATEGIES.values() if all(m in models for m in s.models)]
     union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
-    has_val = val is not None and len(val[1]) > 0
-    splits = {"test": test, "val": val} if has_val else {"test": test}
+    splits = {"test": test, "val": val} if val is not None and len(val[1]) > 0 else {"test": test}
     total = len(models) * len(union) * sum(len(splits[s][1]) for s in splits)
     with progress_bar(total=total, unit="img", desc=f"{len(strategies)} strategies: {len(models)} model(s) x "
                       f"{len(union)} views x {' + '.join(splits)}", disable=not progress) as bar:

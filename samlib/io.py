@@ -1,9 +1,5 @@
-"""Files that survive a crash and never run code when read.
-
-Every write is atomic (temporary file, fsync, rename): a reader sees the old file or the new one.
-Checkpoints get a `.sha256` sidecar and keep the previous one as `<name>.prev.pt`, used when the
-newer one is corrupt; they are read with `torch.load(weights_only=True)`: tensors and data, no code.
-"""
+"""Files that survive a crash and never run code when read: atomic writes (temporary file, fsync, rename),
+checkpoints with a `.sha256` sidecar and a `.prev` copy, read with `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
 import errno
@@ -19,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, DataError, SamlibError
+from .errors import CheckpointError, DataError, SamlibError, read_bytes, read_problem
 
 CHECKPOINT_FORMAT = "samlib-checkpoint-v1"
 _UMASK = os.umask(0)
@@ -43,17 +39,14 @@ def _write_error(target: Path, path: Path, e: OSError, existed: bool, kept: str 
     """A SamlibError for an OSError while writing `path` (at `target`: it or its folder)."""
     code = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
     hint = _WRITE_HINTS.get(e.errno, "check the folder (space, permissions) or choose another one")
-    kept = kept or (f"the previous {path.name} is unchanged" if existed
-                    else f"no partial {path.name} was left")
+    kept = kept or (f"the previous {path.name} is unchanged" if existed else f"no partial {path.name} was left")
     return SamlibError(f"cannot write to {target}: {e.strerror or e}{f' [{code}]' if code else ''}; "
                        f"{hint} (--out for runs, --output for a submission), then run the same "
                        f"command again; {kept}")
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` so that a crash leaves either the old or the new file; an OSError is a
-    SamlibError naming the path and what to do.  However it ends (an interrupt too), the previous
-    file stays intact and no temporary file is left behind."""
+    """Write `data` to `path`: a crash leaves the old or the new file; an OSError is a SamlibError saying what to do."""
     path = Path(path)
     try:
         existed, is_dir = path.exists(), path.is_dir()
@@ -107,21 +100,8 @@ def write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-# ---------------------------------------------------------------- reading untrusted files
-# Each reader turns every way a file can be wrong into one DataError / CheckpointError naming
-# the file and the field, with what to do.
-
 JSON_FIX = ("it is damaged or was edited by hand: restore it, or delete it (a run folder can be "
             "moved away and its run trained again)")
-
-
-def _read_problem(path, e: OSError) -> str:
-    """Why an OSError stopped reading `path`, and what to do about it."""
-    if isinstance(e, IsADirectoryError):
-        return f"cannot read {path}: it is a folder, not a file (move it away)"
-    if isinstance(e, PermissionError):
-        return f"cannot read {path}: permission denied; make it readable (chmod u+r {path})"
-    return f"cannot read {path}: {e.strerror or e}"
 
 
 def clip(text: str, limit: int = 200) -> str:
@@ -135,14 +115,6 @@ def present(path) -> bool:
         return Path(path).exists()
     except OSError:
         return True
-
-
-def read_bytes(path, error=DataError, fix: str = JSON_FIX) -> bytes:
-    """The bytes of `path`; an OSError (permissions, a folder in its place) becomes `error`."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise error(f"{_read_problem(path, e)}; {fix}") from None
 
 
 _KINDS = {  # JSON field kind -> (test, description)
@@ -160,8 +132,7 @@ _JSON_NAMES = {dict: "a JSON object {...}", list: "a JSON list [...]", str: "a s
 
 
 def read_json(path, expect=dict, fix: str = JSON_FIX):
-    """A JSON file whose document is an `expect` (None: anything); unreadable, not UTF-8 JSON,
-    of another type or holding invalid text: a DataError naming the file and saying what to do."""
+    """A JSON file holding an `expect` (None: anything); any problem is a DataError naming the file and the fix."""
     raw = read_bytes(path, DataError, fix)
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -183,8 +154,7 @@ def read_json(path, expect=dict, fix: str = JSON_FIX):
 
 
 def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix: str = JSON_FIX) -> dict:
-    """`obj` (read from `path`), once each field of `required` / `optional` is there and of its kinds
-    (keys of _KINDS, "int|null" for either); otherwise a DataError naming the file and the field."""
+    """`obj` (read from `path`) once each field of `required` / `optional` has its kinds ("int|null": either)."""
     for key, kinds in [*dict(required).items(), *dict(optional).items()]:
         if key not in obj:
             if key in dict(required):
@@ -198,8 +168,7 @@ def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix:
 
 
 def check_tensors(state, template: dict, where, field: str) -> None:
-    """`state` (a checkpoint's field) must hold exactly `template`'s keys, each a dense tensor of the
-    same shape and kind (floating point or integer) with finite values; else a CheckpointError."""
+    """A CheckpointError unless `state` holds `template`'s keys, each a finite dense tensor of its shape and kind."""
     def bad(problem):
         raise CheckpointError(f"{where}: field '{field}' {problem}; it is damaged or belongs to another config")
 
@@ -241,8 +210,7 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
         os.replace(path, _previous(path))
         if sidecar.exists():
             os.replace(sidecar, _sidecar(_previous(path)))
-    # While a file is replaced in place the sidecar vouches for the old and the new digest, so a
-    # crash at any instant leaves a vouched-for file; a half-written one reads as corrupt.
+    # While a file is replaced the sidecar vouches for both digests: a crash leaves a vouched-for file.
     vouched = []
     if path.exists():
         vouched = (sidecar.read_bytes().decode("ascii", "replace").split() if sidecar.exists()
@@ -269,7 +237,7 @@ def _vouched_digests(path: Path):
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise _Unreadable(f"{_read_problem(sidecar, e)}; {path} was not loaded") from None
+        raise _Unreadable(f"{read_problem(sidecar, e)}; {path} was not loaded") from None
     try:   # one digest a line (other words, e.g. the file name `sha256sum` writes, are ignored)
         digests = [w.lower() for w in raw.decode("ascii").split() if _SHA256.fullmatch(w)]
     except UnicodeDecodeError:
@@ -281,17 +249,11 @@ def _vouched_digests(path: Path):
     return digests
 
 
-def _unpickling_detail(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    useful = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
-    return clip((useful or lines or [""])[0])
-
-
 def _load_one(path: Path, map_location) -> dict:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise _Unreadable(f"{_read_problem(path, e)}; it was not loaded") from None
+        raise _Unreadable(f"{read_problem(path, e)}; it was not loaded") from None
     digests = _vouched_digests(path)
     if digests is not None and hashlib.sha256(data).hexdigest() not in digests:
         raise CheckpointError(f"{path} is corrupt or truncated (sha256 does not match "
@@ -299,10 +261,12 @@ def _load_one(path: Path, map_location) -> dict:
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        useful = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line]
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain data, or "
             f"is damaged (loaded with weights_only=True, so nothing in it was run). Only load "
-            f"checkpoints written by samlib. Detail: {_unpickling_detail(e)}") from None
+            f"checkpoints written by samlib. Detail: {clip((useful or lines or [''])[0])}") from None
     except MemoryError:
         raise
     except Exception as e:   # BadZipFile, RuntimeError, EOFError, a tar archive's IndexError, ...
@@ -315,18 +279,15 @@ def _load_one(path: Path, map_location) -> dict:
 
 
 def load_checkpoint(path, map_location="cpu", fallback: bool = True) -> dict:
-    """A checkpoint, loaded safely (weights_only, sha256 sidecar); a corrupt one falls back to its
-    `.prev`.  Every problem is a CheckpointError naming the file; `"_path"` names the file loaded."""
-    path = Path(path)
-    candidates = [path] + ([_previous(path)] if fallback else [])
-    errors = []
-    for candidate in candidates:
+    """A checkpoint read safely (sha256, weights_only), else its `.prev`, with "_path" set; or a CheckpointError."""
+    path, errors = Path(path), []
+    for candidate in [path, _previous(path)] if fallback else [path]:
         try:
             if not candidate.exists():
                 continue
             obj = _load_one(candidate, map_location)
         except OSError as e:      # e.g. a folder on the way without search permission
-            raise CheckpointError(f"{_read_problem(candidate, e)}; it was not loaded") from None
+            raise CheckpointError(f"{read_problem(candidate, e)}; it was not loaded") from None
         except _Unreadable as e:
             raise CheckpointError(str(e)) from None
         except CheckpointError as e:

@@ -1,8 +1,5 @@
-"""The SE-ResNet of the paper (Section 3.1): [4, 4, 3] basic blocks at 64/128/256 channels.
-
-Normalize -> stem conv3x3-BN-SiLU -> three stages (strides 1/2/2) -> average pool -> linear.
-Built as the reference code (SAMResNet.py) ran it: 4,697,162 / 4,733,610 parameters, not
-Table 1's 4.96M / 5.02M (README, discrepancies).  Input is pixel space [0, 1].
+"""The SE-ResNet of the paper (Section 3.1): [4, 4, 3] basic blocks at 64/128/256 channels, built as
+the reference code (SAMResNet.py) ran it (README, discrepancies).  Input is pixel space [0, 1].
 """
 from __future__ import annotations
 
@@ -12,7 +9,6 @@ import torch
 from torch import nn
 
 from samlib.data import CIFAR_MEAN, STD_AS_RUN, STD_TRUE
-from samlib.errors import ConfigError
 
 SE_PLACEMENTS = ("as_run", "standard")
 NORM_STDS = {"as_run": STD_AS_RUN, "true": STD_TRUE}
@@ -55,8 +51,6 @@ class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, se: bool = True, se_placement: str = "as_run",
                  se_reduction: int = 16):
         super().__init__()
-        if se_placement not in SE_PLACEMENTS:
-            raise ValueError(f"se_placement must be one of {SE_PLACEMENTS}, got {se_placement!r}")
         self.se_placement = se_placement
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -80,25 +74,13 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
-def _positive_ints(name: str, values) -> tuple:
-    if not (isinstance(values, (tuple, list)) and values and all(type(v) is int and v > 0 for v in values)):
-        raise ConfigError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
-    return tuple(values)
-
-
 class SEResNet(nn.Module):
     """Normalize -> stem -> stages -> avg pool -> linear.  ``arch``, the arguments as a plain dict, goes
     into checkpoints: ``SEResNet(**arch)`` rebuilds the model."""
 
     def __init__(self, se: bool = True, se_placement: str = "as_run", widths=(64, 128, 256), blocks=(4, 4, 3),
                  num_classes: int = 10, norm_std: str = "as_run", se_reduction: int = 16):
-        super().__init__()
-        # Direct callers' arguments (config.py and rundir.py check those of a Config or checkpoint).
-        widths, blocks = _positive_ints("widths", widths), _positive_ints("blocks", blocks)
-        _positive_ints("num_classes and se_reduction", [num_classes, se_reduction])
-        if len(widths) != len(blocks) or se_placement not in SE_PLACEMENTS or norm_std not in NORM_STDS:
-            raise ConfigError(f"need one width per stage's blocks, se_placement in {SE_PLACEMENTS} and norm_std "
-                              f"in {tuple(NORM_STDS)}; got {widths}, {blocks}, {se_placement!r}, {norm_std!r}")
+        super().__init__()     # config.py validates a Config's arguments, rundir.check_arch a checkpoint's
         self.arch = dict(se=bool(se), se_placement=se_placement, widths=list(widths), blocks=list(blocks),
                          num_classes=num_classes, norm_std=norm_std, se_reduction=se_reduction)
         self.normalize = Normalize(CIFAR_MEAN, NORM_STDS[norm_std])

@@ -20,16 +20,14 @@ class InvalidSetting(ConfigError, ValueError):
 
 
 class Lookahead(torch.optim.Optimizer):
-    """Lookahead (Zhang et al. 2019): every ``k`` base steps slow += alpha * (fast - slow), and the fast
-    weights restart from there.  Slow weights start as a copy of the parameters (its Algorithm 1).
-    ``param_groups`` and ``state`` are the base optimizer's, so schedulers and GradScaler drive it."""
+    """Lookahead (Zhang et al. 2019, Algorithm 1): every ``k`` base steps slow += alpha * (fast - slow) and
+    the fast weights restart there; ``param_groups``/``state`` are the base's, so schedulers drive it."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidSetting(f"Lookahead k must be an integer >= 1 (steps between syncs), got {k!r}")
         if not 0.0 < float(alpha) <= 1.0:
             raise InvalidSetting(f"Lookahead alpha must satisfy 0 < alpha <= 1, got {alpha!r}")
-        # Optimizer.__init__ installs the step hooks that torch schedulers expect.
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self.base = base_optimizer
         self.param_groups = base_optimizer.param_groups   # shared: schedulers set lr here
@@ -82,14 +80,8 @@ def build_optimizer(model: torch.nn.Module, lr: float = 0.1, momentum: float = 0
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int, max_lr: float = 0.1,
                     warmup_epochs: int = 10, warmup_start_lr: float = 0.001, pct_start: float = 0.4):
-    """The per-step LR schedule.  "as_run": plain OneCycleLR (0.004 -> 0.1 -> 4e-7, momentum 0.95 -> 0.85
-    -> 0.95), what the reference ran; "as_written": a linear warm-up warmup_start_lr -> max_lr over
-    ``warmup_epochs``, then OneCycleLR.  Build it before loading an optimizer state (it writes lr)."""
-    if kind not in SCHEDULES:
-        raise InvalidSetting(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-    if kind == "as_written" and not 0 <= warmup_epochs < epochs:
-        raise InvalidSetting(f"warmup_epochs must be an integer in [0, epochs) = [0, {epochs}), got "
-                             f"{warmup_epochs!r}; scale it down for short runs")
+    """The per-step LR schedule: "as_run" plain OneCycleLR (what the reference ran), "as_written" a linear
+    warm-up to max_lr over ``warmup_epochs``, then OneCycleLR.  Build it before loading an optimizer state."""
     if kind == "as_written" and not 0.0 < warmup_start_lr <= max_lr:    # not a Config field
         raise InvalidSetting(f"warmup_start_lr must be in (0, max_lr={max_lr}], got {warmup_start_lr!r}")
     for group in optimizer.param_groups:          # a fresh schedule: base lr = max_lr
@@ -129,9 +121,8 @@ def schedule_curves(kind: str, epochs: int, steps_per_epoch: int, **kwargs):
 
 
 class EMA(torch.nn.Module):
-    """EMA of the weights and buffers (paper Section 3.3: decay 0.999, every step): e_1 = w_1, then
-    e = d*e + (1-d)*w.  torch's AveragedModel(use_buffers=True, get_ema_multi_avg_fn(d)) bit for bit,
-    state_dict included, but its step count stays on the host (no GPU sync)."""
+    """EMA of the weights and buffers (Section 3.3): e_1 = w_1, then e = d*e + (1-d)*w, as torch's
+    AveragedModel(use_buffers=True, get_ema_multi_avg_fn(d)) bit for bit, with a host step count."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         super().__init__()
@@ -169,8 +160,7 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        """Overwrite `model`'s floating-point parameters and buffers with the EMA's, in place:
-        what the authors' ModelEMA apply/restore did every epoch (``ema_reset="epoch"``)."""
+        """Overwrite `model`'s float parameters and buffers with the EMA's (``ema_reset="epoch"``)."""
         for e, w in self._pairs(model):
             if w.is_floating_point():
                 w.copy_(e)

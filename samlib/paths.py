@@ -17,17 +17,8 @@ def resolved(path, what: str) -> Path:
                           f"{e}); fix or remove the link, or give another path") from None
 
 
-def output_dir(path, what: str) -> Path:
-    """A folder to write in: it, or its nearest existing parent, must be a writable folder."""
-    return _writable(path, what, is_file=False)
-
-
-def output_file(path, what: str) -> Path:
-    """A file to write: not a folder, in a folder this process can write."""
-    return _writable(path, what, is_file=True)
-
-
-def _writable(path, what: str, is_file: bool) -> Path:
+def output_dir(path, what: str, is_file: bool = False) -> Path:
+    """A folder to write in (or with `is_file`, a file): it, or its nearest existing parent, is a writable folder."""
     real = resolved(path, what)
     given = Path(os.path.abspath(Path(path).expanduser()))
     for part in (given, *given.parents):         # a dangling link on the way: mkdir would fail
@@ -47,3 +38,8 @@ def _writable(path, what: str, is_file: bool) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SamlibError(f"{what} {path}: {existing} is read-only for this user; give a writable folder")
     return real
+
+
+def output_file(path, what: str) -> Path:
+    """A file to write: not a folder, in a folder this process can write."""
+    return output_dir(path, what, is_file=True)

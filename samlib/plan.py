@@ -1,6 +1,5 @@
-"""The plan shown before any training: each config x seed run, its state on disk (finished, partly done or new)
-and its time on *this* device, estimated from a short probe of the real training step and evaluation.
-"""
+"""The plan shown before any training: each config x seed run, its state on disk and its time on *this* device,
+estimated from a short probe of the real training step and evaluation."""
 from __future__ import annotations
 
 import time
@@ -12,8 +11,9 @@ import torch
 from . import data as D
 from .config import Config, resolve
 from .device import resolve_device
+from .progress import format_duration
 from .rundir import RunDir
-from .train import Trainer, accuracy_of, format_duration
+from .train import Trainer, accuracy_of
 
 PROBE_STEPS, PROBE_WARMUP = 5, 2
 
@@ -60,8 +60,8 @@ def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun
 
 
 def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
-    """Seconds one epoch of `cfg` takes here: train_step on synthetic images (PROBE_WARMUP untimed steps,
-    then PROBE_STEPS timed) scaled to the epoch's steps, plus its evaluation timed per image."""
+    """Seconds one epoch of `cfg` takes here: PROBE_STEPS timed train steps on synthetic images, scaled to the
+    epoch, plus its evaluation timed per image."""
     device = resolve_device(device)
     n_probe = (PROBE_STEPS + PROBE_WARMUP) * cfg.batch_size
     ds = D.synthetic_cifar10(n_probe, cfg.eval_batch_size, seed=0)
@@ -83,7 +83,7 @@ def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> 
 
 def _timed(fn, warmup: int, repeats: int, device) -> float:
     """Mean seconds of `fn` over `repeats` calls after `warmup` untimed ones."""
-    clock = []                                  # the time after the warm-up, then after the timed calls
+    clock = []
     for calls in (warmup, repeats):
         for _ in range(calls):
             fn()
@@ -94,7 +94,7 @@ def _timed(fn, warmup: int, repeats: int, device) -> float:
 
 
 def estimate(plan: list[PlannedRun], profile: str, device=None, say=None, **overrides) -> list[PlannedRun]:
-    """Fill in each unfinished run's estimated seconds, one probe per architecture announced to `say`."""
+    """Fill in each unfinished run's estimated seconds (one probe per architecture, announced to `say`)."""
     probes: dict = {}
     for item in plan:
         if item.finished:
@@ -120,14 +120,13 @@ def wall_seconds(plan: list[PlannedRun], slots: int) -> float:
 
 
 def format_plan(plan: list[PlannedRun], device_name: str = "") -> str:
-    """A plain-text table of the plan and its total (notebooks, make report and sweep print it)."""
+    """A plain-text table of the plan and its total."""
     lines = [f"{'run':<34}{'epochs':>8}  {'state':<24}{'estimate':>12}"]
     for item in plan:
         lines.append(f"{item.config + ' seed ' + str(item.seed):<34}{item.epochs:>8}  {item.status:<24}"
                      f"{format_duration(item.seconds):>12}")
     todo = [i for i in plan if not i.finished]
-    total = sum(i.seconds for i in todo)
     where = f" on {device_name}" if device_name else ""
-    lines.append(f"{len(plan)} runs, {len(todo)} to train, about {format_duration(total)}{where} "
-                 "(an estimate from a short timing probe)")
+    lines.append(f"{len(plan)} runs, {len(todo)} to train, about {format_duration(sum(i.seconds for i in todo))}"
+                 f"{where} (an estimate from a short timing probe)")
     return "\n".join(lines)

@@ -1,10 +1,5 @@
-"""A run directory: where one config x seed keeps everything it writes.
-
-`<config>-s<seed>-<hash of the config>` holds config.json and run.json (what runs, on which data),
-metrics.csv, last.pt (+ last.prev.pt) to resume, best_regular.pt / best_ema.pt (the selected
-models), and once finished provenance.json and final.json.  A finished run is reused, an
-unfinished one resumes, and a run trained on other data is refused.
-"""
+"""A run directory `<config>-s<seed>-<config hash>`: config, metrics.csv, last.pt to resume, best_<kind>.pt (the
+selected models), final.json once finished.  A finished run is reused, an unfinished one resumes."""
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +30,8 @@ try:
 except ImportError:
     fcntl = None
 
-METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean",
-                 "val_acc", "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "skipped_steps",
-                 "seconds")
+METRIC_FIELDS = ("epoch", "lr", "mix_alpha", "train_loss", "train_acc_mixed", "train_acc_clean", "val_acc",
+                 "val_acc_ema", "test_acc", "test_acc_ema", "nonfinite_steps", "skipped_steps", "seconds")
 
 
 class RunDir:
@@ -58,14 +52,11 @@ class RunDir:
     def finished(self) -> bool:
         return (self / "final.json").exists()
 
-    def _fix(self) -> str:
-        return f"move {self.path} away (or delete it) to train the run again from scratch"
-
     def check_data(self, data_id: str) -> None:
         """Refuse a run directory made from other data than `data_id` (a fingerprint)."""
-        path = self / "run.json"
-        recorded = (check_fields(read_json(path, fix=self._fix()), path, optional={"data": "text"},
-                                 fix=self._fix()) if present(path) else {})
+        path, fix = self / "run.json", f"move {self.path} away (or delete it) to train the run again from scratch"
+        recorded = (check_fields(read_json(path, fix=fix), path, optional={"data": "text"}, fix=fix)
+                    if present(path) else {})
         if recorded.get("data", data_id) != data_id:
             raise SamlibError(f"{self.path} was trained on other data (fingerprint {recorded['data']}, "
                               f"this data {data_id}); use another --out folder for this data")
@@ -78,15 +69,12 @@ class RunDir:
                                            "hash": cfg.hash(), "data": data_id})
 
     def resume(self, cfg: Config, load) -> bool:
-        """Continue from last.pt (last.prev.pt when it is damaged): `load` (Trainer.load_state_dict)
-        gets the state read on the CPU; False for a new run.  A damaged state, or another run's,
-        is one CheckpointError, raised before anything is written."""
+        """`load` last.pt (else last.prev.pt) read on the CPU; False for a new run.  A refusal: CheckpointError."""
         if not (present(self / "last.pt") or present(self / "last.prev.pt")):
             return False
         try:
             state = load_checkpoint(self / "last.pt", map_location="cpu")
-            check_same_run(state, cfg)
-            check_resume_fields(state, cfg)
+            check_resume_state(state, cfg)
             load(state)
         except (CheckpointError, ConfigError) as e:
             raise CheckpointError(f"cannot resume {self.path}: {e}; move that folder away (or delete "
@@ -94,8 +82,7 @@ class RunDir:
         return True
 
     def save_epoch(self, state: dict, metrics: list, best_models: dict) -> None:
-        """The selected models (best_<kind>.pt), metrics.csv, then last.pt: a crash between them
-        leaves a last.pt no newer than the rest."""
+        """best_<kind>.pt, metrics.csv, then last.pt: a crash between them leaves no last.pt newer than the rest."""
         if not dist.is_main():
             return
         for kind, model in best_models.items():
@@ -116,9 +103,8 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False):
-        """Hold the run's advisory lock (`.lock`, released by the OS however the process ends): a second
-        trainer is refused, or with `wait` waits.  Only rank 0 locks: the other ranks never write."""
-        if not dist.is_main() or fcntl is None:
+        """Hold the run's `.lock` (released however the process ends): a second trainer is refused or waits."""
+        if not dist.is_main() or fcntl is None:    # the other ranks never write
             yield
             return
         try:
@@ -145,8 +131,6 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# ---------------------------------------------------------------- provenance
-
 def _git(repo, *args):
     """`git -C repo args` (its CompletedProcess), or None when git cannot be run."""
     try:
@@ -156,8 +140,7 @@ def _git(repo, *args):
 
 
 def git_dirty(repo) -> bool | None:
-    """Whether the tracked files of `repo` differ from HEAD after git's clean filters (a notebook only
-    re-saved is no change, though `git status` lists it); None when git cannot tell."""
+    """Whether `repo`'s tracked files differ from HEAD after git's clean filters; None when git cannot tell."""
     _git(repo, "update-index", "-q", "--refresh")
     done = _git(repo, "diff", "--quiet", "HEAD", "--")
     return {0: False, 1: True}.get(done.returncode) if done is not None else None
@@ -188,8 +171,6 @@ def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:
     where = f"{data_dir}; " if data_dir is not None else ""
     return f"{D.describe_source(dataset, data_dir)} ({where}fingerprint {data_id})"
 
-
-# ---------------------------------------------------------------- models from checkpoints
 
 def _arch_problem(arch) -> str | None:
     """Why a checkpoint's recorded `arch` cannot be the arguments of build_model, or None."""
@@ -230,10 +211,8 @@ def check_arch(ckpt: dict, arch: dict) -> None:
 
 
 def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.Module:
-    """Rebuild a model from a samlib checkpoint, its architecture and tensors checked before it is
-    built: any problem is a CheckpointError naming the file."""
-    fix = (f"restore it, or train its run again (move {Path(path).parent} away, then run the same "
-           "train command)")
+    """A model from a samlib checkpoint, its architecture and tensors checked first; else a CheckpointError."""
+    fix = f"restore it, or train its run again (move {Path(path).parent} away, then run the same train command)"
     try:
         ckpt = load_checkpoint(path, map_location=device)
         where, arch, state = ckpt["_path"], ckpt.get("arch"), ckpt.get("model")
@@ -248,11 +227,7 @@ def load_model(path, device="cpu", expect_arch: dict | None = None) -> torch.nn.
     except CheckpointError as e:
         raise CheckpointError(f"{e}; {fix}") from None
     model = build_model(**arch).to(device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where} does not fit its recorded architecture: "
-                              f"{str(e).splitlines()[0]}; {fix}") from None
+    model.load_state_dict(state)                     # check_tensors made sure that it fits
     return model.eval()
 
 
@@ -268,8 +243,6 @@ def load_run_models(run_dir, device="cpu"):
     return regular, ema
 
 
-# ---------------------------------------------------------------- the resume checkpoint
-
 _ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_acc_mixed", "train_acc_clean", "val_acc", "test_acc",
                 "seconds")   # what the loop reads back from earlier rows (progress line, final.json)
 _SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
@@ -279,9 +252,8 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_same_run(ckpt: dict, cfg: Config) -> None:
-    """Refuse a resume checkpoint that records another run's config (early files record none):
-    every setting that names a run (Config.hash: the seed too, not the speed knobs) must be `cfg`'s."""
+def check_resume_state(ckpt: dict, cfg: Config) -> None:
+    """Refuse a resume state of another run (Config.hash), lacking a part, or with unsound plain fields."""
     where, recorded = ckpt.get("_path", "checkpoint"), ckpt.get("config")
     recorded = recorded if recorded is None else from_dict(recorded, source=f"{where} field 'config'")
     if recorded is not None and recorded.hash() != cfg.hash():
@@ -290,14 +262,7 @@ def check_same_run(ckpt: dict, cfg: Config) -> None:
 
         def show(d):
             return ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}" for k in keys)
-        raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to "
-                              "another run")
-
-
-def check_resume_fields(ckpt: dict, cfg: Config) -> None:
-    """The plain fields of a resume state that the loop reads back (epoch, metrics, best, precision,
-    scaler) and that every part is there; Trainer.load_state_dict checks the tensors and states."""
-    where = ckpt.get("_path", "checkpoint")
+        raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to another run")
 
     def bad(field, problem):
         raise CheckpointError(f"{where}: field '{field}' {problem}")

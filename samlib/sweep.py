@@ -1,7 +1,5 @@
-"""`python -m samlib sweep`: Table 1's config x seed runs side by side, one `samlib train` process per device.
-
-Each job logs to <out>/logs/; finished runs are reused, so an interrupted sweep only trains what is missing.
-"""
+"""`python -m samlib sweep`: config x seed runs side by side, one `samlib train` process per device, each logging
+to <out>/logs/; finished runs are reused, so an interrupted sweep only trains what is missing."""
 from __future__ import annotations
 
 import os
@@ -16,21 +14,6 @@ import torch
 from .device import resolve_device
 
 
-def _stop(running: dict, grace: float = 60.0) -> None:
-    """Interrupted: pass SIGTERM on to the running jobs (each keeps its last good checkpoint) and wait."""
-    procs = [entry[3] for entry in running.values()]
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def job_env(devices: list, environ=None) -> dict:
     """The jobs' environment: CPU jobs share the cores, OMP_NUM_THREADS = cores // jobs each (unless set)."""
     env = dict(os.environ if environ is None else environ)
@@ -41,8 +24,8 @@ def job_env(devices: list, environ=None) -> dict:
 
 
 def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=()) -> list:
-    """Run every config x seed; returns [(config, seed, device, returncode, log path)].  `devices` (default:
-    every GPU, else cpu) may name one twice to run two jobs on it; an interrupted sweep stops its jobs."""
+    """Run every config x seed -> [(config, seed, device, returncode, log)]; `devices` (default: every GPU, else
+    cpu) may name one twice."""
     devices = devices or [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     devices = [str(resolve_device(d)) for d in devices]
     jobs = [(c, s) for c in configs for s in seeds]
@@ -67,12 +50,21 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
                         cmd, stdout=handle, stderr=subprocess.STDOUT, env=env))
             time.sleep(0.5)
             for slot, (config, seed, log, proc) in list(running.items()):
-                device = devices[slot]
                 if proc.poll() is not None:
                     del running[slot]
-                    results.append((config, seed, device, proc.returncode, log))
-                    print(f"[{device}] {config} seed {seed} finished (exit {proc.returncode})", flush=True)
-    except BaseException:
-        _stop(running)
+                    results.append((config, seed, devices[slot], proc.returncode, log))
+                    print(f"[{devices[slot]}] {config} seed {seed} finished (exit {proc.returncode})", flush=True)
+    except BaseException:       # pass SIGTERM on to the jobs (each keeps its last good checkpoint) and wait
+        procs = [entry[3] for entry in running.values()]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60.0
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         raise
     return results

@@ -1,29 +1,22 @@
-"""The training loop (paper Section 3.3), in the airbench manner: uint8 data on the device, per
-epoch one permutation and crop/flip/Cutout, per step MixUp/CutMix, clipped Lookahead-SGD, the LR
-schedule and the EMA; per epoch evaluation, checkpoint selection and a checkpoint to resume from."""
+"""The training loop (paper Section 3.3), in the airbench manner: uint8 data on the device, per epoch one
+permutation and crop/flip/Cutout, per step MixUp/CutMix, clipped Lookahead-SGD, LR schedule and EMA."""
 from __future__ import annotations
 
-import copy
 import reprlib
-import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as D
 from . import dist
 from .augment import TrainTransform, mix_batch, one_hot, to_pixels
 from .config import Config
-from .device import autocast, precision_for, resolve_device, runs_natively
+from .device import autocast, precision_for, runs_natively
 from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
-from .io import check_tensors, clip
 from .model import build_model
 from .optim import build_ema, build_optimizer, build_scheduler
-from .progress import epoch_line, format_duration, progress_bar  # noqa: F401 (format_duration: imported from here)
-from .rundir import RunDir, check_arch, describe_data, load_model, provenance
+from .progress import progress_bar
 from .selection import BestCheckpoints
 
 AUGMENT_CHUNK = 8192   # images per crop/flip/Cutout call: big enough to amortise per-op cost
@@ -60,7 +53,7 @@ def fits(where, field: str, load, *args):
     try:
         return load(*args)
     except Exception as e:
-        detail = f"{type(e).__name__}: {clip(str(e).splitlines()[0] if str(e) else '')}"
+        detail = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         raise CheckpointError(f"{where}: field '{field}' does not fit this run ({detail})") from None
 
 
@@ -155,17 +148,10 @@ class Trainer:
                 "metrics": self.metrics, "best": self.best.state}
 
     def load_state_dict(self, ckpt: dict) -> None:
-        """Continue from `ckpt` (read on the CPU; each part moves to its device).  A part that does not fit
-        is a CheckpointError naming its field; a copy of the optimizer and scheduler takes a trial step."""
+        """Continue from `ckpt` (read on the CPU); samlib.run.load_resume_state checks it first."""
         where = ckpt.get("_path", "this checkpoint")
-        check_arch(ckpt, self.model.arch)
-        check_tensors(ckpt["model"], self.model.state_dict(), where, "model")
-        if self.ema:
-            check_tensors(ckpt["ema"], self.ema.state_dict(), where, "ema")
         self._keep_precision(ckpt.get("precision", self.precision), where)
         self._load_rng(ckpt["rng"], where)
-        if ckpt["epoch"] < self.cfg.epochs:
-            self._trial_step(copy.deepcopy(ckpt["optimizer"]), copy.deepcopy(ckpt["scheduler"]), where)
         parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "scaler": self.scaler if self.scaler.is_enabled() else None}   # fp16 only has scaler state
         for field, part in parts.items():
@@ -175,8 +161,7 @@ class Trainer:
         self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
 
     def _keep_precision(self, saved: str, where) -> None:
-        """A run keeps the precision it started in: amp="auto" picked it on the first device, and
-        another device continues in it when it computes it natively (fp32 does, everywhere)."""
+        """A run keeps its precision (amp="auto" picked it on the first device) where it is native."""
         if saved == self.precision:
             return
         if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
@@ -203,23 +188,9 @@ class Trainer:
                 raise CheckpointError(f"{where}: field 'rng' entry {name!r} ({got}) is not a valid "
                                       "generator state") from None
 
-    def _trial_step(self, optimizer_state: dict, scheduler_state: dict, where) -> None:
-        """Load the given optimizer and scheduler states and step on zero gradients: a state that would
-        fail at the next step fails here (the real load follows)."""
-        for p in self.model.parameters():
-            p.grad = torch.zeros_like(p)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fits(where, "optimizer", self.optimizer.load_state_dict, optimizer_state)
-            fits(where, "scheduler", self.scheduler.load_state_dict, scheduler_state)
-            fits(where, "optimizer", self.optimizer.step)
-            fits(where, "scheduler", self.scheduler.step)
-        self.optimizer.zero_grad(set_to_none=True)
-
     # -- one epoch
     def epoch_batches(self, alpha: float):
-        """This epoch's (x float pixels, y soft targets): one permutation, crop/flip/Cutout in large
-        chunks, per batch MixUp/CutMix.  Every rank builds the same global batch and keeps its slice."""
+        """This epoch's (pixels, soft targets); every rank builds the same global batch and keeps its slice."""
         bs, dev = self.cfg.batch_size, self.device
         order = torch.randperm(len(self.train_y), generator=self.gen_aug, device=dev)[:self.steps_per_epoch * bs]
         x_epoch = torch.cat([self.transform(chunk, self.gen_aug) for chunk in order.split(AUGMENT_CHUNK)])
@@ -234,8 +205,7 @@ class Trainer:
             yield x, y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward, backward, clip, Lookahead-SGD, LR schedule, EMA.  Returns (loss, logits, skipped),
-        detached; `skipped` (fp16 only, else None): whether the loss scaler skipped the step."""
+        """Forward, backward, clip, Lookahead-SGD, LR schedule, EMA; (loss, logits, skipped by fp16's scaler)."""
         if self.device.type == "cuda" and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
@@ -281,8 +251,7 @@ class Trainer:
         return out
 
     def check_finite(self, row: dict, last_good) -> None:
-        """Stop, keeping the last checkpoint, when fp16's scaler skipped every step of the epoch or,
-        without a scaler, a loss was NaN/inf (the weights are spoiled)."""
+        """Stop when fp16's scaler skipped every step of the epoch or, without one, a loss was NaN/inf."""
         last_good = last_good or "none (first epoch)"
         if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= self.steps_per_epoch:
             raise NonFiniteLossError(
@@ -296,88 +265,3 @@ class Trainer:
                 f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
                 f"was saved. Last good checkpoint: {last_good}. "
                 "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
-
-    def final_test(self, run: RunDir, progress: bool = False) -> dict:
-        """Full-test-set accuracy of the selected checkpoints (what Table 1 reports)."""
-        test_x, test_y = self.eval_sets["test"]
-        kinds = [k for k in ("regular", "ema") if (run / f"best_{k}.pt").exists()]
-        last = self.metrics[-1]
-        final = {"epochs": self.epoch, "best": self.best.state, "train_acc_mixed": last["train_acc_mixed"],
-                 "train_acc_clean": last["train_acc_clean"], "test_size": len(test_y)}
-        with progress_bar(total=len(kinds) * len(test_y), desc="test of the selected checkpoints",
-                          disable=not progress) as bar:
-            for kind in kinds:
-                model = load_model(run / f"best_{kind}.pt", self.device, expect_arch=self.model.arch)
-                final[f"test_acc_{kind}"] = accuracy_of(model, test_x, test_y, self.cfg.eval_batch_size,
-                                                        self.precision, bar)
-        return final
-
-
-def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="runs", device=None,
-          profile: str | None = None, progress: bool = True, stop_after: int | None = None,
-          wait: bool = False, later_seconds: float = 0.0):
-    """Train `cfg` (or reuse / resume its run); the run directory's path.  data_dir: parent of
-    cifar-10-batches-py (or pass `dataset`); wait: for another process training this run; later_seconds:
-    the estimate of the runs queued after this one; stop_after: epochs of this call (resume tests)."""
-    t0 = time.time()
-    device = dist.setup(resolve_device(device))
-    try:                                         # the process group is left however this ends
-        run = RunDir.for_config(cfg, out)
-        if dataset is None:
-            if data_dir is None:
-                raise SamlibError("give data_dir (the folder holding cifar-10-batches-py) or a dataset")
-            dataset = D.load_cifar10(data_dir)
-        data_id = D.fingerprint(dataset)
-        run.check_data(data_id)
-        with run.lock(wait=wait):                    # one writer per run directory
-            if run.finished:                         # (perhaps finished while we waited)
-                if dist.is_main():
-                    print(f"reusing finished run {run.path}")
-                return run.path
-            if device.type == "cuda":
-                torch.cuda.set_device(device)        # so device queries (bf16 support, name) read this GPU
-                torch.backends.cudnn.benchmark = True
-            trainer = Trainer(cfg, D.split_data(cfg, dataset), device)
-            resumed = run.resume(cfg, trainer.load_state_dict)   # before anything is written
-            run.start(cfg, profile, data_id)
-            if dist.is_main():
-                if resumed:
-                    print(f"resuming {run.path} after epoch {trainer.epoch} (in {trainer.precision})")
-                print(f"run directory: {run.path}")
-            if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
-                dist.barrier()
-                if dist.is_main():
-                    run.finish(trainer.final_test(run, progress), {
-                        **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
-                        "precision": trainer.precision, "profile": profile,
-                        "wall_seconds": round(time.time() - t0, 1),
-                        "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
-                dist.barrier()
-        return run.path
-    finally:
-        dist.teardown()
-
-
-def fit(trainer: Trainer, run: RunDir, progress: bool, stop_after: int | None = None,
-        later_seconds: float = 0.0) -> bool:
-    """The epoch loop: train, evaluate, select, checkpoint.  True when all epochs are done."""
-    cfg = trainer.cfg
-    for done_here, epoch in enumerate(range(trainer.epoch, cfg.epochs), start=1):
-        t_epoch = time.time()
-        # MixUp/CutMix (alpha ramp), Lookahead-SGD, per-step LR schedule and EMA: train_epoch
-        row = {"epoch": epoch + 1, **trainer.train_epoch(progress)}
-        trainer.check_finite(row, last_good=epoch and run / "last.pt")
-        row.update(trainer.evaluate(), lr=trainer.optimizer.param_groups[0]["lr"],
-                   seconds=round(time.time() - t_epoch, 3))
-        trainer.epoch = epoch + 1
-        trainer.metrics.append(row)
-        save_regular, save_ema = trainer.best.update(row, epoch + 1)     # checkpoint selection
-        best_models = {"regular": trainer.model} if save_regular else {}
-        if save_ema:
-            best_models["ema"] = trainer.ema.module
-        run.save_epoch(trainer.state_dict(), trainer.metrics, best_models)   # atomic checkpoint
-        if progress:
-            print(epoch_line(trainer, later_seconds), flush=True)
-        if stop_after is not None and done_here >= stop_after:
-            break
-    return trainer.epoch == cfg.epochs

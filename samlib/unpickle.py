@@ -1,6 +1,5 @@
-"""What samlib.data's restricted unpickler admits (the few numpy globals the CIFAR-10 batches and
-the Kaggle file need, each narrowed to its harmless use), and checks of what those files hold:
-anything wrong is one DataError naming the file and the entry, and saying what to do.
+"""What samlib.data's restricted unpickler admits (the few numpy globals CIFAR-10 pickles need, each
+narrowed to its harmless use), and checks of what those files hold: one DataError naming the entry.
 """
 import reprlib
 
@@ -44,16 +43,6 @@ del _core
 REPLACE = "replace it with a complete copy (download or extract it again)"
 
 
-def open_error(path, e: OSError) -> DataError:
-    """A DataError for a data file that cannot be opened (permissions, a folder in its place)."""
-    if isinstance(e, IsADirectoryError):
-        return DataError(f"{path} is a folder, not a file; put the file itself there ({REPLACE})")
-    if isinstance(e, PermissionError):
-        return DataError(f"cannot read {path}: permission denied; make it readable "
-                         f"(chmod u+r {path}) or {REPLACE}")
-    return DataError(f"cannot read {path}: {e.strerror or e}; check the file or {REPLACE}")
-
-
 def as_dict(obj, source, expected):
     if not isinstance(obj, dict):
         raise DataError(f"{source}: expected a pickled dict with {expected}, got {type(obj).__name__}; {REPLACE}")
@@ -94,6 +83,23 @@ def text_value(v, where, source):
 
 
 # ---- what the CIFAR-10 batches and the Kaggle file hold ------------------------------
+
+def images_of(v, path, fix=REPLACE):
+    """Pixel data: integer (N, 32, 32, 3) images or (N, 3072) channel-planar rows, 0..255 -> uint8 NHWC."""
+    if not isinstance(v, np.ndarray):
+        raise DataError(f"{path}: data cannot be read as an array (it is {describe(v)}); expected a numpy "
+                        f"uint8 array; {fix}")
+    if v.dtype != np.uint8:
+        if v.dtype.kind not in "iu" or (v.size and (v.min() < 0 or v.max() > 255)):
+            raise DataError(f"{path}: data is {v.dtype}; expected uint8 pixel values 0..255; {fix}")
+        v = v.astype(np.uint8)
+    if v.ndim == 2 and v.shape[1] == 3072:
+        v = v.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if v.ndim != 4 or v.shape[1:] != (32, 32, 3):
+        raise DataError(f"{path}: data has shape {v.shape}; expected 32x32x3 images as (N, 32, 32, 3) or "
+                        f"flat (N, 3072) channel-planar rows; {fix}")
+    return v
+
 
 def labels_of(v, n, path):
     """A batch's labels: n integers in 0..9 (a list of ints, or a 1-D integer array)."""

@@ -17,8 +17,7 @@ class View(NamedTuple):
     weight: float = 1.0
 
 
-# Constants are made on a view's first call on a device and kept (outside inference mode, so
-# they serve any caller): no host-to-device copy per batch.
+# Constants made once per device, outside inference mode so that they serve any caller.
 @lru_cache(maxsize=64)
 def _shifted_index(n: int, offset: int, lo: int, device: torch.device) -> torch.Tensor:
     """arange(n) - offset, clamped to [lo, n - 1]: the source row/column of each output one."""
@@ -60,8 +59,7 @@ PAPER_TTA = [View("original", identity), View("hflip", hflip),
 
 
 def as_run_hpad(images: torch.Tensor) -> torch.Tensor:
-    """The code's "horizontal shift" ``pad(img[..., 1:], (1, 0, 0, 0), 'replicate')``: only
-    column 0 changes (to a copy of column 1)."""
+    """The code's "horizontal shift" ``pad(img[..., 1:], (1, 0, 0, 0), 'replicate')``: column 0 := column 1."""
     cols = _shifted_index(images.shape[-1], 0, 1, images.device)
     return images.index_select(-1, cols)
 
@@ -72,8 +70,7 @@ def as_run_vshift(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalised_brightness(images: torch.Tensor, factor: float, mean, std, clamp: bool) -> torch.Tensor:
-    """The code's brightness on the normalised z = (x - mean)/std: z * factor, optionally
-    clamped to [0, 1] there, mapped back to pixel space."""
+    """The code's brightness on the normalised z = (x - mean)/std: z * factor, optionally clamped to [0, 1]."""
     m = _channel_constant(tuple(float(v) for v in mean), images.dtype, images.device)
     s = _channel_constant(tuple(float(v) for v in std), images.dtype, images.device)
     z = (images - m) / s * factor

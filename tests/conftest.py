@@ -40,3 +40,4 @@ def simulated_gpu_logs(tmp_path) -> list:
 import sys as _sys  # noqa: E402
 
 _sys.path.insert(0, str(SIMGPU))
+_sys.path.insert(0, str(SIMGPU.parents[1] / "tools"))   # repository tooling: import nbfilter, report

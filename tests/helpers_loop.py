@@ -4,6 +4,7 @@ import torch
 from samlib import data as D
 from samlib.config import from_dict
 from samlib.io import read_json
+from samlib.run import load_resume_state
 from samlib.rundir import RunDir
 from samlib.train import Trainer
 
@@ -19,6 +20,6 @@ def resume(run_dir, cfg=None, dataset=None):
     def load(state):
         data = dataset if dataset is not None else D.synthetic_cifar10(n_train=256, n_test=64, seed=1)
         trainer.append(Trainer(cfg, D.split_data(cfg, data), torch.device("cpu")))
-        trainer[0].load_state_dict(state)
+        load_resume_state(trainer[0], state)
 
     return trainer[0] if run.resume(cfg, load) else None

@@ -327,7 +327,7 @@ def test_cifar_batches_odd_but_valid(tmp_path, name, payload):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny EMA run: `partial` stopped after epoch 1 of 2 (resumable), `finished` done."""
-    from samlib.train import train
+    from samlib.run import train
     base = tmp_path_factory.mktemp("runs")
     dataset = D.synthetic_cifar10(n_train=256, n_test=64, seed=1)
     cfg = resolve("final", "smoke", **TINY)
@@ -703,7 +703,7 @@ def test_resume_of_a_finished_run_and_without_config_json(runs, tmp_path):
 
 def test_resume_without_ema_config(runs, tmp_path):
     """A config without EMA resumes a last.pt whose 'ema' is None, as Trainer writes it."""
-    from samlib.train import train
+    from samlib.run import train
     cfg = resolve("se", "smoke", **dict(TINY, epochs="2"))
     run = train(cfg, dataset=runs["dataset"], out=tmp_path, device="cpu", progress=False, stop_after=1)
     assert raw_ckpt(run / "last.pt")["ema"] is None

@@ -35,7 +35,7 @@ from samlib.errors import ConfigError, DataError, SamlibError
 from samlib.io import atomic_write_bytes, atomic_write_text, load_checkpoint
 from samlib.report.submit import validate_submission, write_submission
 from samlib.rundir import RunDir
-from samlib.train import train
+from samlib.run import train
 from test_reliability import (CFG, TINY, TINY_ARGS, _dataset, _env, assert_checkpoints_loadable,
                               assert_same_run, train_cmd)
 

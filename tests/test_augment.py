@@ -5,6 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 from helpers_method import augment_batch, random_crop, random_flip
 from samlib.augment import TrainTransform, crop_windows, cutmix, cutout, mix_batch, mixup, one_hot, sample_lambda
+from samlib.config import resolve
+from samlib.errors import ConfigError
 
 
 def gen(seed):
@@ -224,8 +226,8 @@ def test_mix_batch_dispatch():
     for kind, fn in (("mixup", mixup), ("cutmix", cutmix)):
         a, b = mix_batch(x, y, kind, 0.3, gen(7)), fn(x, y, 0.3, gen(7))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    with pytest.raises(ValueError, match="mixup"):
-        mix_batch(x, y, "mosaic", 0.3)
+    with pytest.raises(ConfigError, match="mixup"):    # samlib.config validates the mix kind
+        resolve("final", "smoke", mix="mosaic")
     with pytest.raises(ValueError):
         mixup(x, torch.arange(4), 0.3)  # hard labels must be one-hot first
 

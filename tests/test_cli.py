@@ -140,7 +140,7 @@ CASES = {
         _train(t, data_with(t, d, "data_batch_3", None)), ["missing data_batch_3", "--download"]),
     "batch of wrong shape": lambda t, d, r, m: (
         _train(t, data_with(t, d, "data_batch_1", {b"labels": [0, 1], b"data": np.zeros((2, 1024), np.uint8)})),
-        ["data_batch_1", "(2, 1024)", "expected uint8 (n, 3072)"]),
+        ["data_batch_1", "(2, 1024)", "flat (N, 3072)"]),
     "batch of wrong dtype": lambda t, d, r, m: (
         _train(t, data_with(t, d, "data_batch_4", {b"labels": [0, 1], b"data": np.zeros((2, 3072), np.float32)})),
         ["data_batch_4", "float32", "expected uint8"]),

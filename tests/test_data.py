@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from samlib import data as D
+from samlib.config import resolve
 from samlib.errors import ConfigError, DataError
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "cifar-10-batches-py"
@@ -343,8 +344,8 @@ def test_subset_stratified_and_consistent():
     assert s.test_images is ds.test_images
     assert np.array_equal(D.subset(ds, 50, seed=2).train_labels, s.train_labels)
     assert len(D.subset(ds, 1000, 1000).train_labels) == 300
-    with pytest.raises(ConfigError):
-        D.subset(ds, n_train=0)
+    with pytest.raises(ConfigError):    # samlib.config validates the subset sizes
+        resolve("final", "smoke", train_subset=0)
 
 
 def test_synthetic_is_balanced_deterministic_and_learnable():

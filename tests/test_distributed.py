@@ -80,7 +80,7 @@ def test_the_process_group_train_joined_is_destroyed_at_the_end(tmp_path, monkey
     from samlib.config import resolve
     from samlib.data import synthetic_cifar10
     from samlib.errors import SamlibError
-    from samlib.train import train
+    from samlib.run import train
 
     calls, joined = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")

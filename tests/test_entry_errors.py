@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from samlib.report import runner
+import report as runner                 # tools/report.py
 
 
 def _run_cell(source: str):
@@ -50,7 +50,7 @@ def test_the_terminal_shows_the_plan_and_the_epoch_lines_and_nothing_else(tmp_pa
     import types
 
     from samlib.plan import PlannedRun, format_plan
-    from samlib.train import epoch_line
+    from samlib.progress import epoch_line
 
     plan = format_plan([PlannedRun("final+schedule=as_written", 84, tmp_path, 200, 3, False, 95.0),
                         PlannedRun("baseline", 85, tmp_path, 200, 200, True, 0.0)], "NVIDIA T4")

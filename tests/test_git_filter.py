@@ -15,9 +15,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from samlib.report import notebooks
+import nbfilter                         # tools/nbfilter.py
 
 ROOT = Path(__file__).resolve().parent.parent
+NBFILTER = str(ROOT / "tools" / "nbfilter.py")
 CHECKED = "# NBVAL_CHECK_OUTPUT\nprint('a')\nprint('b')"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
@@ -70,7 +71,7 @@ def repo(tmp_path):
         pytest.skip("no git")
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "config", "filter.samlib-strip.clean",
-         f"{shlex.quote(sys.executable)} -m samlib.report.notebooks clean %f")     # as make git-filter
+         f"{shlex.quote(sys.executable)} {shlex.quote(NBFILTER)} clean %f")     # as make git-filter
     shutil.copy(ROOT / ".gitattributes", tmp_path / ".gitattributes")
     (tmp_path / "notebooks").mkdir()
     nbformat.write(_stored(), str(tmp_path / "notebooks" / "n.ipynb"))
@@ -109,14 +110,14 @@ def test_a_real_edit_still_shows_without_outputs(repo):
 def test_stored_notebooks_are_fixed_points_of_the_filter():
     """`make git-filter` on a fresh clone leaves the committed notebooks unmodified."""
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        out = subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "clean"], input=path.read_bytes(),
+        out = subprocess.run([sys.executable, NBFILTER, "clean"], input=path.read_bytes(),
                              capture_output=True, check=True).stdout
         assert out == path.read_bytes(), f"{path.name}: run make strip"
 
 
 @pytest.mark.parametrize("raw", [b"", b'<<<<<<< HEAD\n{"cells": []}\n=======\n'])
 def test_what_is_not_a_notebook_passes_through(raw):
-    out = subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "clean"], input=raw,
+    out = subprocess.run([sys.executable, NBFILTER, "clean"], input=raw,
                          capture_output=True, check=True)
     assert out.stdout == raw
 
@@ -126,7 +127,7 @@ def test_gitattributes_and_makefile_name_the_filter():
     assert "filter.samlib-strip.clean" in (ROOT / "Makefile").read_text()
 
 
-# The reference outputs of the checked cells (nbrefs): a partial, failed or interrupted run
+# The reference outputs of the checked cells (nbfilter.keep_references): a partial, failed or interrupted run
 # committed through the filter, or stripped, keeps the reference stored in HEAD.
 
 REFERENCE = [{"name": "stdout", "output_type": "stream", "text": ["a\n", "b\n"]}]
@@ -196,7 +197,7 @@ def test_an_edited_checked_cell_has_no_reference(repo):
 
 
 def _strip(*paths, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "strip", *map(str, paths)],
+    return subprocess.run([sys.executable, NBFILTER, "strip", *map(str, paths)],
                           cwd=cwd, env=_env(), capture_output=True, text=True)
 
 
@@ -229,15 +230,13 @@ def test_clean_without_a_path_still_works(repo):
     """A filter configured before %f (an old `make git-filter`): no HEAD to read, a warning."""
     nb = _executed()
     nb.cells[2].outputs = []
-    res = subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "clean"], cwd=repo, env=_env(),
+    res = subprocess.run([sys.executable, NBFILTER, "clean"], cwd=repo, env=_env(),
                          input=nbformat.writes(nb).encode(), capture_output=True, check=True)
     assert json.loads(res.stdout)["cells"][2]["outputs"] == []
     assert res.stderr.decode().count("\n") == 1 and b"<stdin>" in res.stderr
 
 
 def test_identical_checked_cells_match_in_order(repo):
-    from samlib.report import nbrefs
-
     path = repo / "notebooks" / "n.ipynb"
     nb = _stored()
     second = new_output("stream", name="stdout", text="2\n")
@@ -245,7 +244,7 @@ def test_identical_checked_cells_match_in_order(repo):
     nbformat.write(nb, str(path))
     _git(repo, "commit", "-q", "-am", "two")
     nb.cells[2].outputs, nb.cells[3].outputs = [new_output("stream", name="stdout", text="new\n")], []
-    assert nbrefs.keep_references(nb, path) == []
+    assert nbfilter.keep_references(nb, path) == []
     assert nb.cells[2].outputs[0]["text"] == "new\n" and nb.cells[3].outputs[0]["text"] == "2\n"
 
 
@@ -269,11 +268,11 @@ def _report(root: Path, home: Path, data: Path) -> nbformat.NotebookNode:
 
 def test_scrub_paths(tmp_path):
     home = tmp_path / "home"
-    root, data = home / "work" / "repo", tmp_path / "mnt" / "cifar"
+    root, data = home / "src" / "repo", tmp_path / "mnt" / "cifar"
     path = tmp_path / "01.ipynb"
     nbformat.write(_report(root, home, data), str(path))
-    table = notebooks.path_replacements([data, root / "runs", root / "results"], root=root, home=home)
-    assert notebooks.scrub_paths(path, table) == 7   # 4 in metadata, 1 source, 2 outputs
+    table = nbfilter.path_replacements([data, root / "runs", root / "results"], root=root, home=home)
+    assert nbfilter.scrub_paths(path, table) == 7   # 4 in metadata, 1 source, 2 outputs
     nb = nbformat.read(str(path), as_version=4)
     assert nb.metadata.papermill == {"input_path": "./notebooks/01.ipynb", "output_path": "results/quick/01.ipynb",
                                      "parameters": {"data_dir": "cifar", "runs_dir": "runs"}}
@@ -281,13 +280,13 @@ def test_scrub_paths(tmp_path):
     assert nb.cells[1].source == '# Parameters\ndata_dir = "cifar"\nruns_dir = "runs"\n'
     stream, result = nb.cells[2].outputs
     assert stream.text == (f"data : at cifar  [50000 train]\nruns : runs/quick\n"
-                           f"notes in ~/notes.txt.\nother: ~/work/repo2/x, {data}2 and {data}.bak\n")
+                           f"notes in ~/notes.txt.\nother: ~/src/repo2/x, {data}2 and {data}.bak\n")
     assert result.data["text/plain"] == "PosixPath('runs/quick/final-s84-abc')"
     assert result.data["image/png"] == f"AAA{root}AAA"                   # images are left alone
-    assert notebooks.scrub_paths(path, table) == 0
+    assert nbfilter.scrub_paths(path, table) == 0
 
 
 def test_path_replacements_default_to_the_repo_and_home():
-    table = notebooks.path_replacements([ROOT / "data"])
+    table = nbfilter.path_replacements([ROOT / "data"])
     assert table[str(ROOT / "data")] == "data" and table[str(ROOT)] == "."
     assert table.get(str(Path.home()), "~") == "~" and "/" not in table

@@ -11,8 +11,9 @@ from samlib.config import resolve
 from samlib.data import split_data, synthetic_cifar10
 from samlib.errors import SamlibError
 from samlib.io import load_checkpoint, save_checkpoint
+from samlib.run import train
 from samlib.rundir import RunDir
-from samlib.train import NonFiniteLossError, Trainer, train
+from samlib.train import NonFiniteLossError, Trainer
 
 TINY = dict(widths=(4, 8, 8), blocks=(1, 1, 1), epochs=2, batch_size=32, val_size=32, train_subset=None,
             test_subset=None, train_eval_size=32)

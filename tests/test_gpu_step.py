@@ -171,7 +171,7 @@ def test_tta_views_make_their_constants_once_per_device():
 @pytest.mark.parametrize("capability", [(9, 0), (7, 5)])
 def test_a_whole_run_and_its_evaluation_mix_no_devices(tmp_path, capability):
     from samlib.report.runs import evaluate_run, run_probs
-    from samlib.train import train
+    from samlib.run import train
 
     cfg = resolve("final", "smoke", **TINY)
     ds = synthetic_cifar10(160, 64, seed=2)

@@ -15,7 +15,7 @@ CELL = """
 from samlib.report import params as nb          # the notebooks' first import: installs the handler
 from samlib.config import resolve
 from samlib.data import synthetic_cifar10
-from samlib.train import train
+from samlib.run import train
 cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs={epochs}, batch_size=32,
               val_size=32, train_subset=None, test_subset=None, train_eval_size=32)
 run = train(cfg, dataset=synthetic_cifar10(4000, 64, seed=0), out={out!r}, device="cpu", progress=True)

@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from samlib.errors import ConfigError
+from samlib.config import resolve
+from samlib.errors import CheckpointError, ConfigError
 from samlib.model import (BasicBlock, Normalize, SEResNet, SqueezeExcite, build_model,
                           count_parameters)
+from samlib.rundir import check_arch
 
 NARROW = dict(widths=(8, 16, 32), blocks=(2, 2, 1))
 
@@ -107,13 +109,23 @@ def test_model_normalisation_constants():
     dict(se_reduction=0),
 ])
 def test_invalid_arguments_raise_config_error(kwargs):
+    # samlib.config is the one validation of the model's settings (a Config's fields).
     with pytest.raises(ConfigError):
-        build_model(**kwargs)
+        resolve("final", "smoke", **kwargs)
+
+
+@pytest.mark.parametrize("field", ["num_classes", "se_reduction"])
+def test_invalid_checkpoint_arch_raises(field):
+    # Not Config fields: a checkpoint's recorded arch is validated by rundir.check_arch.
+    arch = dict(se=True, se_placement="as_run", widths=[8], blocks=[1], num_classes=10, norm_std="as_run",
+                se_reduction=16)
+    with pytest.raises(CheckpointError, match=field):
+        check_arch({"arch": dict(arch, **{field: 0})}, arch)
 
 
 def test_block_rejects_unknown_placement_listing_options():
-    with pytest.raises(ValueError, match="as_run.*standard"):
-        BasicBlock(8, 8, 1, True, "middle")
+    with pytest.raises(ConfigError, match="as_run.*standard"):
+        resolve("final", "smoke", se_placement="middle")
 
 
 def test_block_shortcuts():

@@ -14,7 +14,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from samlib.report import notebooks, params as nbparams
+import nbfilter                         # tools/nbfilter.py
+from samlib.report import params as nbparams
 
 try:
     import tomllib
@@ -96,7 +97,7 @@ def test_notebook_kernelspec_and_parameters_cell(name):
     # papermill must parse every line (it skips one it cannot read, e.g. " = " in a comment,
     # and then `papermill --help-notebook` and its type checks do not know that parameter)
     import papermill
-    from samlib.report.runner import EXTRA_PARAMETERS
+    from report import EXTRA_PARAMETERS     # tools/report.py
     assert set(papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))) == assigned
     assert set(EXTRA_PARAMETERS.get(name, ())) <= assigned, "the runner passes a parameter this notebook lacks"
 
@@ -121,7 +122,7 @@ def test_stored_notebook_has_outputs_only_in_checked_cells(name):
     for cell in _load(name)["cells"]:
         if cell["cell_type"] != "code":
             continue
-        if notebooks.CHECK_MARK not in "".join(cell["source"]):
+        if nbfilter.CHECK_MARK not in "".join(cell["source"]):
             assert cell["outputs"] == [] and cell["execution_count"] is None, \
                 "outputs belong only to # NBVAL_CHECK_OUTPUT cells (make strip)"
         else:   # nbval refuses stored outputs without an execution count ("unrun reference cell")

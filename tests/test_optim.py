@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from samlib.config import resolve
 from samlib.errors import ConfigError
 from helpers_method import lr_curve
 from samlib.optim import Lookahead, build_ema, build_optimizer, build_scheduler, schedule_curves
@@ -194,12 +195,13 @@ def test_scheduler_resume_continues_the_curve():
 
 def test_schedule_validation():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="as_run, as_written"):
-        build_scheduler(opt, "cosine", 10, 10)
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        build_scheduler(opt, "as_written", 10, 10, warmup_epochs=10)
+    # samlib.config is the one validation of the schedule settings.
+    with pytest.raises(ConfigError, match="as_run', 'as_written"):
+        resolve("final", "smoke", schedule="cosine")
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        resolve("final", "smoke", schedule="as_written", epochs=10, warmup_epochs=10)
     with pytest.raises(ConfigError):
-        build_scheduler(opt, "as_written", 3, 10)    # default 10-epoch warm-up > 3 epochs
+        resolve("final", "paper", schedule="as_written", epochs=3)    # default 10-epoch warm-up > 3 epochs
     with pytest.raises(ValueError):
         build_scheduler(opt, "as_run", 0, 10)
     lrs = lr_curve("as_written", 5, 4, warmup_epochs=0)  # no warm-up: plain OneCycle

@@ -4,8 +4,8 @@ import pytest
 import samlib.plan as P
 from samlib.config import resolve
 from samlib.io import write_json
+from samlib.progress import format_duration
 from samlib.rundir import RunDir
-from samlib.train import format_duration
 
 
 def _fake_runs(tmp_path):

@@ -28,8 +28,9 @@ from samlib.config import resolve
 from samlib.data import synthetic_cifar10, write_cifar10
 from samlib.errors import CheckpointError
 from samlib.io import load_checkpoint, read_json, save_checkpoint
+from samlib.run import train
 from samlib.rundir import RunDir
-from samlib.train import NonFiniteLossError, train
+from samlib.train import NonFiniteLossError
 
 # A run of seconds: 448 training images = 7 steps of 64 per epoch, 3 epochs, EMA + MixUp.
 TINY = dict(widths="4,8,8", blocks="1,1,1", epochs="3", train_subset="none", test_subset="none",

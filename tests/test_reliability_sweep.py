@@ -30,7 +30,7 @@ from samlib.errors import CheckpointError
 from samlib.io import load_checkpoint, read_json, save_checkpoint
 from samlib.report.runs import evaluate_run, load_run, run_probs, saved_test_probs
 from samlib.rundir import RunDir, git_dirty, load_model, load_run_models, provenance
-from samlib.train import train
+from samlib.run import train
 from helpers_loop import resume
 from test_adversarial_writes import _kaggle, _submit, assert_one_clear_error, run_main, temporaries
 

@@ -17,10 +17,11 @@ from samlib.errors import ConfigError, SamlibError
 from samlib.infer import STRATEGIES
 from samlib.io import write_json
 from samlib.report import figures as plots
-from samlib.report import notebooks
 from samlib.report import params as nb
 from samlib.report.tables import (PAPER_FIGURE1, best_strategy, figure1_across_seeds, figure1_deltas,
                                   reliability_table, temperature_table)
+
+import nbfilter                         # tools/nbfilter.py
 
 
 def _params(tmp_path, **kw):
@@ -87,7 +88,7 @@ def test_strip_outputs_keeps_only_checked_cells(tmp_path):
     book.cells = [checked, plain]
     path = tmp_path / "n.ipynb"
     nbformat.write(book, str(path))
-    assert notebooks.strip_outputs(path) == 1
+    assert nbfilter.strip_outputs(path) == 1
     cells = nbformat.read(str(path), as_version=4).cells
     assert cells[0].outputs[0]["text"] == "4,697,162\n" and cells[1].outputs == []
     assert cells[0].execution_count == 1 and cells[1].execution_count is None
@@ -97,7 +98,7 @@ def test_kaggle_sample_reads_back(tmp_path):
     from samlib.data import synthetic_cifar10, write_cifar10
 
     write_cifar10(tmp_path, synthetic_cifar10(20, 30))
-    path = notebooks.write_kaggle_sample(tmp_path, tmp_path / "k.pkl", n=12)
+    path = nbfilter.write_kaggle_sample(tmp_path, tmp_path / "k.pkl", n=12)
     images, ids = load_unlabeled(path)
     assert images.shape == (12, 32, 32, 3) and list(ids) == list(range(1000, 1012))
     raw = pickle.loads(path.read_bytes())
@@ -175,7 +176,7 @@ def test_evaluate_run_refuses_other_data_and_keys_its_cache_by_data(tmp_path):
     from samlib.errors import SamlibError
     from samlib.io import read_json
     from samlib.report.runs import evaluate_run
-    from samlib.train import train
+    from samlib.run import train
 
     data_a, data_b = synthetic_cifar10(256, 64, seed=1), synthetic_cifar10(256, 64, seed=2)
     cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs=1, val_size=64,
@@ -374,7 +375,7 @@ def test_correct_on_test_agrees_with_the_training_loops_final_test(tmp_path):
     training loop wrote in final.json (computed there by its own path)."""
     from samlib.data import synthetic_cifar10
     from samlib.report.tables import correct_on_test
-    from samlib.train import train
+    from samlib.run import train
 
     ds = synthetic_cifar10(n_train=160, n_test=48, seed=3)
     cfg = resolve("final", "smoke", widths=(4, 8, 8), blocks=(1, 1, 1), epochs=2, batch_size=32, val_size=32,

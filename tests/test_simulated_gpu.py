@@ -24,7 +24,8 @@ from samlib.config import resolve
 from samlib.data import synthetic_cifar10, write_cifar10
 from samlib.errors import SamlibError
 from samlib.io import load_checkpoint
-from samlib.train import NonFiniteLossError, train
+from samlib.run import train
+from samlib.train import NonFiniteLossError
 
 TINY = ["--set", "widths=4,8,8", "--set", "blocks=1,1,1", "--set", "epochs=2", "--set", "batch_size=32",
         "--set", "val_size=32", "--set", "train_subset=none", "--set", "test_subset=none",
@@ -183,8 +184,9 @@ def test_evaluate_and_submit_without_device_predict_on_the_gpu_in_the_runs_preci
     log = only_log(tmp_path, "evaluate")
     assert log["placed"] == [0] and log["autocast"] == ["bfloat16"]
     kaggle = tmp_path / "kaggle.pkl"
-    subprocess.run([sys.executable, "-m", "samlib.report.notebooks", "kaggle-sample", str(data_dir), str(kaggle),
-                    "--n", "40"], check=True, capture_output=True)
+    nbfilter = Path(__file__).parents[1] / "tools" / "nbfilter.py"
+    subprocess.run([sys.executable, nbfilter, "kaggle-sample", str(data_dir), str(kaggle), "--n", "40"],
+                   check=True, capture_output=True)
     samlib_cmd(env, "submit", gpu_run, "--input", kaggle, "--output", tmp_path / "submission.csv")
     log = only_log(tmp_path, "submit")
     assert log["placed"] == [0] and log["autocast"] == ["bfloat16"]
@@ -260,7 +262,7 @@ def test_the_notebook_parameters_pick_the_gpu_as_in_colab(monkeypatch, tmp_path)
 
     with simgpu.simulated_gpu(1, (7, 5), T4_NAME):
         p = check_params("auto", tmp_path, None, tmp_path / "results", tmp_path / "runs", "auto")
-        assert p.device == "cuda" and p.profile == "paper"
+        assert p.device == "cuda:0" and p.profile == "paper"      # the GPU, with its index
         from samlib.device import resolve_device
         assert resolve_device(p.device) == torch.device("cuda:0")
 

@@ -9,9 +9,10 @@ from samlib.config import resolve
 from samlib.data import synthetic_cifar10
 from samlib.errors import CheckpointError
 from samlib.io import load_checkpoint
+from samlib.run import train
 from samlib.rundir import RunDir, load_model
 from samlib.selection import BestCheckpoints
-from samlib.train import mix_alpha_at, train
+from samlib.train import mix_alpha_at
 
 SMALL = dict(widths="4,8,8", blocks="1,1,1", epochs="3", batch_size="64", val_size="64",
              train_eval_size="64", train_subset="none", test_subset="none")

@@ -1,3 +1,3 @@
-"""The report layer around the samlib core: notebook parameters and summary.json (params), runs,
-tables, figures, the HTML index, notebook upkeep, the Kaggle submission and the speed benchmark.
-The report imports the core; the core never imports the report."""
+"""What the notebooks call around the samlib core: their parameters and summary.json (params),
+the runs (runs), tables, figures, the HTML index (html), the Kaggle submission (submit), Colab
+(colab).  The report imports the core; the core never imports the report."""

@@ -1,16 +1,13 @@
-"""The notebooks' first cell: Colab as a first-class place to run them, and the OpenMP setting
-every kernel needs.  Off Colab `setup()` only sets the latter.  On Colab it makes samlib
-importable in the running kernel, mounts Drive when asked and points the data / runs / results
-folders there (SAMLIB_*_DIR), so a disconnect loses nothing: a rerun resumes.  Imports no torch.
-"""
+"""The notebooks' first cell, `setup()`: the OpenMP setting every kernel needs and, on Colab, samlib importable,
+Drive mounted when asked and the folders pointed there (SAMLIB_*_DIR), so a rerun resumes.  Imports no torch."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 import warnings
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 # Replace <owner> here and in the notebooks' setup cell with the account that holds the repository.
 REPO_URL = "https://github.com/<owner>/samresnets"
@@ -23,10 +20,7 @@ ENV = {"data": "SAMLIB_DATA_DIR", "runs": "SAMLIB_RUNS_DIR", "results": "SAMLIB_
 IN_CHECKOUT = {"data": "data", "runs": "runs", "results": "local/results"}
 
 
-class Folders(NamedTuple):
-    data_dir: str
-    runs_dir: str
-    results_dir: str
+Folders = namedtuple("Folders", "data_dir runs_dir results_dir")
 
 
 def on_colab() -> bool:
@@ -35,9 +29,7 @@ def on_colab() -> bool:
 
 
 def quiet_threads() -> bool:
-    """OMP_WAIT_POLICY=PASSIVE unless set: torch's OpenMP threads otherwise busy-wait and slow a
-    notebook kernel down.  OpenMP reads it when torch loads, so this returns False (and warns)
-    when torch came first."""
+    """OMP_WAIT_POLICY=PASSIVE unless set (busy-waiting OpenMP threads slow a kernel); False once torch loaded."""
     late = "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if late:
@@ -47,8 +39,7 @@ def quiet_threads() -> bool:
 
 
 def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
-    """The clone this samlib was imported from, else one at or above `start` (default: the
-    cwd), else `clone_dir`; None when there is none."""
+    """The clone this samlib was imported from, else one at or above `start` (the cwd), else `clone_dir`, or None."""
     here = Path(__file__).resolve().parents[2]
     cwd = Path(start or os.getcwd()).resolve()
     for d in (here, cwd, *cwd.parents, Path(clone_dir)):
@@ -58,14 +49,12 @@ def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
 
 
 def installed() -> bool:
-    """samlib is pip-installed (new processes import it).  Asked of a fresh interpreter outside
-    the clone: a clone's leftover samlib.egg-info would fool importlib.metadata."""
+    """samlib is pip-installed, asked of a fresh interpreter outside the clone (a stray egg-info misleads)."""
     return subprocess.run([sys.executable, "-c", "import samlib"], cwd=os.sep, capture_output=True).returncode == 0
 
 
 def ensure_importable(repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Path:
-    """Clone the repository if needed, `pip install -e` it if not installed, and put it on
-    sys.path so that this kernel imports it without a restart."""
+    """Clone the repository if needed, `pip install -e` it, and put it on sys.path (no kernel restart)."""
     root = repo_root(clone_dir=clone_dir)
     if root is None:
         root = Path(clone_dir)
@@ -85,10 +74,8 @@ def mount_drive(mountpoint=DRIVE_MOUNT) -> None:
 
 def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
           repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Folders:
-    """Call first in every notebook.  Off Colab: `quiet_threads()`, and the given folders, else
-    the parameters cell's defaults.  On Colab also `ensure_importable()`, Drive when `drive`, and
-    the folders (given, else on Drive or in the clone) exported as SAMLIB_*_DIR for the
-    parameters cell (papermill's parameters still win)."""
+    """Call first in every notebook: `quiet_threads()` and the folders (given, else the defaults); on Colab also
+    `ensure_importable()`, Drive when `drive`, and the folders exported as SAMLIB_*_DIR."""
     quiet_threads()
     given = {"data": data_dir, "runs": runs_dir, "results": results_dir}
     if not on_colab():

@@ -1,7 +1,5 @@
-"""The report's figures (matplotlib.figure.Figure, not pyplot: a notebook shows each exactly
-once and none pile up in memory).  Each returns its Figure and, given `save`, writes a PNG;
-`caption` (samlib.report.params.Params.caption) goes under the title.
-"""
+"""The report's figures, as matplotlib Figures (not pyplot: a notebook shows each once, none pile up in
+memory); given `save`, each is written as a PNG, with `caption` (Params.caption) under its title."""
 from __future__ import annotations
 
 import io
@@ -26,10 +24,11 @@ def _figure(size, *grid, **kwargs) -> tuple:
     return fig, fig.subplots(*grid, **kwargs)
 
 
-def _finish(fig: Figure, title: str, caption: str, save, axes=(), legend: int = 8) -> Figure:
-    """Grid and legend on `axes`, title and caption on top; the PNG written atomically to `save`."""
+def _finish(fig: Figure, title: str, caption: str, save, axes=(), legend: int = 8, grid: bool = True) -> Figure:
+    """Legend (and grid) on `axes`, title and caption on top; the PNG written atomically to `save`."""
     for ax in axes:
-        ax.grid(alpha=0.3)
+        if grid:
+            ax.grid(alpha=0.3)
         ax.legend(fontsize=legend)
     if title or caption:
         fig.suptitle("\n".join(s for s in (title, caption) if s), fontsize=10)
@@ -40,12 +39,9 @@ def _finish(fig: Figure, title: str, caption: str, save, axes=(), legend: int = 
     return fig
 
 
-# ---------------------------------------------------------------- data (notebook 00)
-
 def sample_grid(images, labels=None, classes=CLASSES, per_class=8, names=None, title="Samples",
                 caption="", save=None, seed=0) -> Figure:
-    """One row per class of `per_class` random images; without labels, the first
-    10 * per_class images titled by `names` (e.g. Kaggle ids)."""
+    """One row per class of `per_class` random images; without labels, the first 10 * per_class titled by `names`."""
     rng = np.random.default_rng(seed)
     if labels is not None:
         labels = np.asarray(labels)
@@ -79,14 +75,12 @@ def plot_class_balance(counts: pd.DataFrame, title="Images per class", caption="
         ax.bar(np.arange(len(counts)) + i * width - 0.4 + width / 2, counts[col], width, label=str(col))
     ax.set_xticks(np.arange(len(counts)), counts.index, rotation=30, ha="right")
     ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, (ax,), grid=False)
 
 
 def plot_pixel_histograms(images, title="Pixel values per channel", caption="", save=None,
                           max_images=5000, seed=0) -> Figure:
-    """Histogram of pixel values (0..1) per channel, with the code's mean and both stds
-    (as run and true) marked as mean +- std."""
+    """Histogram of pixel values (0..1) per channel, with the code's mean +- std (as run and true) marked."""
     images = np.asarray(images)
     if len(images) > max_images:
         images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
@@ -100,18 +94,14 @@ def plot_pixel_histograms(images, title="Pixel values per channel", caption="", 
             ax.axvline(m + std, color="k", ls=style, lw=1)
         ax.set_title(CHANNELS[ch], fontsize=9)
         ax.set_xlabel("pixel value")
-        ax.legend(fontsize=7)
     axes[0].set_ylabel("pixels")
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, axes, legend=7, grid=False)
 
-
-# ---------------------------------------------------------------- training (notebook 01)
 
 def plot_training_curves(runs: dict, title="Training curves (first seed of each config)", caption="",
                          save=None) -> Figure:
-    """Loss, validation and test accuracy (regular solid, EMA dashed) and LR per epoch of the
-    first seed of each config of `runs` ({config: [run_dir, ...]}).  The per-epoch test curve
-    may use a test subset (config test_eval_size); Table 1 uses all."""
+    """Loss, validation and test accuracy (EMA dashed) and LR per epoch, first seed of each config of `runs`
+    ({config: [run_dir, ...]}); the per-epoch test curve may use a test subset (test_eval_size)."""
     fig, ((ax_loss, ax_val), (ax_test, ax_lr)) = _figure((12, 7), 2, 2, sharex=True)
     for k, (name, dirs) in enumerate(runs.items()):
         m = load_run(dirs[0])["metrics"]
@@ -129,41 +119,29 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
         ax_lr.plot(m["epoch"], m["lr"], label=name, **style)
     ax_loss.set_ylabel("train loss (mixed targets for MixUp)")
     ax_val.set_ylabel("validation accuracy (%)")
-    ax_test.set_ylabel("test accuracy (%), per-epoch curve")
-    ax_lr.set_ylabel("LR at the end of the epoch")
-    ax_lr.set_yscale("log")
-    ax_test.set_xlabel("epoch")
-    ax_lr.set_xlabel("epoch")
+    ax_test.set(ylabel="test accuracy (%), per-epoch curve", xlabel="epoch")
+    ax_lr.set(ylabel="LR at the end of the epoch", yscale="log", xlabel="epoch")
     return _finish(fig, title, caption, save, (ax_loss, ax_val, ax_test, ax_lr), legend=7)
 
 
 def plot_lr_schedules(epochs=200, steps_per_epoch=50, title=None, caption="", save=None, **kwargs) -> Figure:
-    """The paper's schedule as written (10-epoch warm-up 0.001 -> 0.1, then OneCycle) and the
-    one its code ran (LinearLR overridden by OneCycleLR: plain OneCycle), LR and momentum per
-    step, x in epochs.  The shape does not depend on steps_per_epoch."""
+    """LR and momentum per step of the paper's schedule as written (warm-up, OneCycle) and as run (OneCycle)."""
     fig, (ax_lr, ax_m) = _figure((11, 3.8), 1, 2)
     for kind, style in (("as_written", "-"), ("as_run", "--")):
         lrs, moms = schedule_curves(kind, epochs, steps_per_epoch, **kwargs)
         x = np.arange(len(lrs)) / steps_per_epoch
         ax_lr.plot(x, lrs, style, label=f"{kind} (peak at epoch {x[np.argmax(lrs)]:.0f}, ends at {lrs[-1]:.1e})")
         ax_m.plot(x, moms, style, label=kind)
-    ax_lr.set_yscale("log")
-    ax_lr.set_ylabel("learning rate")
-    ax_m.set_ylabel("SGD momentum")
-    ax_lr.set_xlabel("epoch")
-    ax_m.set_xlabel("epoch")
+    ax_lr.set(yscale="log", ylabel="learning rate", xlabel="epoch")
+    ax_m.set(ylabel="SGD momentum", xlabel="epoch")
     title = title or f"Learning-rate schedule as written vs as run, drawn for the paper's {epochs} epochs"
     return _finish(fig, title, caption, save, (ax_lr, ax_m))
 
 
-# ---------------------------------------------------------------- inference (notebook 02)
-
 def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: inference strategies",
                  caption="", save=None, deltas: pd.DataFrame | None = None) -> Figure:
-    """Left: test accuracy of each strategy with its 95% binomial interval, on an axis at least
-    as tall as a few intervals, so that gaps smaller than the noise look small.  Right: the
-    paper's stated gains beside the reproduced ones, with their 95% paired-bootstrap intervals
-    when `deltas` (tables.figure1_deltas with probabilities) has them."""
+    """Left: each strategy's test accuracy with its 95% interval, on an axis a few intervals tall (gaps within
+    the noise look small).  Right: the paper's stated gains beside the reproduced ones (`deltas`)."""
     fig, (ax, ax_d) = _figure((13, 4.4), 1, 2, width_ratios=(1.6, 1))
     acc = strategy_intervals(table)
     acc = acc.loc[[s for s in STRATEGIES if s in acc.index]]
@@ -178,8 +156,7 @@ def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: infe
     ax.set_ylim(max(0, lo - max(width, 0.5)), min(100, hi + max(width, 0.5)))
     ax.set_ylabel("test accuracy (%), 95% interval")
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"reproduced; the paper's final {paper['final']:.2f}% is drawn when it falls on this axis",
-                 fontsize=9)
+    ax.set_title(f"reproduced; the paper's final {paper['final']:.2f}% is drawn when on this axis", fontsize=9)
     if ax.get_ylim()[0] <= paper["final"] <= ax.get_ylim()[1]:
         ax.axhline(paper["final"], color="k", ls="--", lw=1, label=f"paper final {paper['final']:.2f}%")
         ax.legend(fontsize=8)
@@ -192,13 +169,11 @@ def plot_figure1(table: pd.DataFrame, paper: dict, title="Figure 1 rebuilt: infe
     ax_d.axhline(0, color="k", lw=0.8)
     ax_d.set_xticks(x, ["TTA - standard", "ensemble+TTA - TTA"])
     ax_d.set_ylabel("gain (percentage points)")
-    ax_d.legend(fontsize=8)
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, (ax_d,), grid=False)
 
 
 def plot_reliability(tables, title="Reliability diagram", caption="", save=None) -> Figure:
-    """Accuracy vs mean confidence per bin (tables.reliability_table), with the diagonal and
-    the share of images per bin.  `tables`: one table or {label: table}."""
+    """Accuracy vs confidence per bin (reliability_table, or {label: table}) and each bin's share of images."""
     tables = {"": tables} if isinstance(tables, pd.DataFrame) else tables
     fig, (ax, ax_n) = _figure((5.6, 6), 2, 1, height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":", label="perfect calibration")
@@ -207,17 +182,13 @@ def plot_reliability(tables, title="Reliability diagram", caption="", save=None)
         ax.plot(filled["confidence"], filled["accuracy"], "o-", color=f"C{i}", label=label or "model")
         ax_n.bar((t["bin_lower"] + t["bin_upper"]) / 2 + (i - (len(tables) - 1) / 2) * 0.02,
                  t["count"] / t["count"].sum(), width=0.9 / len(t) / max(1, len(tables)), color=f"C{i}")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax_n.set_xlabel("confidence (max probability)")
-    ax_n.set_ylabel("share")
+    ax.set(ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1))
+    ax_n.set(xlabel="confidence (max probability)", ylabel="share")
     return _finish(fig, title, caption, save, (ax,))
 
 
 def plot_confusion(cm, classes=CLASSES, title="Confusion matrix", caption="", save=None) -> Figure:
-    """Row-normalised confusion matrix (true class in rows), counts written in the cells; the
-    title gets the share of images predicted right."""
+    """Row-normalised confusion matrix (true class in rows), counts in the cells, the share right in the title."""
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = _figure((7, 6.2))
@@ -226,8 +197,7 @@ def plot_confusion(cm, classes=CLASSES, title="Confusion matrix", caption="", sa
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     fig.colorbar(im, ax=ax, label="share of the true class")
     return _finish(fig, f"{title} ({100 * np.trace(cm) / max(cm.sum(), 1):.2f}% correct)", caption, save)
 
@@ -241,5 +211,4 @@ def plot_prediction_histogram(counts, classes=CLASSES, title="Predicted classes"
     ax.axhline(counts.sum() / len(counts), color="k", ls=":", lw=1, label="uniform")
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    return _finish(fig, title, caption, save)
+    return _finish(fig, title, caption, save, (ax,), grid=False)

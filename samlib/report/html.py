@@ -1,10 +1,5 @@
-"""The report's front page, results/<profile>/html/index.html: first the scale of the runs, the
-headline numbers against the paper and the reading of each claim; then the details (provenance,
-time per notebook, links to the notebook pages, tables, figures).
-
-Rendered from templates/index.html.j2 with autoescaping on: text from summary.json or a CSV is
-shown, never run as HTML.  `python -m samlib.report.notebooks index RESULTS/<profile>` writes it.
-"""
+"""The report's front page, results/<profile>/html/index.html: the runs' scale, the headline numbers against the
+paper and each claim's reading first, then the details.  Rendered from templates/index.html.j2, autoescaped."""
 from __future__ import annotations
 
 import math
@@ -77,8 +72,7 @@ def frame_html(frame) -> str:
 
 
 def _table(results_dir: Path, name: str, title: str, columns=None):
-    """A table of the page from results_dir/<name>.csv (only `columns`, where given), or None
-    without the CSV; "html" is None when the CSV has no rows."""
+    """A table of the page from results_dir/<name>.csv (only `columns`, if given); None without the CSV."""
     import pandas as pd
 
     path = results_dir / f"{name}.csv"
@@ -94,8 +88,7 @@ def _table(results_dir: Path, name: str, title: str, columns=None):
 
 
 def _scale(summary: dict):
-    """The runs' scale as notebook 01 recorded it (summary["scale"], a row per config): the table,
-    the number of runs, every seed, the precisions they trained in and their summed training time."""
+    """The runs' scale as notebook 01 recorded it (summary["scale"]): table, runs, seeds, precisions, time."""
     import pandas as pd
 
     rows = summary.get("scale")

@@ -1,10 +1,5 @@
-"""What every report notebook does first and last: check its parameters, load the data and
-say what it is, name profile/data/device on every table, and update summary.json.
-
-    p = check_params(profile=..., data_dir=..., seeds=..., results_dir=..., runs_dir=..., device=...)
-    ds = load_data(p)          # prints the header: profile, data source, device, torch, commit
-    finish(p, "01_table1_ablation", table1=...)
-"""
+"""What every report notebook does first and last: check_params, load_data (prints the header),
+save_table (profile/data/device on every table) and finish (summary.json)."""
 from __future__ import annotations
 
 import html
@@ -45,9 +40,8 @@ def _shell():
 
 
 def _one_line_user_errors() -> None:
-    """In a notebook kernel, a samlib error shows as one `error:` line and Kernel -> Interrupt
-    as one `interrupted:` line, not a traceback; the cell still fails (Run All, papermill and
-    nbval stop there).  Other exceptions keep their traceback."""
+    """In a notebook kernel, a samlib error shows as one `error:` line and an interrupt as one `interrupted:`
+    line, not a traceback; the cell still fails.  Other exceptions keep their traceback."""
     shell = _shell()
     if shell is None:
         return
@@ -64,8 +58,7 @@ _one_line_user_errors()
 
 
 def _figures_with_alt_text() -> None:
-    """In a notebook kernel, show matplotlib figures as PNG with {"alt": the title} metadata,
-    so that the HTML pages get alt text."""
+    """In a notebook kernel, show figures as PNG with {"alt": the title}, so the HTML pages get alt text."""
     shell = _shell()
     if shell is None:
         return
@@ -167,11 +160,8 @@ def _extra(name, value, profile: str, seeds: list):
 
 
 def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
-    """The parameters cell's values, checked; ConfigError names the first bad one.
-
-    profile: "auto" (paper on CUDA, else quick) or one of PROFILES; seeds: None (DEFAULT_SEEDS)
-    or a list of ints; device: "auto" | "cpu" | "cuda[:n]".  Extras: final_seeds, switches
-    (None, "all" or SWITCHES names), kaggle_file, strategy ("best" or a STRATEGIES name)."""
+    """The parameters cell's values, checked (ConfigError names the first bad one) and resolved: profile "auto"
+    is paper on CUDA, else quick; seeds None are DEFAULT_SEEDS; `extra`: EXTRAS."""
     import torch
 
     from ..device import check_environment, resolve_device
@@ -196,8 +186,6 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
                   results=_path("results_dir", results_dir, written=True) / resolved,
                   runs=_path("runs_dir", runs_dir, written=True) / resolved, extra=checked)
 
-
-# ---------------------------------------------------------------- data and header
 
 def load_data(p: Params, download: bool = True):
     """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
@@ -225,11 +213,8 @@ def load_data(p: Params, download: bool = True):
     return dataset
 
 
-# ---------------------------------------------------------------- tables and summary
-
 def markdown_table(frame) -> str:
-    """A GitHub-flavoured markdown table: floats to 2 decimals, thousands separated, "|" in
-    text escaped (tabulate would let it split the cell)."""
+    """A GitHub markdown table: floats to 2 decimals, thousands separated, "|" in text escaped."""
     text = frame.apply(lambda col: col if pd.api.types.is_numeric_dtype(col) or col.isna().all()
                        else col.map(lambda v: v if pd.isna(v) else str(v).replace("|", "\\|")))
     text = text.astype(object).where(text.notna(), None)       # tabulate's missingval needs None
@@ -246,8 +231,7 @@ READABLE = {"test_acc": "test %", "test_acc_sd": "test % sd (>= 2 seeds)",
 
 
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
-    """Write results/<profile>/<name>.csv and .md (title, caption, notes, scale note; READABLE
-    column names) and return it styled for display: '<title> - <caption>', 2 decimals."""
+    """Write results/<profile>/<name>.csv and .md (caption, notes, READABLE names); return it styled for display."""
     atomic_write_text(p.results / f"{name}.csv", frame.to_csv(index=False))
     frame = frame.rename(columns=READABLE)
     notes = "\n\n".join(n.strip() for n in (notes, p.scale_note) if n)
@@ -274,10 +258,8 @@ def _jsonable(obj):
 
 
 def update_summary(p: Params, notebook: str | None = None, **sections) -> dict:
-    """Merge sections into results/<profile>/summary.json ('timings' merges per notebook).
-
-    Each notebook's part records its commit (`provenance`); the top-level commit is given only
-    while every part agrees, so a summary never presents numbers of two commits as one."""
+    """Merge sections into results/<profile>/summary.json ('timings' per notebook).  Each notebook records its
+    commit; the top-level commit is given only while all agree, never presenting two commits as one."""
     path = p.results / "summary.json"
     summary = read_json(path) if path.exists() else {}
     timings = dict(summary.get("timings", {}), **sections.pop("timings", {}))

@@ -1,9 +1,8 @@
-"""The runs behind the report: train (or reuse) them, read them back, say at what scale and
-precision they trained, evaluate a run's inference strategies once and cache the result in its
-run directory.
-"""
+"""The runs behind the report: train (or reuse) them, read them back, say at what scale and precision they
+trained, and evaluate a run's inference strategies once, cached in its run directory."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -18,11 +17,11 @@ from ..config import SWITCHES, TABLE1, from_dict, resolve
 from ..device import PRECISIONS, precision_for, resolve_device, runs_natively
 from ..errors import DataError, SamlibError
 from ..infer import STRATEGIES, evaluate_strategies, strategy_probs
-from ..io import (atomic_write_text, check_fields, load_checkpoint, present, read_bytes, read_json,
+from ..io import (JSON_FIX, atomic_write_text, check_fields, load_checkpoint, present, read_bytes, read_json,
                   save_checkpoint, write_json)
 from ..plan import estimate, format_plan, plan_runs
+from ..run import train
 from ..rundir import METRIC_FIELDS, RunDir, describe_device, load_run_models
-from ..train import train
 
 CACHE_VERSION = 3   # the strategy cache's format; a cache of another version is recomputed
 
@@ -56,8 +55,7 @@ def _read_metrics(path, fix) -> pd.DataFrame:
 
 
 def load_run(run_dir) -> dict:
-    """Everything a (finished or not) run directory holds, as Python objects; a damaged file
-    (unreadable, unparseable, a field of the wrong kind) is a DataError / ConfigError naming it."""
+    """Everything a (finished or not) run directory holds; a damaged file is a DataError / ConfigError naming it."""
     run_dir = Path(run_dir)
     fix = f"the run folder is damaged: move {run_dir} away (or delete it) and train the run again"
     if not present(run_dir / "config.json"):
@@ -79,9 +77,7 @@ def load_run(run_dir) -> dict:
 
 def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs", device=None,
                progress=True, **overrides) -> dict:
-    """Train (or reuse) every config x seed -> {config: [run_dir, ...]}; `seeds`: one list, or
-    {config: seeds}.  With `progress`, prints the plan (each run's state and an estimate on this
-    device), then one line per epoch with the time left."""
+    """Train (or reuse) every config x seed -> {config: [run_dir, ...]}; `seeds`: a list or {config: seeds}."""
     plan = plan_runs(configs, seeds, profile, out, **overrides)
     if progress:
         estimate(plan, profile, device, say=lambda line: print(line, flush=True), **overrides)
@@ -96,8 +92,7 @@ def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs",
 
 
 def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> Path:
-    """The finished run directory of `config` at `profile` and `seed`, never training it: a
-    notebook that only reads runs says which notebook makes them instead of training silently."""
+    """The finished run directory of `config` at `profile` and `seed`; never trains (names the notebook that does)."""
     run = RunDir.for_config(resolve(config, profile, seed=seed), out)
     if not run.finished:
         state = "is not finished" if (run / "config.json").exists() else "does not exist"
@@ -111,11 +106,8 @@ def finished_runs(config: str, profile: str, seeds, out, needed_by: str) -> dict
     return {seed: finished_run(config, profile, seed, out, needed_by) for seed in seeds}
 
 
-# ---------------------------------------------------------------- which runs; their precision and scale
-
 def ablation_seeds(switches, seeds, final_seeds) -> dict:
-    """{config: seeds} of notebook 01: Table 1's configs and `final` with each discrepancy switch
-    (samlib.config.SWITCHES) at `seeds`, `final` at `final_seeds` (its seed-to-seed noise)."""
+    """{config: seeds} of notebook 01: Table 1's configs and `final+switch` at `seeds`, `final` at `final_seeds`."""
     plan = {**{name: seeds for name in TABLE1}, **{f"final+{s}={SWITCHES[s]}": seeds for s in switches}}
     plan["final"] = final_seeds
     return plan
@@ -139,8 +131,7 @@ def trained_precisions(runs) -> str:
 
 
 def run_scale(runs: dict, dataset) -> pd.DataFrame:
-    """The report's scale, for its index page: per config of `runs` ({config: [run_dir, ...]})
-    its seeds, the precisions they trained in, training images, epochs, widths, training time."""
+    """The index page's scale table: per config of `runs`, its seeds, precisions, images, epochs, widths, time."""
     rows = []
     for name, dirs in runs.items():
         loaded = [load_run(d) for d in dirs]
@@ -155,9 +146,7 @@ def run_scale(runs: dict, dataset) -> pd.DataFrame:
 def _train_seconds(run: dict) -> float:
     """A run's training time: provenance.json's, else the sum of metrics.csv's epoch seconds."""
     recorded = (run["provenance"] or {}).get("train_seconds")
-    if recorded is None:
-        recorded = run["metrics"]["seconds"].sum() if "seconds" in run["metrics"] else 0.0
-    return float(recorded)
+    return float(recorded if recorded is not None else run["metrics"].get("seconds", pd.Series(dtype=float)).sum())
 
 
 def _digest(path) -> str | None:
@@ -176,22 +165,16 @@ def _run_state(run_dir: Path) -> dict:
             **{name: _digest(run_dir / name) for name in ("best_regular.pt", "best_ema.pt")}}
 
 
-def _cache_key(run_dir: Path, data_id: str, precision: str) -> dict:
-    return {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision,
-            "run": _run_state(run_dir)}
-
-
 STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "test_images",
                     "test_accuracy", "test_nll", "test_ece", "val_accuracy")
 
 
 def _cached_table(cached: Path, meta: Path, key: dict):
-    """The cached strategy table when intact and made for `key`, else None (recompute).  The key
-    file holds the sha256 of the table it was written with: a table of another evaluation (one
-    killed before its key, or a concurrent one) is never served."""
+    """The cached table when intact and made for `key`, else None.  The key file holds the table's sha256, so a
+    table of another evaluation (one killed before its key, or a concurrent one) is never served."""
     try:
         recorded = read_json(meta)
-        text = read_bytes(cached)
+        text = read_bytes(cached, DataError, JSON_FIX)
         if recorded != dict(key, table_sha256=hashlib.sha256(text).hexdigest()):
             return None
         table = pd.read_csv(io.BytesIO(text))
@@ -201,9 +184,7 @@ def _cached_table(cached: Path, meta: Path, key: dict):
 
 
 def inference_precision(run: dict, device=None) -> str:
-    """The precision a run is evaluated in: the one it trained in (provenance.json) where this
-    device computes it natively, so a run trained in fp32 on a CPU without bf16 is evaluated in
-    fp32 on one with bf16 too; otherwise (or unrecorded) the device's own choice for its amp."""
+    """The precision a run is evaluated in: its training's where this device runs it natively, else its amp's."""
     device = resolve_device(device)                  # a str too; default: the GPU when there is one
     trained = (run.get("provenance") or {}).get("precision")
     if isinstance(trained, str) and trained in PRECISIONS and runs_natively(trained, device):
@@ -213,10 +194,8 @@ def inference_precision(run: dict, device=None) -> str:
 
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                  allow_other_data: bool = False) -> pd.DataFrame:
-    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies); refuses data
-    other than the run's own (run.json) unless `allow_other_data`.  Cached in the run directory
-    (strategies.csv, strategy_probs.pt), keyed (strategies.json) by data, strategies, precision
-    and the run's state: anything else recomputes."""
+    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies), on the run's own data unless
+    `allow_other_data`; cached in the run directory, keyed by data, strategies, precision and the run's state."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg = run["config"]
@@ -230,7 +209,8 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                           "data, or --allow-other-data to evaluate it on this data anyway")
     device = resolve_device(device)                  # default: the GPU when there is one
     precision = inference_precision(run, device)
-    key = _cache_key(run_dir, data_id, precision)
+    key = {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision,
+           "run": _run_state(run_dir)}
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
     if reuse and cached.exists() and meta.exists():
         table = _cached_table(cached, meta, key)
@@ -244,10 +224,8 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     table.attrs["selected_on"] = selected_on
     # Every strategy's test probabilities are kept for the later figures and the submission.
     # The key file goes first and comes back last, with the sha256 of the table.
-    try:
+    with contextlib.suppress(OSError):      # e.g. a folder in its place: write_json below says so
         meta.unlink(missing_ok=True)
-    except OSError:                     # e.g. a folder in its place: write_json below says so
-        pass
     save_checkpoint({"key": key, "probs": probs, "labels": torch.as_tensor(splits["test"][1])},
                     run_dir / "strategy_probs.pt", keep_previous=False)
     text = table.to_csv(index=False)
@@ -257,8 +235,7 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
 
 
 def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
-    """({strategy: test probabilities}, labels) that evaluate_run saved for `key` (default: the
-    cached table's, while it fits the run's checkpoints), or (None, None)."""
+    """({strategy: test probabilities}, labels) evaluate_run saved for `key` (default: the current one), or Nones."""
     run_dir = Path(run_dir)
     path = run_dir / "strategy_probs.pt"
     if not path.exists():
@@ -277,8 +254,7 @@ def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
 
 
 def run_probs(run_dir, strategy: str, images, labels=None, device=None) -> torch.Tensor:
-    """Class probabilities (N, classes) of one strategy of a run on `images`: those evaluate_run
-    saved when `labels` are theirs, else computed now (e.g. for the Kaggle file)."""
+    """One strategy's class probabilities on `images`: evaluate_run's when `labels` are theirs, else computed."""
     probs, saved_labels = saved_test_probs(run_dir) if labels is not None else (None, None)
     if probs is not None and strategy in probs and np.array_equal(saved_labels, np.asarray(labels)):
         return probs[strategy]

@@ -1,9 +1,5 @@
-"""Kaggle submission (paper Section 5): predict the unlabeled test file, write ID,Labels.
-
-The competition's file is read with samlib.data's restricted unpickler; the CSV is validated
-(header, one row per id, unique ids, labels 0-9) before it is written, atomically.  Kaggle
-accuracy on the hidden set is not CIFAR-10 test accuracy: never report one as the other.
-"""
+"""Kaggle submission (paper Section 5): predict the unlabeled test file, write ID,Labels, validated and atomically.
+Kaggle accuracy on the hidden set is not CIFAR-10 test accuracy: never report one as the other."""
 from __future__ import annotations
 
 import csv
@@ -46,8 +42,8 @@ def _check(frame: pd.DataFrame, path, ids, num_classes) -> dict:
     return {"rows": len(frame), "class_counts": counts.tolist()}
 
 
-def _write(ids, labels, path, num_classes=10) -> dict:
-    """The CSV, validated in memory and only then written: a bad one leaves `path` as it was."""
+def write_submission(ids, labels, path, num_classes=10) -> dict:
+    """Write the Kaggle CSV (ID,Labels), validated in memory first: a bad one leaves `path` as it was."""
     ids, labels = np.asarray(ids), np.asarray(labels)
     if len(ids) != len(labels):
         raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
@@ -58,12 +54,6 @@ def _write(ids, labels, path, num_classes=10) -> dict:
     summary = _check(_read(io.StringIO(buf.getvalue()), path), path, ids, num_classes)
     atomic_write_text(path, buf.getvalue())
     return summary
-
-
-def write_submission(ids, labels, path, num_classes=10) -> Path:
-    """Write the Kaggle CSV (header ID,Labels, one row per id) atomically, after its checks."""
-    _write(ids, labels, path, num_classes)
-    return Path(path)
 
 
 def validate_submission(path, ids=None, num_classes=10) -> dict:
@@ -79,15 +69,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=None) -> dict:
-    """Predict a Kaggle-format file with a finished run and write the submission (`samlib submit`);
-    the output may be neither the input file nor a folder."""
+    """Predict a Kaggle-format file with a finished run and write the submission (`samlib submit`)."""
     output = Path(output)
     if _same_file(Path(input_path), output):
         raise DataError(f"--output {output} is the input file {input_path}; writing there would "
                         "overwrite the competition's data: choose another name (e.g. submission.csv)")
-    if output.is_dir():
-        raise DataError(f"--output {output} is a folder; give a file name instead "
-                        f"(e.g. {output / 'submission.csv'})")
     device = resolve_device(device)
     images, ids = load_unlabeled(input_path)
     regular, ema = load_run_models(run_dir, device)
@@ -96,14 +82,11 @@ def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=No
         raise DataError(f"the {strategy} predictions of {run_dir} for {input_path} are not all finite "
                         f"(NaN or inf), so nothing was written to {output}: check the input file, or "
                         "evaluate the run (python -m samlib evaluate) and train it again if it diverged")
-    return _write(ids, probs.argmax(1).numpy(), output)
+    return write_submission(ids, probs.argmax(1).numpy(), output)
 
-
-# ---------------------------------------------------------------- the report notebooks
 
 def kaggle_preview(p, train_mean, train_std) -> None:
-    """Notebook 00: the Kaggle file's size, ids and channel statistics beside the training
-    images', and its first images; a note when there is no p.kaggle_file."""
+    """Notebook 00: the Kaggle file's size, ids, channel statistics (beside the training images') and first images."""
     if p.kaggle_file is None:
         print("kaggle_file not given: no preview (pass -p kaggle_file PATH, or make report KAGGLE_FILE=PATH)")
         return
@@ -121,8 +104,7 @@ def kaggle_preview(p, train_mean, train_std) -> None:
 
 
 def report_run(p, dataset) -> tuple:
-    """Notebook 03's (run folder, strategy): `final` at the first seed, and p.strategy, where
-    "best" is the one notebook 02 selected on validation (its cached strategy table)."""
+    """Notebook 03's (run folder, strategy): `final` at the first seed, and p.strategy ("best": notebook 02's)."""
     from .runs import evaluate_run, finished_run
     from .tables import best_strategy
 
@@ -135,9 +117,8 @@ def report_run(p, dataset) -> tuple:
 
 
 def report_submission(p, dataset, run_dir, strategy) -> dict:
-    """Notebook 03: results/<profile>/submission.csv for p.kaggle_file, or without one for the
-    profile's CIFAR-10 test images (ids 0..N-1; not a Kaggle submission, but its accuracy is
-    known).  Returns summary.json's `submission` section."""
+    """Notebook 03: results/<profile>/submission.csv for p.kaggle_file, else for the CIFAR-10 test images (not a
+    Kaggle submission, but its accuracy is known); returns summary.json's `submission` section."""
     from .runs import load_run, run_probs
 
     if p.kaggle_file:
@@ -154,7 +135,7 @@ def report_submission(p, dataset, run_dir, strategy) -> dict:
     # CIFAR-10 test images: notebook 02's cached probabilities; the Kaggle file: predicted now
     pred = run_probs(run_dir, strategy, images, labels, p.device).argmax(1).numpy()
     path = p.results / "submission.csv"
-    check = _write(ids, pred, path)
+    check = write_submission(ids, pred, path)
     print(f"wrote {path}: {check['rows']} rows, header ID,Labels, ids unique, labels in 0..9: valid")
     accuracy = None if labels is None else float((pred == labels).mean())
     if accuracy is None:

@@ -1,6 +1,5 @@
-"""The report's tables: Table 1 and its parameter counts, the discrepancy switches, Figure 1's
-strategies and claims, reliability bins - each with the paper's value beside the reproduced one.
-"""
+"""The report's tables (Table 1, the discrepancy switches, Figure 1's strategies and claims, reliability),
+each with the paper's value beside the reproduced one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +39,7 @@ def binomial_interval(accuracy: float, n: int, z: float = 1.96) -> tuple:
 
 
 def paired_bootstrap(correct_a, correct_b, samples: int = 2000, seed: int = 0) -> tuple:
-    """Accuracy difference a - b (points) on the same images, and its 95% percentile interval
-    from resampling the images (paired: both strategies see the same resample)."""
+    """Accuracy difference a - b (points) on the same images and its paired 95% bootstrap interval."""
     diff = np.asarray(correct_a, dtype=float) - np.asarray(correct_b, dtype=float)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(axis=1)
@@ -53,12 +51,8 @@ def _mean_sd(values) -> tuple:
     return s.mean(), (s.std(ddof=1) if len(s) > 1 else float("nan"))
 
 
-# ---------------------------------------------------------------- Table 1
-
 def parameter_counts() -> pd.DataFrame:
-    """Parameters of the model the paper's code builds, without and with SE, and of the shortcut
-    variants that land on Table 1's 4.96M / 5.02M: 3x3 instead of 1x1 projections into stage 3,
-    then stages 2 and 3 (a 3x3 kernel adds 8 weights per 1x1 one)."""
+    """Parameters of the code's model (no SE, SE) and of the 3x3-shortcut variants near Table 1's 4.96M / 5.02M."""
     plain = build_model(se=False)
     extra = [8 * stage[0].shortcut.conv.weight.numel() for stage in plain.stages[1:]]
     n = count_parameters(plain)
@@ -70,24 +64,22 @@ def parameter_counts() -> pd.DataFrame:
 
 
 def table1(runs: dict) -> pd.DataFrame:
-    """Table 1 rebuilt: paper column, reproduced mean and sd over seeds, delta, parameters.
-
-    Test accuracy is the selected checkpoint's on the full test set: the EMA model for configs
-    with EMA (the paper's "final"), the regular model otherwise.  Train accuracy both ways:
-    lambda-weighted on mixed batches (what the paper reports) and clean.
-    """
+    """Table 1 rebuilt (paper Table 1): the selected checkpoint's test accuracy (EMA where the config has
+    EMA), train accuracy on mixed batches (as the paper) and clean; mean, sd over seeds, delta, parameters."""
     rows = []
     for name, dirs in runs.items():
         loaded = [load_run(d) for d in dirs]
         cfg = loaded[0]["config"]
-        key = "test_acc_ema" if cfg.ema else "test_acc_regular"
-        test = _mean_sd([100 * r["final"][key] for r in loaded])
+
+        def mean_sd(key):        # in %, over the seeds
+            return _mean_sd([100 * r["final"][key] for r in loaded])
+
+        test = mean_sd("test_acc_ema" if cfg.ema else "test_acc_regular")
         # noise: sd over seeds when there are several, else the 95% binomial interval
         n_test = loaded[0]["final"].get("test_size", 0)
         lo, hi = binomial_interval(test[0] / 100, n_test) if len(loaded) == 1 else (float("nan"),) * 2
         rows.append({"config": name, "seeds": len(loaded), "trained_in": precisions(loaded),
-                     "train_acc_mixed": _mean_sd([100 * r["final"]["train_acc_mixed"] for r in loaded])[0],
-                     "train_acc_clean": _mean_sd([100 * r["final"]["train_acc_clean"] for r in loaded])[0],
+                     "train_acc_mixed": mean_sd("train_acc_mixed")[0], "train_acc_clean": mean_sd("train_acc_clean")[0],
                      "test_acc": test[0], "test_acc_sd": test[1],
                      "test_acc_ci_low": 100 * lo, "test_acc_ci_high": 100 * hi,
                      "params_profile": count_parameters(build_model(se=cfg.se, widths=cfg.widths,
@@ -99,8 +91,7 @@ def table1(runs: dict) -> pd.DataFrame:
 
 
 def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as the report shows it: paper and reproduced columns side by side, the noise
-    (sd over seeds, or the 95% binomial interval of a single seed) and the delta."""
+    """Table 1 as the report shows it: paper and reproduced columns side by side, the noise and the delta."""
     def interval(row):
         return "" if row["seeds"] != 1 else f"{row['test_acc_ci_low']:.2f} - {row['test_acc_ci_high']:.2f}"
 
@@ -117,10 +108,8 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
 
 
 def discrepancy_table(reference: list, variants: dict, dataset=None, device=None) -> pd.DataFrame:
-    """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus that of
-    `final`, paired by seed (mean and sd over the seeds both have).  With the `dataset`, also a
-    95% paired-bootstrap interval over the test images (`delta_lo`, `delta_hi`): the test set's
-    share of the noise; the sd over seeds adds training's share."""
+    """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus `final`'s, paired by
+    seed (mean, sd); with the `dataset`, also a 95% paired-bootstrap interval over the test images."""
     def by_seed(dirs):   # {seed: (run dir, EMA test accuracy in %)}, each run read once
         runs = {d: load_run(d) for d in dirs}
         return {r["config"].seed: (d, 100 * r["final"]["test_acc_ema"]) for d, r in runs.items()}
@@ -138,9 +127,8 @@ def discrepancy_table(reference: list, variants: dict, dataset=None, device=None
         row = {"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
                "delta_vs_final": dm, "delta_sd": dsd}
         if dataset is not None and paired:
-            for s in paired:
-                if s not in ref_correct:
-                    ref_correct[s] = correct_on_test(ref[s][0], dataset, "ema", device)
+            for s in [s for s in paired if s not in ref_correct]:
+                ref_correct[s] = correct_on_test(ref[s][0], dataset, "ema", device)
             variant = np.mean([correct_on_test(runs[s][0], dataset, "ema", device) for s in paired], axis=0)
             final = np.mean([ref_correct[s] for s in paired], axis=0)
             _, row["delta_lo"], row["delta_hi"] = paired_bootstrap(variant, final)
@@ -149,8 +137,7 @@ def discrepancy_table(reference: list, variants: dict, dataset=None, device=None
 
 
 def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndarray:
-    """Which test images (the run's own test split) the run's selected `kind` checkpoint
-    ("ema" | "regular") gets right, without TTA, in the precision the run is evaluated in."""
+    """Which images of the run's test split its `kind` ("ema" | "regular") checkpoint gets right, no TTA."""
     run = load_run(run_dir)
     test_x, test_y = split_data(run["config"], dataset)["test"]
     device = resolve_device(device)
@@ -163,8 +150,6 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
                                 precision=inference_precision(run, device), bar=bar)[0]
     return logits.argmax(1).numpy() == np.asarray(test_y)
 
-
-# ---------------------------------------------------------------- Figure 1
 
 def strategy_intervals(table: pd.DataFrame) -> pd.DataFrame:
     """Per strategy (own temperature): test accuracy and its 95% binomial interval, in %."""
@@ -186,9 +171,8 @@ def best_strategy(table: pd.DataFrame) -> str:
 
 
 def claim_reading(stated: float, low: float, high: float, absolute: bool = False) -> str:
-    """A paper claim read from the reproduced 95% interval.  A stated gain (NaN: "positive", no
-    number) is supported when the interval lies above 0, contradicted when it lies wholly below
-    the gain (at or below 0 without a number); an absolute number when the interval holds it."""
+    """A paper claim read from the reproduced 95% interval: a gain (NaN: "positive") is supported above 0,
+    contradicted wholly below the gain (or 0); an absolute number is supported when the interval holds it."""
     if not (low == low and high == high):
         return "cannot resolve (no interval)"
     if absolute:
@@ -200,19 +184,15 @@ def claim_reading(stated: float, low: float, high: float, absolute: bool = False
 
 def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict | None = None,
                    labels=None) -> pd.DataFrame:
-    """The paper's Figure 1 claims beside the reproduced numbers (percentage points), with a 95%
-    paired-bootstrap interval of each difference when the strategies' test probabilities
-    (`probs`, {strategy: (N, classes)}) and `labels` are given, and the reading of each claim.
-    The paper does not say which model its +0.16 ensemble gain starts from; we take regular + TTA."""
-    acc = strategy_intervals(table).reindex(["standard", "tta", "ema+tta", "ensemble+tta",
-                                             "ensemble+tta (as run)"])
+    """Figure 1's claims beside the reproduced points, with paired-bootstrap 95% intervals given test `probs`
+    ({strategy: (N, classes)}) and `labels`.  The paper's +0.16 ensemble gain is taken over regular + TTA."""
+    acc = strategy_intervals(table).reindex(["standard", "tta", "ema+tta", "ensemble+tta", "ensemble+tta (as run)"])
     a = acc["test_acc"]
     claims = [
         ("TTA gain: tta - standard", paper["tta_gain"], ("tta", "standard"), ""),
         ("ensemble gain: ensemble+tta - tta", paper["ensemble_gain"], ("ensemble+tta", "tta"),
          "paper: 'a further +0.16'"),
-        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), ("ema+tta", "tta"),
-         "paper: positive, no number"),
+        ("EMA beats regular under TTA: ema+tta - tta", float("nan"), ("ema+tta", "tta"), "paper: positive, no number"),
         ("ensemble over EMA: ensemble+tta - ema+tta", float("nan"), ("ensemble+tta", "ema+tta"), ""),
         ("as-run TTA/ensemble vs samlib's: (as run) - ensemble+tta", float("nan"),
          ("ensemble+tta (as run)", "ensemble+tta"), "code: logit average, as-run views"),
@@ -233,14 +213,13 @@ def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict
 
 
 def figure1_across_seeds(tables: dict, paper: dict = PAPER_FIGURE1) -> pd.DataFrame:
-    """Figure 1's reproduced numbers for each seed's `final` run ({seed: strategy table}), with
-    their mean and sd over seeds (sd needs two seeds or more): the seed-to-seed noise."""
-    per_seed = {s: figure1_deltas(t, paper).set_index("claim")["reproduced"] for s, t in tables.items()}
-    out = pd.DataFrame({f"seed {s}": v for s, v in per_seed.items()})
+    """Figure 1's reproduced numbers per seed of `final` ({seed: strategy table}), their mean and sd."""
+    per_seed = {s: figure1_deltas(t, paper).set_index("claim") for s, t in tables.items()}
+    out = pd.DataFrame({f"seed {s}": v["reproduced"] for s, v in per_seed.items()})
     values = out.to_numpy(dtype=float)
     out["mean"] = values.mean(axis=1)
     out["sd"] = values.std(axis=1, ddof=1) if values.shape[1] > 1 else float("nan")
-    out.insert(0, "paper", figure1_deltas(next(iter(tables.values())), paper).set_index("claim")["paper"])
+    out.insert(0, "paper", next(iter(per_seed.values()))["paper"])
     return out.reset_index()
 
 

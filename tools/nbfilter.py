@@ -1,13 +1,16 @@
-"""Notebook upkeep: strip outputs except the checked cells (also as git's clean filter), scrub
-machine paths from executed notebooks, write the HTML index and a small Kaggle-format file.
-`python -m samlib.report.notebooks -h`.  Imports stay lazy: git runs `clean` in every `git status`.
+"""Notebook upkeep (repository tooling, not part of samlib): strip outputs except the checked cells,
+also as git's clean filter; keep HEAD's reference outputs of the checked cells when a run was partial;
+scrub machine paths from executed reports; write the HTML index and a small Kaggle-format file.
+`python tools/nbfilter.py -h`.  Imports stay lazy: git runs `clean` in every `git status`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import pickle
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +20,7 @@ KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3
 LANGUAGE_INFO = {"name": "python", "pygments_lexer": "ipython3"}
 # per-cell metadata that is run or view state, not content (papermill, JupyterLab, extensions)
 VOLATILE_CELL_METADATA = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _merge_streams(outputs: list) -> list:
@@ -69,13 +72,91 @@ def _text(nb) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def strip_outputs(path) -> int:
-    """`strip_notebook` on a file, in place; returns the cells kept.  A check cell without a
-    complete output keeps HEAD's reference (`nbrefs`); with none there, MissingReference
-    (one line) and the file is left alone."""
+# ---------------------------------------------------------------- reference outputs
+# A check cell's complete output (it ran, printed, no error, the run not interrupted) replaces
+# the reference; any other keeps the one in git's HEAD, matched by the cell's source.
+
+class MissingReference(ValueError):
+    """A check cell has no complete output and HEAD holds no reference for it (one-line message)."""
+
+
+def _has_error(outputs) -> bool:
+    return any(o.get("output_type") == "error" for o in outputs)
+
+
+def run_interrupted(nb) -> bool:
+    """A code cell holds an error output (a failure, or JupyterLab's stop button), or papermill
+    recorded an exception."""
+    if (nb.metadata.get("papermill") or {}).get("exception"):
+        return True
+    return any(c.cell_type == "code" and _has_error(c.get("outputs", [])) for c in nb.cells)
+
+
+def incomplete_reason(cell, interrupted: bool = False) -> str | None:
+    """Why `cell`'s output cannot serve as a reference, or None when it can."""
+    if not cell.get("outputs"):
+        return "no output"
+    if _has_error(cell.outputs):
+        return "an error output"
+    if cell.get("execution_count") is None:
+        return "not run"
+    return "an interrupted run" if interrupted else None
+
+
+def head_notebook(path):
+    """git HEAD's version of the notebook at `path` (relative to the cwd, as git's %f), or None."""
     import nbformat
 
-    from .nbrefs import MissingReference, describe, keep_references
+    p = Path(path)
+    try:
+        raw = subprocess.run(["git", "-C", str(p.parent), "show", f"HEAD:./{p.name}"],
+                             capture_output=True, check=True, timeout=60).stdout
+        return nbformat.reads(raw.decode("utf-8"), as_version=4)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def keep_references(nb, path=None) -> list:
+    """In place: each check cell without a complete output gets the complete outputs of the
+    same-source check cell (the n-th of identical sources for the n-th) in HEAD's `path`.
+    Returns [(cell number from 1, reason)] of the cells that found no reference."""
+    interrupted = run_interrupted(nb)
+    seen: dict = {}
+    todo = []
+    for i, cell in enumerate(nb.cells, 1):
+        if cell.cell_type == "code" and CHECK_MARK in cell.source:
+            n = seen[cell.source] = seen.get(cell.source, -1) + 1
+            why = incomplete_reason(cell, interrupted)
+            if why:
+                todo.append((i, n, cell, why))
+    if not todo:
+        return []
+    head = head_notebook(path) if path else None
+    refs: dict = {}
+    for cell in head.cells if head is not None else ():
+        if cell.cell_type == "code" and CHECK_MARK in cell.source:
+            refs.setdefault(cell.source, []).append(None if incomplete_reason(cell) else cell.outputs)
+    missing = []
+    for i, n, cell, why in todo:
+        same = refs.get(cell.source, [])
+        ref = same[n] if n < len(same) else None
+        if ref is None:
+            missing.append((i, why))
+        else:
+            cell.outputs, cell.execution_count = copy.deepcopy(ref), 1   # strip_notebook renumbers
+    return missing
+
+
+def describe(missing: list) -> str:
+    """`keep_references`'s leftovers in a few words: 'cell 3 (no output), cell 7 (...)'."""
+    return ", ".join(f"cell {i} ({why})" for i, why in missing)
+
+
+def strip_outputs(path) -> int:
+    """`strip_notebook` on a file, in place; returns the cells kept.  A check cell without a
+    complete output keeps HEAD's reference; with none there, MissingReference (one line) and
+    the file is left alone."""
+    import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
     missing = keep_references(nb, path)
@@ -93,8 +174,6 @@ def clean_stream(src=None, dst=None, path=None) -> int:
     reference for `path` (git's %f); with none it never fails (git would then store the notebook
     unstripped): one warning, and the cell's unfinished outputs are stored empty."""
     import nbformat
-
-    from .nbrefs import describe, keep_references
 
     raw = (src or sys.stdin.buffer).read()
     dst = dst or sys.stdout.buffer
@@ -116,6 +195,8 @@ def clean_stream(src=None, dst=None, path=None) -> int:
     dst.flush()
     return kept
 
+
+# ---------------------------------------------------------------- machine paths in executed reports
 
 def path_replacements(paths=(), root=ROOT, home=None) -> dict:
     """This machine's absolute paths -> portable ones: each of `paths` -> relative to `root`
@@ -159,7 +240,7 @@ def scrub_paths(notebook_path, replacements: dict) -> int:
     path first, at path boundaries.  Returns the number of strings changed."""
     import nbformat
 
-    from ..io import atomic_write_text
+    from samlib.io import atomic_write_text
 
     if not replacements:
         return 0
@@ -184,8 +265,8 @@ def write_kaggle_sample(data_dir, out, n=200) -> Path:
     """A Kaggle-format file (b'data' uint8 (n, 32, 32, 3), b'ids') of the first n test images, for tests."""
     import numpy as np
 
-    from .. import data as D
-    from ..io import atomic_write_bytes
+    from samlib import data as D
+    from samlib.io import atomic_write_bytes
 
     ds = D.load_cifar10(data_dir)
     n = min(n, len(ds.test_labels))
@@ -194,7 +275,7 @@ def write_kaggle_sample(data_dir, out, n=200) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m samlib.report.notebooks", description="notebook upkeep")
+    ap = argparse.ArgumentParser(prog="python tools/nbfilter.py", description="notebook upkeep")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("strip", help=f"clear outputs except # {CHECK_MARK} cells").add_argument("notebooks", nargs="+")
     f = sub.add_parser("clean", help="strip a notebook from stdin to stdout (the git filter: make git-filter)")
@@ -209,8 +290,6 @@ def main(argv=None) -> int:
     k.add_argument("--n", type=int, default=200)
     args = ap.parse_args(argv)
     if args.cmd == "strip":
-        from .nbrefs import MissingReference
-
         refused = 0
         for nb in args.notebooks:
             try:
@@ -226,7 +305,7 @@ def main(argv=None) -> int:
         for nb in args.notebooks:
             print(f"{nb}: {scrub_paths(nb, table)} string(s) changed")
     elif args.cmd == "index":
-        from .html import write_index
+        from samlib.report.html import write_index
 
         print(write_index(args.results))
     else:

@@ -2,7 +2,8 @@
 
 The parameters are checked once, before anything is written.  A notebook that stops on a user
 mistake (a samlib error) ends the run with one `error:` line and exit status 2; anything else
-keeps its traceback.  An interrupted report resumes: finished runs are reused.
+keeps its traceback.  An interrupted report resumes: finished runs are reused.  Repository tooling,
+not part of samlib: `python tools/report.py -h`.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from .. import errors
-from ..errors import ConfigError, SamlibError
-from .notebooks import ROOT, path_replacements, scrub_paths
-from .params import REQUIRED, check_params
+from samlib import errors
+from samlib.errors import ConfigError, SamlibError
+from samlib.report.params import REQUIRED, check_params
+
+from nbfilter import ROOT, path_replacements, scrub_paths     # tools/nbfilter.py, beside this script
 
 NOTEBOOKS = ("00_data_exploration", "01_table1_ablation", "02_figure1_inference", "03_submission")
 EXTRA_PARAMETERS = {"00_data_exploration": ("kaggle_file",), "01_table1_ablation": ("final_seeds", "switches"),
@@ -86,7 +88,7 @@ def run_notebook(name: str, values: dict, notebooks: Path, results: Path) -> Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m samlib.report.runner", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python tools/report.py", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="auto")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--device", default="auto")
