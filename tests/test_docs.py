@@ -72,3 +72,27 @@ def test_no_tracked_file_names_a_machine_path():
         if MACHINE_PATH.encode() in content:
             offenders.append(name)
     assert not offenders, f"files naming the machine path {MACHINE_PATH!r}: {offenders}"
+
+
+# Names of code the docs cite (`infer.ensemble`, `report.runs.load_run`, `samlib.device.precision_for`):
+# each must still exist, so a refactor that renames or removes one fails here, not in a reader's hands.
+CITED = re.compile(r"`(?:samlib\.)?((?:report\.)?[a-z_]+)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?(?:\([^`]*\))?`")
+
+
+def cited_names():
+    import importlib
+    for path in [README, *DOCS]:
+        for module, name, member in CITED.findall(path.read_text(encoding="utf-8")):
+            if name != "py" and (ROOT / "samlib" / (module.replace(".", "/") + ".py")).is_file():
+                yield path.name, importlib.import_module(f"samlib.{module}"), name, member
+
+
+def test_the_docs_cite_code_by_names_that_exist():
+    missing = [f"{doc}: {mod.__name__}.{name}{'.' + member if member else ''}"
+               for doc, mod, name, member in cited_names()
+               if not hasattr(mod, name) or (member and not hasattr(getattr(mod, name), member))]
+    assert not missing, "docs cite code that no longer exists: " + "; ".join(sorted(set(missing)))
+
+
+def test_the_citation_check_finds_citations():
+    assert len(list(cited_names())) >= 10
