@@ -1,4 +1,4 @@
-"""Speed benchmark, `python -m samlib bench`: the paper's input pipeline against samlib's, side by side.
+"""Speed benchmark, `python benchmarks/bench.py --out X.json`: the paper's input pipeline against samlib's.
 
 The paper's code (SAMResNet.py) augments each image on its own as a PIL image in DataLoader workers, then copies
 batches to the GPU; samlib keeps the training set on the device as uint8 and augments whole batches there (as
@@ -15,10 +15,12 @@ after an untimed warm-up, with the device synchronised before every clock read.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,9 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from samlib import data as D
+from samlib import paths
 from samlib.augment import mix_batch, one_hot
+from samlib.cli import error_message
 from samlib.config import resolve
 from samlib.device import resolve_device
+from samlib.errors import SamlibError
 from samlib.infer import PAPER_TTA, _check_images, _forward, _model_device, _pixel_batch, predict_logits
 from samlib.io import atomic_write_text
 from samlib.rundir import describe_data, provenance
@@ -349,7 +354,7 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     width = width or (64 if cuda else 16)
     plan_name = select_plan(device, quick=quick, full=full)
     plan = PLANS[plan_name]
-    print(f"samlib bench, plan {plan_name!r}: {PLAN_COST[plan_name]}", flush=True)
+    print(f"bench, plan {plan_name!r}: {PLAN_COST[plan_name]}", flush=True)
     profile = "paper" if cuda else "quick"
     # epochs=200: enough scheduler steps for any benchmark length (speed is unaffected).
     cfg = resolve("final", profile, widths=(width, 2 * width, 4 * width), epochs=200)
@@ -363,7 +368,7 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
            "amp": trainer.precision, "naive_num_workers": min(2, os.cpu_count() or 1),
            "train_images": len(y_train), "quick": quick, "plan": plan_name,
            "load_average_at_start": _load()}
-    print(f"samlib bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
+    print(f"bench on {env['device']}: width {width}, batch {cfg.batch_size}, {source}")
     print(f"{'images/s':<18}{'naive':>14}{'samlib':>14}{'ratio':>10}", flush=True)
     result = {"augment": time_augment(trainer, x_train, y_train, plan, alpha=0.0),
               "augment_mixup": time_augment(trainer, x_train, y_train, plan, alpha=cfg.mix_alpha),
@@ -387,3 +392,35 @@ def run_benchmark(out, width: int | None = None, device=None, quick: bool = Fals
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return report
+
+
+def main(argv=None) -> int:
+    """The command line: its paths checked first; a SamlibError or OSError is one `error:` line (exit 2)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="json file to write")
+    parser.add_argument("--width", type=int, help="first-stage width (default: 64 on GPU, 16 on CPU)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when available)")
+    plans = parser.add_mutually_exclusive_group()
+    plans.add_argument("--quick", action="store_true", help="fewer repeats (tests)")
+    plans.add_argument("--full", action="store_true",
+                       help="on a CPU, the long, precise plan; a GPU always runs its full plan")
+    parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: ./data, else synthetic)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for the timed process")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing (CUDA)")
+    args = parser.parse_args(argv)
+    try:
+        paths.output_dir(args.out, "--out", is_file=True)
+        if args.data_dir is not None:
+            paths.resolved(args.data_dir, "--data-dir")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_benchmark(args.out, width=args.width, device=args.device, quick=args.quick,
+                      data_dir=args.data_dir or "auto", compile=False if args.no_compile else None, full=args.full)
+    except (SamlibError, OSError) as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -109,7 +109,7 @@ fi
 
 # (b) speed benchmark: paper width on the GPU; the smoke dry run keeps it quick and narrow
 if [ "$PROFILE" = smoke ]; then BENCH_ARGS=(--quick --width 8); else BENCH_ARGS=(--width 64); fi
-step bench "$PY" -m samlib bench --out "$RESULTS/bench.json" --data-dir "$DATA" "${BENCH_ARGS[@]}"
+step bench "$PY" benchmarks/bench.py --out "$RESULTS/bench.json" --data-dir "$DATA" "${BENCH_ARGS[@]}"
 
 # (c) a `final` run on a shortened schedule, then Figure 1's strategy table (on the GPU:
 # evaluate's default, named explicitly where there is one)

@@ -1,10 +1,6 @@
-"""Batched, on-device training augmentation (paper Section 3.2): crop, flip, Cutout, MixUp, CutMix.
-
-Whole (B, C, H, W) batches with per-sample draws, as airbench does; draws are made on the generator's
-device (None: the global RNG) and moved to the images'.  Pixels stay in [0, 1]: the model normalises.
-"""
-from __future__ import annotations
-
+"""Batched, on-device training augmentation (paper Section 3.2): crop, flip, Cutout, MixUp, CutMix on whole
+batches with per-sample draws, as airbench does.  Draws are made on the generator's device (None: the global
+RNG) and moved to the images'.  Pixels stay in [0, 1]: the model normalises."""
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -12,13 +8,10 @@ from torchvision.transforms.v2 import functional as TF
 MIX_KINDS = ("none", "mixup", "cutmix")
 
 
-def _device(images: torch.Tensor, generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else images.device
-
-
 def _draw(images: torch.Tensor, generator: torch.Generator | None, sample, *args) -> torch.Tensor:
     """sample(*args) drawn on the generator's device, moved to the images' device."""
-    return sample(*args, generator=generator, device=_device(images, generator)).to(images.device)
+    device = generator.device if generator is not None else images.device
+    return sample(*args, generator=generator, device=device).to(images.device)
 
 
 def crop_windows(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, size: tuple):
@@ -35,8 +28,7 @@ def crop_windows(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx
 
 
 def cutout(images: torch.Tensor, size: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One zero square per image (DeVries & Taylor; reference Cutout(1, 16)): centre uniform over
-    all pixels, rows [cy - size//2, cy + size//2) and likewise columns, clipped to the image."""
+    """One zero square per image (DeVries & Taylor; reference Cutout(1, 16)) around a uniform centre, clipped."""
     if size <= 0:
         return images
     b, _, h, w = images.shape
@@ -94,7 +86,7 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float, generator:
     perm = _draw(images, generator, torch.randperm, images.shape[0])
     h, w = images.shape[-2:]
     cut_h, cut_w = int(h * np.sqrt(1.0 - lam)), int(w * np.sqrt(1.0 - lam))
-    dev = _device(images, scalars)
+    dev = scalars.device if scalars is not None else images.device
     cy, cx = (int(torch.randint(0, n, (), generator=scalars, device=dev)) for n in (h, w))
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)

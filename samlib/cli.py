@@ -1,24 +1,19 @@
-"""Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep,bench} ...`.
+"""Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep} ...`.
 A user's mistake is one `error: ...` line (exit 2), a bug keeps its traceback; Ctrl-C (130) and SIGTERM (143)
 keep the last good checkpoint, so the same command again resumes."""
-from __future__ import annotations
-
 import argparse
 import contextlib
 import errno
-import importlib.util
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from . import paths
 from .config import PROFILES, SEED_MAX
 from .errors import SamlibError
 from .infer import STRATEGIES
-
-SYNTHETIC_MAX = 100_000        # images per split of `synthetic` (CIFAR-10 has 50,000 + 10,000)
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"     # in a checkout, not installed
 
 FLAG = {"action": "store_true"}
 DATA_DIR = ("--data-dir", {"required": True, "help": "folder holding cifar-10-batches-py"})
@@ -26,19 +21,18 @@ PROFILE = ("--profile", {"default": "paper", "help": " | ".join(PROFILES)})
 OUT = ("--out", {"default": "runs", "help": "parent folder of run directories"})
 DEVICE = ("--device", {"help": "cpu | cuda | cuda:1 (default: cuda when available)"})
 SET = ("--set", {"action": "append", "metavar": "KEY=VALUE", "help": "override a config field"})
-RUN_DIR = ("run_dir", {})
 
-# command -> (help, arguments); a list among the arguments is a group of flags that exclude each other.
+# command -> (help, arguments)
 COMMANDS = {
     "train": ("train a named config at a profile (or reuse/resume its run)", [
         ("--config", {"default": "final", "help": "baseline | se | se_mixup | final | final+<switch>"}),
         PROFILE, DATA_DIR, ("--download", {**FLAG, "help": "download CIFAR-10 into --data-dir if absent"}),
         OUT, ("--seed", {"type": int}), DEVICE, SET, ("--no-progress", FLAG)]),
     "evaluate": ("Figure 1's table of inference strategies for a run", [
-        RUN_DIR, DATA_DIR, DEVICE,
+        ("run_dir", {}), DATA_DIR, DEVICE,
         ("--allow-other-data", {**FLAG, "help": "evaluate on data other than the run was trained on"})]),
     "submit": ("write a Kaggle submission (ID,Labels) for an unlabeled file", [
-        RUN_DIR, ("--input", {"required": True, "help": "the competition's test pickle"}),
+        ("run_dir", {}), ("--input", {"required": True, "help": "the competition's test pickle"}),
         ("--output", {"default": "submission.csv"}),
         ("--strategy", {"default": "ensemble+tta", "help": " | ".join(STRATEGIES)}), DEVICE]),
     "synthetic": ("write a small synthetic cifar-10-batches-py (offline tests)", [
@@ -49,43 +43,29 @@ COMMANDS = {
         PROFILE, DATA_DIR, OUT, SET,
         ("--devices", {"help": "comma-separated, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)"}),
         ("--plan", {**FLAG, "help": "print the plan and its estimate, train nothing"})]),
-    "bench": ("side-by-side speed benchmark (naive vs samlib; benchmarks/bench.py)", [
-        ("--out", {"required": True, "help": "json file to write"}),
-        ("--width", {"type": int, "help": "first-stage width (default: 64 on GPU, 16 on CPU)"}), DEVICE,
-        [("--quick", {**FLAG, "help": "fewer repeats (tests)"}),
-         ("--full", {**FLAG, "help": "on a CPU, the long, precise plan; a GPU always runs its full plan"})],
-        ("--data-dir", {"help": "folder holding cifar-10-batches-py (default: ./data, else synthetic images)"}),
-        ("--threads", {"type": int, "help": "torch CPU threads for the timed process"}),
-        ("--no-compile", {**FLAG, "help": "skip the torch.compile timing (CUDA)"})]),
 }
 
-# Every path flag, checked (samlib.paths) before any work starts: "in" (symlink loops), "out" (a writable
-# folder) or "file" (a writable file).
+# Path flags, checked (samlib.paths) before any work: "in" (read), "out" (a writable folder) or "file" (a file to write)
 PATH_FLAGS = {
     "train": {"out": ("--out", "out"), "data_dir": ("--data-dir", "in")},
     "evaluate": {"run_dir": ("the run directory", "in"), "data_dir": ("--data-dir", "in")},
     "submit": {"run_dir": ("the run directory", "in"), "input": ("--input", "in"), "output": ("--output", "file")},
     "synthetic": {"dir": ("the folder", "out")},
     "sweep": {"out": ("--out", "out"), "data_dir": ("--data-dir", "in")},
-    "bench": {"out": ("--out", "file"), "data_dir": ("--data-dir", "in")},
 }
 
 
-def _items(text: str, flag: str, example: str) -> list:
+def _items(text: str, flag: str, example: str, seeds: bool = False) -> list:
+    """The entries of a comma-separated flag; with `seeds`, integers in [0, SEED_MAX]."""
     items = [item.strip() for item in str(text).split(",")]
     if not all(items):
         raise SamlibError(f"{flag} expects a comma-separated list without empty entries "
                           f"(e.g. {flag} {example}), got {text!r}")
-    return items
-
-
-def _seeds(text: str) -> list:
-    items = _items(text, "--seeds", "84,85")
-    for item in items:
+    for item in items if seeds else ():
         if not item.isdecimal() or int(item) > SEED_MAX:
-            raise SamlibError(f"--seeds expects comma-separated integers in [0, {SEED_MAX}] "
-                              f"(e.g. --seeds 84,85), got {item!r} in {text!r}")
-    return [int(item) for item in items]
+            raise SamlibError(f"{flag} expects comma-separated integers in [0, {SEED_MAX}] "
+                              f"(e.g. {flag} {example}), got {item!r} in {text!r}")
+    return [int(item) for item in items] if seeds else items
 
 
 def _overrides(pairs) -> dict:
@@ -129,11 +109,10 @@ def cmd_submit(args) -> None:
 
 
 def cmd_synthetic(args) -> None:
-    from . import paths
     from .data import FOLDER, synthetic_cifar10, write_cifar10
 
-    for flag, value, low, high in (("--n-train", args.n_train, 1, SYNTHETIC_MAX),
-                                   ("--n-test", args.n_test, 1, SYNTHETIC_MAX), ("--seed", args.seed, 0, SEED_MAX)):
+    for flag, value, low, high in (("--n-train", args.n_train, 1, 100_000), ("--n-test", args.n_test, 1, 100_000),
+                                   ("--seed", args.seed, 0, SEED_MAX)):
         if not low <= value <= high:
             raise SamlibError(f"{flag} must be an integer in [{low}, {high}], got {value}")
     target = Path(args.dir) / FOLDER
@@ -142,18 +121,17 @@ def cmd_synthetic(args) -> None:
     try:
         folder = write_cifar10(args.dir, dataset)
     except OSError as e:
-        raise SamlibError(f"cannot write the synthetic data to {target}: {e.strerror or e}"
-                          f"{f' ({e.filename})' if e.filename else ''}; choose a writable folder "
-                          "with free space, then run the same command again") from None
+        raise SamlibError(f"cannot write the synthetic data to {target}: {error_message(e)}") from None
     print(folder)
 
 
 def cmd_sweep(args) -> None:
     from .config import resolve
     from .device import resolve_device
+    from .plan import show_plan
     from .sweep import sweep
 
-    configs, seeds = _items(args.configs, "--configs", "baseline,se"), _seeds(args.seeds)
+    configs, seeds = _items(args.configs, "--configs", "baseline,se"), _items(args.seeds, "--seeds", "84,85", True)
     devices = _items(args.devices, "--devices", "cuda:0,cuda:1") if args.devices else None
     overrides = _overrides(args.set)
     for config in configs:          # every job's settings, checked before any job starts
@@ -166,7 +144,7 @@ def cmd_sweep(args) -> None:
         if subprocess.run([sys.executable, "-m", "samlib", *args.argv, "--plan"]).returncode != 0:
             raise SamlibError("the sweep's plan failed (see the line above); nothing was trained")
     else:
-        _show_plan(args, configs, seeds, overrides, device, slots)
+        show_plan(configs, seeds, args.profile, args.out, device, slots, **overrides)
     if args.plan:
         return
     set_flags = [flag for pair in (args.set or ()) for flag in ("--set", pair)]
@@ -177,71 +155,19 @@ def cmd_sweep(args) -> None:
                           ", ".join(str(r[4]) for r in failed))
 
 
-def _show_plan(args, configs, seeds, overrides, device, slots) -> None:
-    """Print the sweep's plan and estimate, probed on `device` at each job's OMP_NUM_THREADS (sweep.job_env)."""
-    import torch
-
-    from .plan import estimate, format_plan, plan_runs, wall_seconds
-    from .progress import format_duration
-    from .rundir import describe_device
-    from .sweep import job_env
-
-    threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads or before)
-        plan = estimate(plan_runs(configs, seeds, args.profile, args.out, **overrides), args.profile, device,
-                        say=lambda line: print(line, flush=True), **overrides)
-    finally:
-        torch.set_num_threads(before)
-    text = format_plan(plan, describe_device(device))
-    if len(slots) > 1:
-        each = f", {threads} thread(s) each" if threads else ""
-        wall = format_duration(wall_seconds(plan, len(slots)))
-        text += f"; {len(slots)} jobs side by side{each}: about {wall} from start to end"
-    print(text, flush=True)
-
-
-def load_bench():
-    """benchmarks/bench.py of this checkout, loaded once by its path."""
-    if "benchmarks.bench" not in sys.modules:
-        if not BENCH.is_file():
-            raise SamlibError(f"the benchmark lives in the repository, not in the installed package: {BENCH} "
-                              "not found; run `python -m samlib bench` from a checkout of samlib")
-        spec = importlib.util.spec_from_file_location("benchmarks.bench", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[spec.name] = module
-    return sys.modules["benchmarks.bench"]
-
-
-def cmd_bench(args) -> None:
-    import torch
-
-    bench = load_bench()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bench.run_benchmark(args.out, width=args.width, device=args.device, quick=args.quick,
-                        data_dir=args.data_dir or "auto", compile=False if args.no_compile else None,
-                        full=args.full)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m samlib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, arguments) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text)
-        for argument in arguments:
-            group = command.add_mutually_exclusive_group() if isinstance(argument, list) else command
-            for flag, options in (argument if isinstance(argument, list) else [argument]):
-                group.add_argument(flag, **options)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
     return parser
 
 
 def check_paths(args) -> None:
-    from . import paths
-
-    check = {"in": paths.resolved, "out": paths.output_dir, "file": paths.output_file}
+    check = {"in": paths.resolved, "out": paths.output_dir,
+             "file": lambda path, what: paths.output_dir(path, what, is_file=True)}
     for name, (what, kind) in PATH_FLAGS[args.command].items():
         value = getattr(args, name, None)
         if value is not None:
@@ -294,11 +220,15 @@ OS_HINTS = {
 }
 
 
-def _os_error_message(e: OSError) -> str:
-    where = "".join(f" {name}" for name in (e.filename, e.filename2) if name is not None)
-    what = e.strerror or str(e) or type(e).__name__
-    hint = OS_HINTS.get(e.errno, "check the paths given and try again")
-    return f"{what}{':' + where if where else ''}; {hint}, then run the same command again"
+def error_message(e: Exception) -> str:
+    """A SamlibError or OSError as one line for the user; an OSError's says what to do."""
+    message = str(e)
+    if isinstance(e, OSError):
+        where = "".join(f" {name}" for name in (e.filename, e.filename2) if name is not None)
+        hint = OS_HINTS.get(e.errno, "check the paths given and try again")
+        message = (f"{e.strerror or message or type(e).__name__}{':' + where if where else ''}; {hint}, "
+                   "then run the same command again")
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip()) or "failed"
 
 
 def main(argv=None) -> int:
@@ -310,9 +240,7 @@ def main(argv=None) -> int:
             check_paths(args)
             globals()[f"cmd_{args.command}"](args)      # looked up now, so that tests can replace a command
         except (SamlibError, OSError) as e:
-            message = _os_error_message(e) if isinstance(e, OSError) else str(e)
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            print(f"error: {'; '.join(lines) or 'failed'}", file=sys.stderr)
+            print(f"error: {error_message(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (SIGINT)"

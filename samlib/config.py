@@ -1,16 +1,12 @@
 """Configurations as plain data: the Table 1 configs (Section 4), the paper/code switches, and profiles
 (how big a run is).  `resolve` gives the frozen `Config` a run records and hashes into its folder name;
-this module is the one validation of every setting.
-"""
-from __future__ import annotations
-
+this module is the one validation of every setting."""
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
+import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from .augment import MIX_KINDS
 from .device import AMP_MODES
@@ -34,9 +30,9 @@ class Config:
     # Data: a stratified validation split for checkpoint selection and temperature fitting.
     val_size: int = 5000
     split_seed: int = 0
-    train_subset: Optional[int] = None   # profile knob: train on a stratified subset
-    test_subset: Optional[int] = None    # profile knob: smaller test set (smoke only)
-    test_eval_size: Optional[int] = None  # per-epoch test curve on this many; final eval uses all
+    train_subset: int | None = None      # profile knob: train on a stratified subset
+    test_subset: int | None = None       # profile knob: smaller test set (smoke only)
+    test_eval_size: int | None = None    # per-epoch test curve on this many; final eval uses all
     train_eval_size: int = 5000          # clean (un-augmented) train accuracy on this many
     # Augmentation (Section 3.2).
     crop_padding: int = 4
@@ -80,15 +76,13 @@ class Config:
         return tuple(field for field, inert in rules.items() if inert)
 
     def hash(self) -> str:
-        """Stable hash of what affects the result: not speed knobs, inert settings or ADDED_LATER ones at
-        their default (so older runs keep their names)."""
+        """Stable hash of what affects the result (the run folder's name): no speed knobs or inert settings."""
         skip = set(SPEED_KNOBS + self.inert_fields())
-        skip |= {k for k, default in ADDED_LATER.items() if getattr(self, k) == default}
+        if self.ema_reset == "never":   # added after runs were named: at its default, older names stay valid
+            skip.add("ema_reset")
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
-
-ADDED_LATER = {"ema_reset": "never"}   # settings added after runs were named, at their default
 
 # Table 1 (Section 4): each row adds one component.
 TABLE1 = ("baseline", "se", "se_mixup", "final")
@@ -118,15 +112,13 @@ CONFIGS = {
 # with it: the warm-up (10 of 200 epochs) and the EMA decay, whose horizon 1 / (1 - decay) stays
 # at the paper's 1.4% of all steps (smoke: 0.5, since the rule gives less than one step).
 PROFILES = {
-    "smoke": dict(widths=(8, 16, 32), epochs=2, batch_size=64, train_subset=768, val_size=256,
-                  test_subset=512, train_eval_size=256, warmup_epochs=1, eval_batch_size=256,
-                  ema_decay=0.5),                                   # seconds on a CPU: CI, nbval
-    "quick": dict(widths=(16, 32, 64), epochs=8, batch_size=128, train_subset=8000,
-                  val_size=1000, test_eval_size=2000, train_eval_size=1000, warmup_epochs=1,
-                  eval_batch_size=250, ema_decay=0.84),             # minutes on a CPU, real data
-    "cpu": dict(widths=(16, 32, 64), epochs=20, batch_size=128, test_eval_size=1000,
-                train_eval_size=1000, warmup_epochs=1, eval_batch_size=500,
-                ema_decay=0.99),                                    # the committed CPU report
+    "smoke": dict(widths=(8, 16, 32), epochs=2, batch_size=64, train_subset=768, val_size=256, test_subset=512,
+                  train_eval_size=256, warmup_epochs=1, eval_batch_size=256, ema_decay=0.5),  # seconds: CI, nbval
+    "quick": dict(widths=(16, 32, 64), epochs=8, batch_size=128, train_subset=8000, val_size=1000,
+                  test_eval_size=2000, train_eval_size=1000, warmup_epochs=1, eval_batch_size=250,
+                  ema_decay=0.84),                                  # minutes on a CPU, real data
+    "cpu": dict(widths=(16, 32, 64), epochs=20, batch_size=128, test_eval_size=1000, train_eval_size=1000,
+                warmup_epochs=1, eval_batch_size=500, ema_decay=0.99),  # the committed CPU report
     "paper": dict(),                                                # 200 epochs at full width
 }
 
@@ -143,11 +135,11 @@ _INTS = {  # field -> (lowest, highest, None allowed)
     "crop_padding": (0, 32, False), "cutout": (0, 32, False),     # pixels of a 32x32 image
     "seed": (0, SEED_MAX, False), "split_seed": (0, SEED_MAX, False),
 }
-_REALS = {  # field -> (low, low excluded, high, high excluded); None: unbounded
-    "lr": (0, True, None, False), "momentum": (0, False, 1, True),
-    "weight_decay": (0, False, None, False), "mix_alpha": (0, True, None, False),
-    "ema_decay": (0, True, 1, True), "lookahead_alpha": (0, True, 1, False),
-    "pct_start": (0, True, 1, True), "grad_clip": (0, False, None, False),
+_REALS = {  # field -> (the allowed range in words, its test)
+    "lr": ("> 0", lambda v: v > 0), "momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": (">= 0", lambda v: v >= 0), "mix_alpha": ("> 0", lambda v: v > 0),
+    "ema_decay": ("in (0, 1)", lambda v: 0 < v < 1), "lookahead_alpha": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "pct_start": ("in (0, 1)", lambda v: 0 < v < 1), "grad_clip": (">= 0", lambda v: v >= 0),
 }
 _STAGES = {"widths": 8192, "blocks": 1000}     # per-stage channels, blocks: integers in [1, max]
 _BOOLS = ("se", "flip", "alpha_ramp", "nesterov", "ema", "compile", "channels_last")
@@ -160,32 +152,6 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _int_problem(field, v, lo, hi, none_ok):
-    allowed = f"an integer in [{lo}, {hi}]" + (" or none" if none_ok else "")
-    if v is None and none_ok:
-        return None
-    if not _is_int(v):
-        return f"{field} must be {allowed}, got {v!r}"
-    if not lo <= v <= hi:
-        return f"{field} must be {f'>= {lo}' if v < lo else f'<= {hi}'}, got {v} (allowed: {allowed})"
-    return None
-
-
-def _real_problem(field, v, lo, lo_open, hi, hi_open):
-    if hi is None:
-        rule = f"{'>' if lo_open else '>='} {lo}"
-    else:
-        rule = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    try:
-        finite = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-    except OverflowError:        # an integer beyond any float
-        finite = False
-    if not finite:
-        return f"{field} must be a finite number {rule}, got {v!r}"
-    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    return None if ok else f"{field} must be {rule}, got {v!r}"
-
-
 def _validate(cfg: Config) -> None:
     """Every setting against its allowed range: a ConfigError naming the first bad one."""
     def need(ok, msg, field):
@@ -194,23 +160,29 @@ def _validate(cfg: Config) -> None:
 
     need(isinstance(cfg.name, str) and cfg.name != "", f"name must be a non-empty string, got {cfg.name!r}",
          "name")
-    for table, check in ((_INTS, _int_problem), (_REALS, _real_problem)):
-        for field, bounds in table.items():
-            problem = check(field, getattr(cfg, field), *bounds)
-            need(problem is None, problem, field)
+    for field, (lo, hi, none_ok) in _INTS.items():
+        v = getattr(cfg, field)
+        allowed = f"an integer in [{lo}, {hi}]" + (" or none" if none_ok else "")
+        need(_is_int(v) or (v is None and none_ok), f"{field} must be {allowed}, got {v!r}", field)
+        need(v is None or v >= lo, f"{field} must be >= {lo}, got {v} (allowed: {allowed})", field)
+        need(v is None or v <= hi, f"{field} must be <= {hi}, got {v} (allowed: {allowed})", field)
+    for field, (rule, test) in _REALS.items():
+        v = getattr(cfg, field)
+        # finite: not inf or nan, nor an integer beyond any float
+        finite = isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
+        need(finite, f"{field} must be a finite number {rule}, got {v!r}", field)
+        need(test(v), f"{field} must be {rule}, got {v!r}", field)
+    settings = vars(cfg)
     for field in _BOOLS:
-        v = getattr(cfg, field)
-        need(isinstance(v, bool), f"{field} must be true or false, got {v!r}", field)
+        need(isinstance(settings[field], bool), f"{field} must be true or false, got {settings[field]!r}", field)
     for field, options in _OPTIONS.items():
-        v = getattr(cfg, field)
-        need(v in options, f"{field} must be one of {options}, got {v!r}", field)
+        need(settings[field] in options, f"{field} must be one of {options}, got {settings[field]!r}", field)
     for field, hi in _STAGES.items():
-        v = getattr(cfg, field)
+        v = settings[field]
         need(isinstance(v, (tuple, list)) and len(v) >= 1 and all(_is_int(x) and 1 <= x <= hi for x in v),
              f"{field} must be positive integers (each in [1, {hi}]), one per stage, got {v!r}", field)
-    need(len(cfg.widths) == len(cfg.blocks),
-         f"widths {cfg.widths} and blocks {cfg.blocks} must be of equal length (one of each per stage)",
-         "widths")
+    need(len(cfg.widths) == len(cfg.blocks), f"widths {cfg.widths} and blocks {cfg.blocks} must be of equal "
+         "length (one of each per stage)", "widths")
     need(not cfg.nesterov or cfg.momentum > 0,
          f"momentum must be > 0 when nesterov is on (torch's SGD requires it), got {cfg.momentum} "
          "(or turn nesterov off: --set nesterov=false)", "momentum")
@@ -223,20 +195,18 @@ def _validate(cfg: Config) -> None:
 
 
 def _coerce(field: dataclasses.Field, value):
-    """Turn a command-line string (or a json value) into the field's type."""
+    """A command-line string (or a json value) as the field's type."""
     if not isinstance(value, str):
         return tuple(value) if isinstance(value, list) else value
     default = field.default
     if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{field.name} must be true or false, got {value!r}")
+        if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{field.name} must be true or false, got {value!r}")
+        return value.lower() in ("1", "true", "yes", "on")
     try:
         if isinstance(default, tuple):
             return tuple(int(v) for v in value.strip("()[] ").split(","))
-        if isinstance(default, int) or (default is None and field.name != "name"):
+        if isinstance(default, int) or default is None:     # None: the optional image counts
             return None if value.lower() == "none" else int(value)
         if isinstance(default, float):
             return float(value)
@@ -268,20 +238,16 @@ _FILE_FIX = ("the file was edited by hand or damaged: restore it, or move its ru
              "(or delete it) and train the run again")
 
 
-def _stored_problem(v, in_list: bool = False) -> str | None:
-    """Why `v` cannot be a stored setting: a JSON scalar (64-bit integers, valid Unicode) or a flat list of them."""
-    if isinstance(v, (list, tuple)) and not in_list:
-        return next((f"[{i}] {p}" for i, p in enumerate(_stored_problem(x, True) for x in v) if p), None)
-    if _is_int(v) and abs(v) >= 2**63:
-        return f"holds an integer too large for any setting ({v.bit_length()} bits)"
-    if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"holds text that is not valid Unicode ({v!a})"
-    if v is not None and not isinstance(v, (bool, int, float, str)):
-        return f"must be a number, text, true/false or null, got {type(v).__name__}"
-    return None
+def _check_stored(v) -> None:
+    """A stored setting is a JSON scalar (64-bit integers, valid Unicode) or a flat list of them."""
+    for i, x in enumerate(v) if isinstance(v, (list, tuple)) else [(None, v)]:
+        at = "" if i is None else f"[{i}] "
+        if _is_int(x) and abs(x) >= 2**63:
+            raise ConfigError(f"{at}holds an integer too large for any setting ({x.bit_length()} bits)")
+        if isinstance(x, str) and any("\ud800" <= c <= "\udfff" for c in x):    # what UTF-8 cannot encode
+            raise ConfigError(f"{at}holds text that is not valid Unicode ({x!a})")
+        if x is not None and not isinstance(x, (bool, int, float, str)):
+            raise ConfigError(f"{at}must be a number, text, true/false or null, got {type(x).__name__}")
 
 
 def from_dict(d: dict, source: str = "config.json") -> Config:
@@ -290,14 +256,11 @@ def from_dict(d: dict, source: str = "config.json") -> Config:
         raise ConfigError(f"{source} must hold an object of settings, got {type(d).__name__}; {_FILE_FIX}")
     unknown = sorted(str(k) for k in d if k not in _FIELDS)
     if unknown:
-        raise ConfigError(f"{source} has unknown setting(s) {unknown}; written by another samlib "
-                          f"version? {_FILE_FIX}")
+        raise ConfigError(f"{source} has unknown setting(s) {unknown}; written by another samlib version? {_FILE_FIX}")
     values = {}
     for key, value in d.items():
-        problem = _stored_problem(value)
-        if problem:
-            raise ConfigError(f"{source}: field '{key}' {problem}; {_FILE_FIX}")
         try:
+            _check_stored(value)
             values[key] = _coerce(_FIELDS[key], value)
         except ConfigError as e:
             raise ConfigError(f"{source}: field '{key}': {e}; {_FILE_FIX}") from None

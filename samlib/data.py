@@ -1,8 +1,6 @@
-"""CIFAR-10 on disk (uint8 (N, 32, 32, 3) images, int64 labels 0..9): loading, restricted unpickling of
-untrusted files (samlib.unpickle: anything wrong is a DataError), splits, synthetic data.
-"""
+"""CIFAR-10 (uint8 (N, 32, 32, 3) images, int64 labels 0..9): the folder on disk (its pickles are read
+by samlib.unpickle), the normalisation constants, splits and synthetic data."""
 import hashlib
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from samlib.errors import ConfigError, DataError
-from samlib.errors import read_bytes
-from samlib.unpickle import ALLOWED, KAGGLE_FIX, REPLACE, as_dict, class_names, ids_of, images_of, keys_of, labels_of
+from samlib.unpickle import read_batch, read_class_names, read_kaggle
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # reference code and paper
 STD_AS_RUN = (0.2023, 0.1994, 0.2010)  # the widely copied std the reference code ran with
 STD_TRUE = (0.2470, 0.2435, 0.2616)    # true per-channel std of the training set
@@ -22,8 +18,7 @@ STD_TRUE = (0.2470, 0.2435, 0.2616)    # true per-channel std of the training se
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-# Official MD5 sums, as in torchvision.datasets.CIFAR10.train_list/test_list/meta.
-OFFICIAL_MD5 = dict(zip((*TRAIN_FILES, "test_batch", "batches.meta"), (
+OFFICIAL_MD5 = dict(zip((*TRAIN_FILES, "test_batch", "batches.meta"), (   # as in torchvision.datasets.CIFAR10
     "c99cafc152244af753f735de768cd75f", "d4bba439e000b95fd0a9bffe97cbabec",
     "54ebc095f3ab1f0389bbae665268c751", "634d18415352ddfa80567beed471001a",
     "482c414d41f54cd18b22e5b47cb7c3cb", "40351d587109b95175f43aff81a1287e",
@@ -40,16 +35,13 @@ class CIFAR10:
     classes: tuple = CLASSES
 
     def __repr__(self):
-        return (f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, "
-                f"classes={len(self.classes)})")
+        return f"CIFAR10(train={len(self.train_labels)}, test={len(self.test_labels)}, classes={len(self.classes)})"
 
 
 def fingerprint(dataset: CIFAR10) -> str:
-    """A short hash of the data a run trains on (labels, shapes, a strided image sample): a cached
-    run is never reused for other data."""
+    """A short hash of the data (labels, shapes, strided image sample): a cached run is never reused for other data."""
     h = hashlib.sha256()
-    for array in (dataset.train_labels, dataset.test_labels, dataset.train_images[::50],
-                  dataset.test_images[::50]):
+    for array in (dataset.train_labels, dataset.test_labels, dataset.train_images[::50], dataset.test_images[::50]):
         h.update(str(array.shape).encode())
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()[:12]
@@ -67,61 +59,19 @@ def channel_stats(images, chunk=4096):
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only the globals in samlib.unpickle.ALLOWED."""
-    def __init__(self, file, source):
-        super().__init__(file, encoding="bytes")
-        self.source = source
-
-    def find_class(self, module, name):
-        if (module, name) in ALLOWED:
-            return ALLOWED[(module, name)]
-        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
-                        "files contain only dicts, lists, strings, ints and numpy arrays; "
-                        "this file may be malicious: delete it and download the original again")
-
-
-def safe_pickle_load(path_or_fileobj):
-    """pickle.load(f, encoding="bytes") through _RestrictedUnpickler; any problem is a DataError naming the file."""
-    own = not hasattr(path_or_fileobj, "read")
-    source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
-    f = io.BytesIO(read_bytes(path_or_fileobj, DataError, REPLACE)) if own else path_or_fileobj
-    try:
-        return _RestrictedUnpickler(f, source).load()
-    except DataError:
-        raise
-    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
-        raise DataError(f"{source}: truncated or not a pickle ({type(e).__name__}: "
-                        f"{str(e)[:200]}); {REPLACE}") from None
-
-
 def _guidance(root):
     return (f"put the CIFAR-10 python batches in {Path(root) / FOLDER} (extract {URL} into "
             f"{root}), or pass download=True (CLI: --download) to fetch them, or build the "
             f"offline copy with `python ../shared/data/make_cifar10.py {root}`")
 
 
-def _read_batch(path):
-    d = as_dict(safe_pickle_load(path), path, "b'data' and b'labels'")
-    missing = [k for k in ("data", "labels") if k not in d]
-    if missing:
-        raise DataError(f"{path}: no {missing} entry (keys: {keys_of(d)}); "
-                        f"is this a CIFAR-10 python batch? {REPLACE}")
-    x = images_of(d["data"], path)
-    return x, labels_of(d["labels"], len(x), path)
-
-
 def has_official_md5(root) -> bool:
     """True when every file under root/cifar-10-batches-py (or root itself) has its official MD5."""
     folder = Path(root) if Path(root).name == FOLDER else Path(root) / FOLDER
-
-    def matches(path: Path, md5: str) -> bool:
-        try:
-            return path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() == md5
-        except OSError:      # unreadable: not the official file as far as we can tell
-            return False
-
-    return all(matches(folder / f, md5) for f, md5 in OFFICIAL_MD5.items())
+    try:
+        return all(hashlib.md5((folder / f).read_bytes()).hexdigest() == md5 for f, md5 in OFFICIAL_MD5.items())
+    except OSError:      # missing, a folder or unreadable: not the official files
+        return False
 
 
 def _kind(path: Path) -> str:
@@ -133,8 +83,7 @@ def _kind(path: Path) -> str:
 
 
 def describe_source(dataset: CIFAR10, data_dir=None) -> str:
-    """The data-source label every reported number carries: the official files, the JPEG copy
-    (full size, other MD5 sums), or what else it is (synthetic data, an in-memory dataset)."""
+    """The data-source label every reported number carries: official files, JPEG copy, synthetic or in-memory."""
     if data_dir is None:
         return f"in-memory dataset ({len(dataset.train_labels)} train / {len(dataset.test_labels)} test)"
     if has_official_md5(data_dir):
@@ -167,10 +116,9 @@ def load_cifar10(root, download=False):
         raise DataError(f"{folder} is missing {', '.join(missing)}; " + _guidance(root))
     if not has_official_md5(folder):
         print(f"note: {FOLDER} does not carry the official MD5 sums (e.g. the JPEG copy); loading anyway")
-    train = [_read_batch(folder / f) for f in TRAIN_FILES]
-    test_x, test_y = _read_batch(folder / "test_batch")
-    meta_path = folder / "batches.meta"
-    classes = class_names(as_dict(safe_pickle_load(meta_path), meta_path, "b'label_names'"), meta_path)
+    train = [read_batch(folder / f) for f in TRAIN_FILES]
+    test_x, test_y = read_batch(folder / "test_batch")
+    classes = read_class_names(folder / "batches.meta")
     train_x = np.concatenate([x for x, _ in train])
     if len(train_x) == 0 or len(test_x) == 0:
         raise DataError(f"{folder}: the training and test batches must each hold images; " + _guidance(root))
@@ -178,8 +126,7 @@ def load_cifar10(root, download=False):
 
 
 def write_cifar10(root, dataset, batches=5):
-    """Write `dataset` as root/cifar-10-batches-py (python batches, protocol 2), the training set
-    split evenly over data_batch_1..`batches`; returns the folder."""
+    """Write `dataset` as root/cifar-10-batches-py (protocol 2), the training set split over `batches` files."""
     n = len(dataset.train_labels)
     if batches < 1:
         raise ConfigError(f"batches={batches}: need at least one training batch")
@@ -202,28 +149,15 @@ def write_cifar10(root, dataset, batches=5):
 
 
 def load_unlabeled(path):
-    """The Kaggle file (cifar_test_nolabel.pkl: b'data' uint8 (N, 32, 32, 3), or flat (N, 3072)
-    channel-planar rows in the 2024 file; b'ids') -> (uint8 (N, 32, 32, 3) images, ids)."""
-    path = Path(path)
-    if _kind(path) == "missing":
+    """The Kaggle test file cifar_test_nolabel.pkl -> (uint8 (N, 32, 32, 3) images, ids)."""
+    if _kind(Path(path)) == "missing":
         raise DataError(f"unlabeled test file {path} not found; download cifar_test_nolabel.pkl "
                         "from the Kaggle competition page and pass its path")
-    d = as_dict(safe_pickle_load(path), path, "b'data' and b'ids'")
-    if "data" not in d:
-        raise DataError(f"{path}: no b'data' entry (keys: {keys_of(d)}); "
-                        f"expected the Kaggle cifar_test_nolabel.pkl: {KAGGLE_FIX}")
-    x = images_of(d["data"], path, KAGGLE_FIX)
-    if len(x) == 0:
-        raise DataError(f"{path}: data holds no images; expected N >= 1 images; {KAGGLE_FIX}")
-    if "ids" not in d:
-        print(f"note: {path} has no b'ids'; using ids 0..{len(x) - 1}")
-    ids = ids_of(d["ids"], len(x), path) if "ids" in d else np.arange(len(x))
-    return np.ascontiguousarray(x), ids
+    return read_kaggle(Path(path))
 
 
 def _stratified_pick(labels, k, rng):
-    """Sorted indices of k items, each class contributing k * its fraction (the largest
-    remainders round up, so the total is exactly k)."""
+    """Sorted indices of k items, each class k * its fraction (largest remainders round up: exactly k in all)."""
     classes, counts = np.unique(labels, return_counts=True)
     exact = k * counts / len(labels)
     quota = np.floor(exact).astype(np.int64)
@@ -240,8 +174,6 @@ def split_train_val(labels, val_size=5000, seed=0):
     n = len(labels)
     if not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n:
         raise ConfigError(f"val_size={val_size!r} must be an integer in 0..{n - 1} (there are {n} labels)")
-    if val_size == 0:
-        return np.arange(n, dtype=np.int64), np.zeros(0, np.int64)
     val = _stratified_pick(labels, int(val_size), np.random.default_rng(seed))
     return np.setdiff1d(np.arange(n, dtype=np.int64), val), val
 
@@ -256,9 +188,8 @@ def subset(dataset, n_train=None, n_test=None, seed=0):
         idx = _stratified_pick(y, int(k), rng)
         return x[idx], y[idx]
 
-    tx, ty = pick(dataset.train_images, dataset.train_labels, n_train)
-    vx, vy = pick(dataset.test_images, dataset.test_labels, n_test)
-    return CIFAR10(tx, ty, vx, vy, dataset.classes)
+    return CIFAR10(*pick(dataset.train_images, dataset.train_labels, n_train),
+                   *pick(dataset.test_images, dataset.test_labels, n_test), dataset.classes)
 
 
 def split_data(cfg, dataset: CIFAR10) -> dict:

@@ -1,8 +1,5 @@
 """Where a run computes and at which precision (paper Section 3.3, "AMP"): `precision_for` is the one
-place that turns the config's `amp` into a precision; a started run keeps the one it recorded.
-"""
-from __future__ import annotations
-
+place that turns the config's `amp` into a precision; a started run keeps the one it recorded."""
 import contextlib
 import functools
 import os
@@ -14,17 +11,15 @@ from .errors import SamlibError
 
 AMP_MODES = ("auto", "off")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-REMOVED_ENV = "SAMLIB_CPU_AMP"
-_DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
 CPUINFO = "/proc/cpuinfo"
 
 
 def check_environment() -> None:
     """A removed environment setting is one clear error, not silently ignored."""
-    if REMOVED_ENV in os.environ:
-        raise SamlibError(f"{REMOVED_ENV} is no longer read: the config's amp setting alone decides "
-                          "the precision (--set amp=off trains in fp32 everywhere; a started run keeps "
-                          f"its own precision); unset {REMOVED_ENV}")
+    if "SAMLIB_CPU_AMP" in os.environ:
+        raise SamlibError("SAMLIB_CPU_AMP is no longer read: the config's amp setting alone decides the "
+                          "precision (--set amp=off trains in fp32 everywhere; a started run keeps its own "
+                          "precision); unset SAMLIB_CPU_AMP")
 
 
 def resolve_device(device=None) -> torch.device:
@@ -33,7 +28,7 @@ def resolve_device(device=None) -> torch.device:
     if device is None or device == "":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     name = str(device).strip() if isinstance(device, (str, torch.device)) else None
-    if name is None or not _DEVICE.fullmatch(name):
+    if name is None or not re.fullmatch(r"cpu|cuda(:\d{1,4})?", name):
         raise SamlibError(f"unknown device {device!r}; supported: cpu, cuda or cuda:N (N = 0, 1, ...) "
                           "(e.g. --device cpu, or leave --device out)")
     dev = torch.device(name)
@@ -45,22 +40,19 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
-def _cpuinfo(key: str) -> str | None:
-    """The value of the first `key` line of /proc/cpuinfo, or None."""
+def _cpuinfo(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo, or ""."""
     try:
         with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1]
+            return next((line.split(":", 1)[1] for line in f if line.startswith(key)), "")
     except (OSError, UnicodeDecodeError):
-        pass
-    return None
+        return ""
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or "" (for the provenance)."""
-    return " ".join((_cpuinfo("model name") or "").split())
+    return " ".join(_cpuinfo("model name").split())
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,14 +62,13 @@ def cpu_has_native_bf16() -> bool:
     try:
         flags = {name for name, present in detect().items() if present is True}
     except Exception:   # not in this torch (a private API), or it failed
-        flags = set((_cpuinfo("flags") or "").split())
+        flags = set(_cpuinfo("flags").split())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def precision_for(amp: str, device: torch.device) -> str:
-    """The precision ("fp32" | "bf16" | "fp16") that `amp` ("auto" | "off") picks on `device`: bf16 on
-    a GPU of compute capability 8.0+ or a CPU with native bf16, fp16 + GradScaler on an older GPU,
-    fp32 elsewhere.  (torch.cuda.is_bf16_supported() says yes on older GPUs too, emulated.)"""
+    """The precision `amp` ("auto" | "off") picks on `device`: bf16 on a GPU of compute capability 8.0+ or a
+    CPU with native bf16, fp16 + GradScaler on an older GPU, fp32 elsewhere."""
     if amp == "off":
         return "fp32"
     if device.type == "cpu":
@@ -96,6 +87,5 @@ def runs_natively(precision: str, device: torch.device) -> bool:
 
 def autocast(device: torch.device, precision: str):
     """torch.autocast in `precision` on `device`; a no-op context for fp32."""
-    if PRECISIONS[precision] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

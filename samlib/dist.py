@@ -1,9 +1,6 @@
-"""Data-parallel training under torchrun (NCCL on GPUs, gloo on CPU): every rank draws the same
-numbers, builds the same global batch and trains on its 1/N slice while DistributedDataParallel
-averages the gradients (BatchNorm statistics are per slice).  Rank 0 writes every file.  Without
-torchrun's environment all of this is a no-op.
-"""
-from __future__ import annotations
+"""Data-parallel training under torchrun (NCCL on GPUs, gloo on CPU): every rank builds the same global batch
+and trains on its 1/N slice while DistributedDataParallel averages the gradients (BatchNorm statistics are per
+slice).  Rank 0 writes every file.  Without torchrun's environment all of this is a no-op."""
 
 import os
 

@@ -1,6 +1,5 @@
-"""User-facing errors: a `SamlibError` is a mistake the user can fix; the command line prints its
-message on one line and exits with status 2, notebooks see the exception.  Also the one reader of
-a file the user gave that turns an OSError into such an error."""
+"""User-facing errors: a `SamlibError` is a mistake the user can fix (the command line prints it on one line
+and exits with status 2), and the one reader of a user's file that turns an OSError into such an error."""
 from pathlib import Path
 
 
@@ -30,8 +29,7 @@ def read_problem(path, e: OSError) -> str:
 
 
 def read_bytes(path, error: type, fix: str) -> bytes:
-    """The bytes of a file the user gave; an OSError (permissions, a folder in its place) becomes one
-    `error` naming the file and `fix`."""
+    """The bytes of a file the user gave; an OSError becomes one `error` naming the file and `fix`."""
     try:
         return Path(path).read_bytes()
     except OSError as e:

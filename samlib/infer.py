@@ -1,8 +1,5 @@
 """Inference (paper, "Inference" and Figure 1): batched TTA prediction, ensembling, temperature scaling,
-calibration metrics and the registry of strategies.  ``tta_probs`` averages per-view softmaxes (the usual
-TTA); ``tta_logits`` averages logits as the reference code's ``tta_predict`` did (the "(as run)" row).
-"""
-from __future__ import annotations
+calibration metrics and the registry of strategies."""
 
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -34,8 +31,7 @@ def _pixel_batch(images, start: int, stop: int, device: torch.device) -> torch.T
         x = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device).permute(0, 3, 1, 2)
     else:
         x = images[start:stop].to(device)
-    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.contiguous()
+    return (x.float().div(255.0) if x.dtype == torch.uint8 else x.float()).contiguous()
 
 
 def _model_device(model: torch.nn.Module, device) -> torch.device:
@@ -54,8 +50,7 @@ def _forward(model, x: torch.Tensor, device: torch.device, precision: Optional[s
 def predict_logits(model: torch.nn.Module, images, views: Optional[Sequence[View]] = None,
                    batch_size: int = 1000, device=None, precision: Optional[str] = None, bar=None) -> torch.Tensor:
     """Float32 CPU logits (V, N, classes) of every view (None: the image itself) of uint8 numpy (N, H, W, 3)
-    or tensor (N, 3, H, W) images, in eval mode: chunks of ``batch_size // V`` images pass once with all V
-    views concatenated, autocast in ``precision`` (default: precision_for's)."""
+    or tensor (N, 3, H, W) images in eval mode; each chunk of ``batch_size // V`` images passes once."""
     views = list(views) if views else [View("original", identity)]
     _check_images(images)
     device = _model_device(model, device)
@@ -89,13 +84,13 @@ def _views_and_weights(logits_v: torch.Tensor, weights):
 
 
 def tta_probs(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
-    """(N, classes): softmax(logits / T) of each view, averaged with the view ``weights``."""
+    """(N, classes): softmax(logits / T) of each view, averaged with the view ``weights`` (the usual TTA)."""
     logits_v, w = _views_and_weights(logits_v, weights)
     return torch.einsum("v,vnc->nc", w, torch.softmax(logits_v / temperature, dim=-1))
 
 
 def tta_logits(logits_v: torch.Tensor, weights=None, temperature: float = 1.0) -> torch.Tensor:
-    """(N, classes): the reference code's combination, sum_v w_v * logits_v / T."""
+    """(N, classes): the reference code's ``tta_predict`` combination, sum_v w_v * logits_v / T."""
     logits_v, w = _views_and_weights(logits_v, weights)
     return torch.einsum("v,vnc->nc", w, logits_v / temperature)
 
@@ -125,8 +120,7 @@ def nll(probs: torch.Tensor, labels) -> float:
 
 
 def calibration_bins(probs: torch.Tensor, labels, n_bins: int = 15) -> dict:
-    """Equal-width confidence bins (lower, upper]: edges, and per bin the count, mean confidence and
-    accuracy (NaN where empty)."""
+    """Equal-width confidence bins (lower, upper]: edges; per bin count, mean confidence, accuracy (NaN: empty)."""
     probs = probs.double().cpu()
     conf, pred = probs.max(-1)
     correct = (pred == _labels(labels)).double()
@@ -163,14 +157,12 @@ def fit_temperature_fn(probs_at: Callable[[torch.Tensor], torch.Tensor], labels,
     return float(log_t.detach().exp().clamp(t_min, t_max))
 
 
-ENSEMBLE_WEIGHTS = (0.4, 0.6)       # paper: 0.4 regular + 0.6 EMA
 PAPER_TEMPERATURE = 1.2
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One inference strategy of Figure 1: which model(s), which views, how combined ("probs":
-    average the softmaxes, the usual TTA; "logits": the reference code's logit average)."""
+    """One inference strategy of Figure 1: which model(s), which views, how combined (tta_probs or tta_logits)."""
     name: str
     models: tuple = ("regular",)    # ("regular",) | ("ema",) | ("regular", "ema")
     views: str = "none"             # "none" | "paper" | "as_run"
@@ -184,7 +176,7 @@ class Strategy:
     def probs(self, logits: dict, weights_v, temperature=None) -> torch.Tensor:
         """(N, classes) from {model: view logits (V, N, C)} of this strategy's views."""
         t = self.temperature if temperature is None else temperature
-        mix = ENSEMBLE_WEIGHTS if len(self.models) == 2 else (1.0,)
+        mix = (0.4, 0.6) if len(self.models) == 2 else (1.0,)     # paper: 0.4 regular + 0.6 EMA
         if self.combine == "logits":
             return torch.softmax(sum(w * tta_logits(logits[m], weights_v, t)
                                      for w, m in zip(mix, self.models)), dim=-1)
@@ -238,21 +230,19 @@ def strategy_probs(regular, ema, images, strategy: str = "ensemble+tta", device=
 
 def evaluate_strategies(regular_model, ema_model, val, test, device=None, batch_size: int = 1000,
                         norm=None, precision: Optional[str] = None, progress: bool = True):
-    """Figure 1: a row per strategy, then the validation-best one at T = 1.2 and at the T fitted on ``val``
-    (without it: picked on ``test``, nothing fitted).  Each model predicts each split once over the union
-    of all views.  Returns (rows, test probabilities per strategy, selected_on)."""
+    """Figure 1: a row per strategy, then the validation-best one (no ``val``: test-best) at T = 1.2 and at the T
+    fitted on ``val``; one prediction per model and split.  Returns (rows, test probs per strategy, selected_on)."""
     norm = norm or model_norm(regular_model) or (CIFAR_MEAN, STD_AS_RUN)
     models = {k: m for k, m in (("regular", regular_model), ("ema", ema_model)) if m is not None}
     strategies = [s for s in STRATEGIES.values() if all(m in models for m in s.models)]
     union = list({v.name: v for s in strategies for v in s.view_list(norm)}.values())
     pos = {v.name: i for i, v in enumerate(union)}
     splits = {"test": test, "val": val} if val is not None and len(val[1]) > 0 else {"test": test}
-    total = len(models) * len(union) * sum(len(splits[s][1]) for s in splits)
-    with progress_bar(total=total, unit="img", desc=f"{len(strategies)} strategies: {len(models)} model(s) x "
-                      f"{len(union)} views x {' + '.join(splits)}", disable=not progress) as bar:
-        logits = {(m, split): predict_logits(models[m], splits[split][0], union, batch_size, device, precision,
-                                             bar).double()
-                  for m in models for split in splits}
+    total = len(models) * len(union) * sum(len(labels) for _, labels in splits.values())
+    desc = f"{len(strategies)} strategies: {len(models)} model(s) x {len(union)} views x {' + '.join(splits)}"
+    with progress_bar(total=total, unit="img", desc=desc, disable=not progress) as bar:
+        logits = {(m, split): predict_logits(models[m], images, union, batch_size, device, precision, bar).double()
+                  for m in models for split, (images, _) in splits.items()}
 
     def probs(s: Strategy, split: str, t=None):
         views = s.view_list(norm)

@@ -1,7 +1,5 @@
-"""Files that survive a crash and never run code when read: atomic writes (temporary file, fsync, rename),
-checkpoints with a `.sha256` sidecar and a `.prev` copy, read with `torch.load(weights_only=True)`."""
-from __future__ import annotations
-
+"""Crash-safe files read without running code: atomic writes, checkpoints with a sha256 sidecar and a .prev copy."""
+import contextlib
 import errno
 import hashlib
 import io
@@ -37,24 +35,20 @@ _WRITE_HINTS = {   # errno -> what to do about it
 
 def _write_error(target: Path, path: Path, e: OSError, existed: bool, kept: str = "") -> SamlibError:
     """A SamlibError for an OSError while writing `path` (at `target`: it or its folder)."""
-    code = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    code = errno.errorcode.get(e.errno, "")
     hint = _WRITE_HINTS.get(e.errno, "check the folder (space, permissions) or choose another one")
     kept = kept or (f"the previous {path.name} is unchanged" if existed else f"no partial {path.name} was left")
-    return SamlibError(f"cannot write to {target}: {e.strerror or e}{f' [{code}]' if code else ''}; "
-                       f"{hint} (--out for runs, --output for a submission), then run the same "
-                       f"command again; {kept}")
+    return SamlibError(f"cannot write to {target}: {e.strerror or e}{f' [{code}]' if code else ''}; {hint} (--out for "
+                       f"runs, --output for a submission), then run the same command again; {kept}")
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path`: a crash leaves the old or the new file; an OSError is a SamlibError saying what to do."""
     path = Path(path)
     try:
-        existed, is_dir = path.exists(), path.is_dir()
+        existed = path.exists()              # (a folder in its place: os.replace says so)
     except OSError as e:                     # e.g. a folder on the way that cannot be searched
         raise _write_error(path.parent, path, e, False, "nothing was written") from None
-    if is_dir:
-        raise SamlibError(f"cannot write to {path}: it is a folder; give a file name instead "
-                          f"(e.g. {path / 'submission.csv'} for --output)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -70,10 +64,8 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException as e:        # an interrupt too: never leave the temporary file
-        try:
+        with contextlib.suppress(OSError):
             Path(tmp).unlink(missing_ok=True)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise _write_error(path, path, e, existed) from None
         raise
@@ -117,22 +109,18 @@ def present(path) -> bool:
         return True
 
 
-_KINDS = {  # JSON field kind -> (test, description)
-    "text": (lambda v: isinstance(v, str), "text"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
+_KINDS = {  # JSON value kind -> (test, description); the first kind that fits names a value
+    "object": (lambda v: isinstance(v, dict), "a JSON object {...}"),
+    "list": (lambda v: isinstance(v, list), "a JSON list [...]"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "number": (lambda v: isinstance(v, float) or _KINDS["int"][0](v), "a number"),
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63, "an integer"),
-    "number": (lambda v: isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
-                                                   and abs(v) < 2**63), "a number"),
-    "object": (lambda v: isinstance(v, dict), "an object {...}"),
-    "list": (lambda v: isinstance(v, list), "a list [...]"),
     "null": (lambda v: v is None, "null"),
 }
-_JSON_NAMES = {dict: "a JSON object {...}", list: "a JSON list [...]", str: "a string",
-               bool: "true/false", int: "a number", float: "a number", type(None): "null"}
 
 
-def read_json(path, expect=dict, fix: str = JSON_FIX):
-    """A JSON file holding an `expect` (None: anything); any problem is a DataError naming the file and the fix."""
+def read_json(path, fix: str = JSON_FIX) -> dict:
+    """A JSON file holding an object; any problem is a DataError naming the file and the fix."""
     raw = read_bytes(path, DataError, fix)
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -143,9 +131,9 @@ def read_json(path, expect=dict, fix: str = JSON_FIX):
                         f"truncated?); {fix}") from None
     except RecursionError:
         raise DataError(f"{path} is nested too deeply to be a samlib file; {fix}") from None
-    if expect is not None and not isinstance(obj, expect):
-        raise DataError(f"{path} holds {_JSON_NAMES.get(type(obj), type(obj).__name__)}, expected "
-                        f"{_JSON_NAMES.get(expect, getattr(expect, '__name__', expect))}; {fix}")
+    if not isinstance(obj, dict):
+        held = next((name for test, name in _KINDS.values() if test(obj)), type(obj).__name__)
+        raise DataError(f"{path} holds {held}, expected a JSON object {{...}}; {fix}")
     try:   # json accepts lone surrogates such as "\\ud800", which no file or terminal can write
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
@@ -156,12 +144,10 @@ def read_json(path, expect=dict, fix: str = JSON_FIX):
 def check_fields(obj: dict, path, required: dict = (), optional: dict = (), fix: str = JSON_FIX) -> dict:
     """`obj` (read from `path`) once each field of `required` / `optional` has its kinds ("int|null": either)."""
     for key, kinds in [*dict(required).items(), *dict(optional).items()]:
-        if key not in obj:
-            if key in dict(required):
-                raise DataError(f"{path}: field '{key}' is missing; {fix}")
-            continue
+        if key not in obj and key in dict(required):
+            raise DataError(f"{path}: field '{key}' is missing; {fix}")
         tests = [_KINDS[k] for k in kinds.split("|")]
-        if not any(test(obj[key]) for test, _ in tests):
+        if key in obj and not any(test(obj[key]) for test, _ in tests):
             want = " or ".join(name for _, name in tests)
             raise DataError(f"{path}: field '{key}' must be {want}, got {reprlib.repr(obj[key])}; {fix}")
     return obj
@@ -184,19 +170,10 @@ def check_tensors(state, template: dict, where, field: str) -> None:
                 or got.is_quantized or got.is_complex()):
             bad(f"entry {key!r} must be a dense real tensor, got {reprlib.repr(got)}")
         if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
-            bad(f"entry {key!r} is {got.dtype} {tuple(got.shape)}, the model needs "
-                f"{want.dtype} {tuple(want.shape)}")
+            bad(f"entry {key!r} is {got.dtype} {tuple(got.shape)}, the model needs {want.dtype} {tuple(want.shape)}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise CheckpointError(f"{where}: field '{field}' entry {key!r} holds NaN or infinite values "
                                   "(its run diverged, or the file is damaged)")
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _previous(path: Path) -> Path:
-    return path.with_name(path.stem + ".prev" + path.suffix)
 
 
 def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
@@ -205,11 +182,12 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **obj}, buf)
     data = buf.getvalue()
-    digest, sidecar = hashlib.sha256(data).hexdigest(), _sidecar(path)
+    digest, sidecar = hashlib.sha256(data).hexdigest(), Path(f"{path}.sha256")
     if keep_previous and path.exists():
-        os.replace(path, _previous(path))
+        previous = path.with_name(path.stem + ".prev" + path.suffix)
+        os.replace(path, previous)
         if sidecar.exists():
-            os.replace(sidecar, _sidecar(_previous(path)))
+            os.replace(sidecar, f"{previous}.sha256")
     # While a file is replaced the sidecar vouches for both digests: a crash leaves a vouched-for file.
     vouched = []
     if path.exists():
@@ -222,42 +200,21 @@ def save_checkpoint(obj: dict, path, keep_previous: bool = True) -> Path:
     return path
 
 
-class _Unreadable(CheckpointError):
-    """A checkpoint or sidecar that cannot be read at all (it may be fine: no `.prev` fallback)."""
-
-
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def _vouched_digests(path: Path):
-    """The sha256 digests the sidecar of `path` lists, or None when it has no sidecar."""
-    sidecar = _sidecar(path)
-    try:
-        raw = sidecar.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise _Unreadable(f"{read_problem(sidecar, e)}; {path} was not loaded") from None
-    try:   # one digest a line (other words, e.g. the file name `sha256sum` writes, are ignored)
-        digests = [w.lower() for w in raw.decode("ascii").split() if _SHA256.fullmatch(w)]
-    except UnicodeDecodeError:
-        digests = []
-    if not digests:
-        raise CheckpointError(f"{path} cannot be verified: its sidecar {sidecar.name} is damaged "
-                              f"(it lists no sha256 digest), so it was not loaded; if you trust "
-                              f"{path.name}, delete {sidecar.name} and load it again")
-    return digests
-
-
 def _load_one(path: Path, map_location) -> dict:
+    """One checkpoint, checked against the digests its sidecar lists (when it has one); an OSError passes."""
+    data, sidecar = path.read_bytes(), Path(f"{path}.sha256")
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise _Unreadable(f"{read_problem(path, e)}; it was not loaded") from None
-    digests = _vouched_digests(path)
-    if digests is not None and hashlib.sha256(data).hexdigest() not in digests:
-        raise CheckpointError(f"{path} is corrupt or truncated (sha256 does not match "
-                              f"{_sidecar(path).name}); it was not loaded")
+        listed = sidecar.read_bytes().decode("ascii", "replace").split()
+    except FileNotFoundError:
+        listed = None
+    if listed is not None:   # one digest a line (other words, e.g. the file name `sha256sum` writes, are ignored)
+        if not any(re.fullmatch(r"[0-9a-fA-F]{64}", word) for word in listed):
+            raise CheckpointError(f"{path} cannot be verified: its sidecar {sidecar.name} is damaged "
+                                  f"(it lists no sha256 digest), so it was not loaded; if you trust "
+                                  f"{path.name}, delete {sidecar.name} and load it again")
+        if hashlib.sha256(data).hexdigest() not in (word.lower() for word in listed):
+            raise CheckpointError(f"{path} is corrupt or truncated (sha256 does not match "
+                                  f"{sidecar.name}); it was not loaded")
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -281,15 +238,15 @@ def _load_one(path: Path, map_location) -> dict:
 def load_checkpoint(path, map_location="cpu", fallback: bool = True) -> dict:
     """A checkpoint read safely (sha256, weights_only), else its `.prev`, with "_path" set; or a CheckpointError."""
     path, errors = Path(path), []
-    for candidate in [path, _previous(path)] if fallback else [path]:
+    previous = path.with_name(path.stem + ".prev" + path.suffix)
+    for candidate in [path, previous] if fallback else [path]:
         try:
             if not candidate.exists():
                 continue
             obj = _load_one(candidate, map_location)
-        except OSError as e:      # e.g. a folder on the way without search permission
-            raise CheckpointError(f"{read_problem(candidate, e)}; it was not loaded") from None
-        except _Unreadable as e:
-            raise CheckpointError(str(e)) from None
+        except OSError as e:      # the file or its sidecar unreadable: no fallback, it may be fine
+            raise CheckpointError(f"{read_problem(e.filename or candidate, e)}; {candidate.name} was not "
+                                  "loaded") from None
         except CheckpointError as e:
             errors.append(str(e))
             continue

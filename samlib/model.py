@@ -1,12 +1,11 @@
 """The SE-ResNet of the paper (Section 3.1): [4, 4, 3] basic blocks at 64/128/256 channels, built as
-the reference code (SAMResNet.py) ran it (README, discrepancies).  Input is pixel space [0, 1].
-"""
-from __future__ import annotations
+the reference code (SAMResNet.py) ran it (README, discrepancies).  Input is pixel space [0, 1]."""
 
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from samlib.data import CIFAR_MEAN, STD_AS_RUN, STD_TRUE
 
@@ -28,20 +27,17 @@ class Normalize(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """The reference SEBlock: avg pool -> 1x1 conv (C -> C//r, biased) -> SiLU -> 1x1 conv ->
-    sigmoid gate.  Hidden width at least 1, so narrow test models build."""
+    """The reference SEBlock: avg pool -> 1x1 conv (C -> max(1, C//r), biased) -> SiLU -> 1x1 conv -> sigmoid gate."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         hidden = max(1, channels // reduction)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.reduce = nn.Conv2d(channels, hidden, 1, bias=True)
-        self.act = nn.SiLU(inplace=True)
         self.expand = nn.Conv2d(hidden, channels, 1, bias=True)
-        self.gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+        squeezed = F.silu(self.reduce(F.adaptive_avg_pool2d(x, 1)), inplace=True)
+        return x * torch.sigmoid(self.expand(squeezed))
 
 
 class BasicBlock(nn.Module):
@@ -54,7 +50,6 @@ class BasicBlock(nn.Module):
         self.se_placement = se_placement
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_ch)
-        self.act1 = nn.SiLU(inplace=True)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.se = SqueezeExcite(out_ch, se_reduction) if se else nn.Identity()
@@ -62,16 +57,15 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(OrderedDict(
                 conv=nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), bn=nn.BatchNorm2d(out_ch)))
-        self.act2 = nn.SiLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(self.conv1(x)))
+        out = F.silu(self.bn1(self.conv1(x)), inplace=True)
         if self.se_placement == "as_run":
             out = self.se(out)
         out = self.bn2(self.conv2(out))
         if self.se_placement == "standard":
             out = self.se(out)
-        return self.act2(out + self.shortcut(x))
+        return F.silu(out + self.shortcut(x), inplace=True)
 
 
 class SEResNet(nn.Module):
@@ -94,7 +88,6 @@ class SEResNet(nn.Module):
                 in_ch = width
             stages.append(nn.Sequential(*stage))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
         # As SAMResNet.py: every conv (SE convs included) Kaiming-normal fan_out/relu;
         # BN weight 1, bias 0; conv biases and the linear layer keep PyTorch defaults.
@@ -107,12 +100,11 @@ class SEResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(self.normalize(x)))
-        return self.head(torch.flatten(self.pool(x), 1))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def build_model(cfg=None, **arch) -> SEResNet:
-    """The paper's model from a Config (its ARCH_FIELDS), or from SEResNet's keyword arguments
-    (defaults: SAMResNet.py); keywords override the Config's fields."""
+    """The paper's model from a Config's model fields and/or SEResNet's keyword arguments (which win)."""
     if cfg is not None:
         arch = {name: getattr(cfg, name) for name in ARCH_FIELDS} | arch
     return SEResNet(**arch)

@@ -82,19 +82,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, st
                     warmup_epochs: int = 10, warmup_start_lr: float = 0.001, pct_start: float = 0.4):
     """The per-step LR schedule: "as_run" plain OneCycleLR (what the reference ran), "as_written" a linear
     warm-up to max_lr over ``warmup_epochs``, then OneCycleLR.  Build it before loading an optimizer state."""
-    if kind == "as_written" and not 0.0 < warmup_start_lr <= max_lr:    # not a Config field
-        raise InvalidSetting(f"warmup_start_lr must be in (0, max_lr={max_lr}], got {warmup_start_lr!r}")
     for group in optimizer.param_groups:          # a fresh schedule: base lr = max_lr
         group["lr"] = max_lr
         group.pop("initial_lr", None)
     warmup_steps = warmup_epochs * steps_per_epoch if kind == "as_written" else 0
-    one_cycle_steps = epochs * steps_per_epoch - warmup_steps
+    one_cycle = dict(max_lr=max_lr, total_steps=epochs * steps_per_epoch - warmup_steps, pct_start=float(pct_start))
     if warmup_steps == 0:
-        return OneCycleLR(optimizer, max_lr=max_lr, total_steps=one_cycle_steps, pct_start=float(pct_start))
+        return OneCycleLR(optimizer, **one_cycle)
     momenta = [group.get("momentum") for group in optimizer.param_groups]
     warmup = LinearLR(optimizer, start_factor=warmup_start_lr / max_lr, end_factor=1.0, total_iters=warmup_steps)
-    one_cycle = OneCycleLR(optimizer, max_lr=max_lr, total_steps=one_cycle_steps, pct_start=float(pct_start))
-    schedule = SequentialLR(optimizer, [warmup, one_cycle], milestones=[warmup_steps])
+    schedule = SequentialLR(optimizer, [warmup, OneCycleLR(optimizer, **one_cycle)], milestones=[warmup_steps])
     # OneCycleLR set initial_lr to max_lr/25 and SequentialLR reset lr to it, which would scale
     # the warm-up by 1/25; LinearLR multiplies the current lr, so restoring its start fixes it.
     for group, momentum in zip(optimizer.param_groups, momenta):
@@ -172,8 +169,3 @@ class EMA(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-
-def build_ema(model: torch.nn.Module, decay: float = 0.999) -> EMA:
-    """The paper's EMA of `model`: ``ema.update_parameters(model)`` after each optimizer step."""
-    return EMA(model, decay)

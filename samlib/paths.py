@@ -1,7 +1,5 @@
 """Paths from the user, checked before any work starts: a symlink loop, a dangling link, a file where a folder
 belongs (or the reverse) or a read-only folder is one `error:` line naming the flag or parameter."""
-from __future__ import annotations
-
 import os
 from pathlib import Path
 
@@ -38,8 +36,3 @@ def output_dir(path, what: str, is_file: bool = False) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SamlibError(f"{what} {path}: {existing} is read-only for this user; give a writable folder")
     return real
-
-
-def output_file(path, what: str) -> Path:
-    """A file to write: not a folder, in a folder this process can write."""
-    return output_dir(path, what, is_file=True)

@@ -1,7 +1,5 @@
 """The plan shown before any training: each config x seed run, its state on disk and its time on *this* device,
 estimated from a short probe of the real training step and evaluation."""
-from __future__ import annotations
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +10,9 @@ from . import data as D
 from .config import Config, resolve
 from .device import resolve_device
 from .progress import format_duration
-from .rundir import RunDir
+from .rundir import RunDir, describe_device
+from .sweep import job_env
 from .train import Trainer, accuracy_of
-
-PROBE_STEPS, PROBE_WARMUP = 5, 2
 
 
 @dataclass
@@ -60,17 +57,16 @@ def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun
 
 
 def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
-    """Seconds one epoch of `cfg` takes here: PROBE_STEPS timed train steps on synthetic images, scaled to the
-    epoch, plus its evaluation timed per image."""
+    """Seconds one epoch of `cfg` takes here: 5 timed train steps on synthetic images, scaled to the epoch, plus
+    its evaluation timed per image."""
     device = resolve_device(device)
-    n_probe = (PROBE_STEPS + PROBE_WARMUP) * cfg.batch_size
-    ds = D.synthetic_cifar10(n_probe, cfg.eval_batch_size, seed=0)
-    splits = {"train": (ds.train_images, ds.train_labels), "val": (ds.test_images, ds.test_labels),
-              "test": (ds.test_images, ds.test_labels)}
-    trainer = Trainer(cfg, splits, device)
+    steps, warmup = 5, 2
+    ds = D.synthetic_cifar10((steps + warmup) * cfg.batch_size, cfg.eval_batch_size, seed=0)
+    test = (ds.test_images, ds.test_labels)
+    trainer = Trainer(cfg, {"train": (ds.train_images, ds.train_labels), "val": test, "test": test}, device)
     trainer.net.train()
     batches = trainer.epoch_batches(cfg.mix_alpha if cfg.mix != "none" else 0.0)
-    step = _timed(lambda: trainer.train_step(*next(batches)), PROBE_WARMUP, PROBE_STEPS, device)
+    step = _timed(lambda: trainer.train_step(*next(batches)), warmup, steps, device)
     x, y = trainer.eval_sets["test"]
     per_image = _timed(lambda: accuracy_of(trainer.model, x, y, cfg.eval_batch_size), 1, 2, device) / len(y)
     if train_images is None:
@@ -130,3 +126,21 @@ def format_plan(plan: list[PlannedRun], device_name: str = "") -> str:
     lines.append(f"{len(plan)} runs, {len(todo)} to train, about {format_duration(sum(i.seconds for i in todo))}"
                  f"{where} (an estimate from a short timing probe)")
     return "\n".join(lines)
+
+
+def show_plan(configs, seeds, profile: str, out, device, slots: list, **overrides) -> None:
+    """Print a sweep's plan and estimate, probed on `device` at each job's OMP_NUM_THREADS (samlib.sweep.job_env)."""
+    threads = int(job_env(slots).get("OMP_NUM_THREADS", 0) or 0) if device.type == "cpu" else 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        plan = estimate(plan_runs(configs, seeds, profile, out, **overrides), profile, device,
+                        say=lambda line: print(line, flush=True), **overrides)
+    finally:
+        torch.set_num_threads(before)
+    text = format_plan(plan, describe_device(device))
+    if len(slots) > 1:
+        each = f", {threads} thread(s) each" if threads else ""
+        wall = format_duration(wall_seconds(plan, len(slots)))
+        text += f"; {len(slots)} jobs side by side{each}: about {wall} from start to end"
+    print(text, flush=True)

@@ -1,8 +1,5 @@
-"""What a user watches while training: progress bars that go away when their work ends, however it
-ends (tqdm's notebook widget would stay on screen, red, after Kernel -> Interrupt), and one line
-per epoch with the time left."""
-from __future__ import annotations
-
+"""What a user watches while training: progress bars that go away when their work ends, however it ends
+(tqdm's notebook widget would stay, red, after Kernel -> Interrupt), and one line per epoch with the time left."""
 import contextlib
 import math
 import sys
@@ -10,18 +7,14 @@ import sys
 from tqdm.auto import tqdm
 
 
-def _on_screen() -> bool:
-    """A bar is drawn in a notebook kernel or on a terminal, never into a log file or a pipe."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    in_kernel = type(shell).__name__ == "ZMQInteractiveShell"          # Jupyter, Colab, papermill
-    return in_kernel or bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
 @contextlib.contextmanager
 def progress_bar(iterable=None, disable: bool = False, **kwargs):
-    """tqdm(iterable, leave=False, **kwargs), removed on exit or interruption; drawn only on screen."""
-    bar = tqdm(iterable, leave=False, disable=disable or not _on_screen(), **kwargs)
+    """tqdm(iterable, leave=False, **kwargs), removed on exit or interruption; drawn only in a notebook
+    kernel (Jupyter, Colab, papermill) or on a terminal, never into a log file or a pipe."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    on_screen = type(shell).__name__ == "ZMQInteractiveShell" or getattr(sys.stderr, "isatty", lambda: False)()
+    bar = tqdm(iterable, leave=False, disable=disable or not on_screen, **kwargs)
     try:
         yield bar
     except BaseException:

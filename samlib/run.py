@@ -1,7 +1,4 @@
-"""Training a config into its run directory (paper Section 3.3): reuse a finished run, resume an
-unfinished one, the epoch loop with checkpoint selection, the full test of the selected models."""
-from __future__ import annotations
-
+"""Training a config into its run directory (Section 3.3): reuse or resume, the epoch loop, the final test."""
 import copy
 import time
 import warnings
@@ -13,7 +10,7 @@ from . import dist
 from .config import Config
 from .device import resolve_device
 from .errors import SamlibError
-from .io import check_tensors
+from .io import check_tensors, write_json
 from .progress import epoch_line, progress_bar
 from .rundir import RunDir, check_arch, describe_data, load_model, provenance
 from .train import Trainer, accuracy_of, fits
@@ -51,12 +48,14 @@ def train(cfg: Config, data_dir=None, dataset: D.CIFAR10 | None = None, out="run
                 print(f"run directory: {run.path}")
             if fit(trainer, run, progress and dist.is_main(), stop_after, later_seconds):
                 dist.barrier()
-                if dist.is_main():
-                    run.finish(final_test(trainer, run, progress), {
+                if dist.is_main():                   # final.json last: it marks the run finished
+                    final = final_test(trainer, run, progress)
+                    write_json(run / "provenance.json", {
                         **provenance(device, describe_data(dataset, data_dir, data_id)), "seed": cfg.seed,
                         "precision": trainer.precision, "profile": profile,
                         "wall_seconds": round(time.time() - t0, 1),
                         "train_seconds": round(sum(r["seconds"] for r in trainer.metrics), 1)})
+                    write_json(run / "final.json", final)
                 dist.barrier()
         return run.path
     finally:
@@ -90,9 +89,8 @@ def final_test(trainer: Trainer, run: RunDir, progress: bool = False) -> dict:
     """Full-test-set accuracy of the selected checkpoints (what Table 1 reports)."""
     test_x, test_y = trainer.eval_sets["test"]
     kinds = [k for k in ("regular", "ema") if (run / f"best_{k}.pt").exists()]
-    last = trainer.metrics[-1]
-    final = {"epochs": trainer.epoch, "best": trainer.best.state, "train_acc_mixed": last["train_acc_mixed"],
-             "train_acc_clean": last["train_acc_clean"], "test_size": len(test_y)}
+    final = {"epochs": trainer.epoch, "best": trainer.best.state, "test_size": len(test_y),
+             **{k: trainer.metrics[-1][k] for k in ("train_acc_mixed", "train_acc_clean")}}
     with progress_bar(total=len(kinds) * len(test_y), desc="test of the selected checkpoints",
                       disable=not progress) as bar:
         for kind in kinds:

@@ -1,7 +1,4 @@
-"""A run directory `<config>-s<seed>-<config hash>`: config, metrics.csv, last.pt to resume, best_<kind>.pt (the
-selected models), final.json once finished.  A finished run is reused, an unfinished one resumes."""
-from __future__ import annotations
-
+"""A run directory `<config>-s<seed>-<config hash>`: config, metrics.csv, last.pt, best_<kind>.pt, final.json."""
 import contextlib
 import csv
 import io
@@ -18,12 +15,12 @@ import torch
 
 from . import data as D
 from . import dist
-from .config import SPEED_KNOBS, Config, from_dict
+from .config import SPEED_KNOBS, Config, _is_int, _validate, from_dict
 from .device import cpu_has_native_bf16, cpu_model
 from .errors import CheckpointError, ConfigError, SamlibError
 from .io import (atomic_write_text, check_fields, check_tensors, load_checkpoint, present, read_json,
                  save_checkpoint, write_json)
-from .model import NORM_STDS, SE_PLACEMENTS, build_model
+from .model import ARCH_FIELDS, build_model
 
 try:
     import fcntl                      # POSIX; elsewhere runs are not locked
@@ -42,8 +39,7 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: Config, out) -> "RunDir":
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name)
-        return cls(Path(out) / f"{safe}-s{cfg.seed}-{cfg.hash()}")
+        return cls(Path(out) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg.name)}-s{cfg.seed}-{cfg.hash()}")
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -95,12 +91,6 @@ class RunDir:
         atomic_write_text(self / "metrics.csv", buf.getvalue())
         save_checkpoint(state, self / "last.pt")
 
-    def finish(self, final: dict, provenance: dict) -> None:
-        """provenance.json, then final.json: its presence marks the run finished."""
-        if dist.is_main():
-            write_json(self / "provenance.json", provenance)
-            write_json(self / "final.json", final)
-
     @contextlib.contextmanager
     def lock(self, wait: bool = False):
         """Hold the run's `.lock` (released however the process ends): a second trainer is refused or waits."""
@@ -120,8 +110,7 @@ class RunDir:
                 holder = handle.read().strip() or "another process"
                 raise SamlibError(f"{self.path} is being trained by {holder}; wait for it to finish "
                                   "(or pass --wait), or stop that process first") from None
-            handle.seek(0)
-            handle.truncate()
+            handle.truncate(0)
             handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             handle.flush()
@@ -172,40 +161,27 @@ def describe_data(dataset: D.CIFAR10, data_dir, data_id: str) -> str:
     return f"{D.describe_source(dataset, data_dir)} ({where}fingerprint {data_id})"
 
 
-def _arch_problem(arch) -> str | None:
-    """Why a checkpoint's recorded `arch` cannot be the arguments of build_model, or None."""
-    if not isinstance(arch, dict):
-        return f"must be a dict of build_model's arguments, got {type(arch).__name__}"
-    pos = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**20  # noqa: E731
-    ints = lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(map(pos, v))  # noqa: E731
-    stages = len(arch["widths"]) if ints(arch.get("widths")) else 3
-    rules = {"se": (lambda v: isinstance(v, bool), "true or false"),
-             "se_placement": (lambda v: isinstance(v, str) and v in SE_PLACEMENTS, f"one of {SE_PLACEMENTS}"),
-             "norm_std": (lambda v: isinstance(v, str) and v in NORM_STDS, f"one of {tuple(NORM_STDS)}"),
-             "num_classes": (pos, "a positive integer"), "se_reduction": (pos, "a positive integer"),
-             "widths": (ints, "a list of positive integers"),
-             "blocks": (lambda v: ints(v) and len(v) == stages, "a list of positive integers, one per width")}
-    for key, value in arch.items():
-        if key not in rules:
-            return f"has an unknown setting {reprlib.repr(key)}"
-        ok, want = rules[key]
-        if not ok(value):
-            return f"setting '{key}' must be {want}, got {reprlib.repr(value)}"
-    return None
-
-
 def check_arch(ckpt: dict, arch: dict) -> None:
-    """Refuse a checkpoint whose recorded architecture is not `arch` (or is malformed)."""
-    def plain(a):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}
-
+    """Refuse a checkpoint whose recorded `arch` is malformed or not `arch`; config.py checks its Config fields."""
     got, where = ckpt.get("arch"), ckpt.get("_path", "checkpoint")
+
+    def damaged(problem):
+        raise CheckpointError(f"{where}: field 'arch' {problem}; it is damaged or not from samlib")
+
     if got is None:
         return
-    problem = _arch_problem(got)
-    if problem:
-        raise CheckpointError(f"{where}: field 'arch' {problem}; it is damaged or not from samlib")
-    if plain(got) != plain(arch):
+    if not isinstance(got, dict):
+        damaged(f"must be a dict of build_model's arguments, got {type(got).__name__}")
+    for key, value in got.items():
+        if key not in (*ARCH_FIELDS, "num_classes", "se_reduction"):
+            damaged(f"has an unknown setting {reprlib.repr(key)}")
+        if key not in ARCH_FIELDS and not (_is_int(value) and 1 <= value <= 2**20):
+            damaged(f"setting '{key}' must be a positive integer, got {reprlib.repr(value)}")
+    try:
+        _validate(Config(**{key: value for key, value in got.items() if key in ARCH_FIELDS}))
+    except ConfigError as e:
+        damaged(f"holds an invalid setting ({e})")
+    if got != arch:
         raise CheckpointError(f"{where} holds a model with architecture "
                               f"{got}, not the expected {arch}; it belongs to another config")
 
@@ -248,43 +224,37 @@ _ROW_NUMBERS = ("epoch", "lr", "train_loss", "train_acc_mixed", "train_acc_clean
 _SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_resume_state(ckpt: dict, cfg: Config) -> None:
     """Refuse a resume state of another run (Config.hash), lacking a part, or with unsound plain fields."""
+    def numbers(d, keys):   # a dict with a number (not a bool) at each of `keys`
+        return isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
+                                           for k in keys)
+
     where, recorded = ckpt.get("_path", "checkpoint"), ckpt.get("config")
     recorded = recorded if recorded is None else from_dict(recorded, source=f"{where} field 'config'")
     if recorded is not None and recorded.hash() != cfg.hash():
         a, b, skip = recorded.to_dict(), cfg.to_dict(), {*recorded.inert_fields()} & {*cfg.inert_fields()}
         keys = [k for k in b if a[k] != b[k] and k not in skip | set(SPEED_KNOBS)]
-
-        def show(d):
-            return ", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}" for k in keys)
-        raise CheckpointError(f"{where} records {show(a)} but this run has {show(b)}: the file belongs to another run")
-
-    def bad(field, problem):
-        raise CheckpointError(f"{where}: field '{field}' {problem}")
-
+        said = [", ".join(f"{k} {','.join(map(str, d[k])) if isinstance(d[k], tuple) else d[k]}" for k in keys)
+                for d in (a, b)]
+        raise CheckpointError(f"{where} records {said[0]} but this run has {said[1]}: the file belongs to another run")
     for key in ("model", "optimizer", "scheduler", "rng", "epoch", "metrics", "best") + (("ema",) if cfg.ema else ()):
         if key not in ckpt:
-            bad(key, "is missing" + (" (the config has EMA on)" if key == "ema" else "")
-                + "; not a resume checkpoint of this samlib version?")
-    epoch, rows, best = ckpt["epoch"], ckpt["metrics"], ckpt["best"]
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch <= cfg.epochs):
-        bad("epoch", f"must be an integer in 0..{cfg.epochs}, got {reprlib.repr(epoch)}")
-    if not isinstance(rows, list) or len(rows) != epoch:
-        bad("metrics", f"must be a list of {epoch} rows (one per epoch), got {reprlib.repr(rows)}")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in _ROW_NUMBERS):
-            bad("metrics", f"row {i} must hold the numbers {', '.join(_ROW_NUMBERS)}, got {reprlib.repr(row)}")
-    if not (isinstance(best, dict) and all(_number(best.get(k)) for k in ("regular", "ema"))
-            and all(best.get(k) is None or isinstance(best.get(k), int) for k in ("regular_epoch", "ema_epoch"))):
-        bad("best", f"must hold the numbers regular and ema and their epochs, got {reprlib.repr(best)}")
-    precision = ckpt.get("precision", "fp32")
-    if precision not in ("fp32", "bf16", "fp16"):
-        bad("precision", f"must be 'fp32', 'bf16' or 'fp16', got {reprlib.repr(precision)}")
-    scaler = ckpt.get("scaler", {})
-    if not isinstance(scaler, dict) or (precision == "fp16" and not all(_number(scaler.get(k)) for k in _SCALER)):
-        bad("scaler", f"must be a GradScaler state ({', '.join(_SCALER)}), got {reprlib.repr(scaler)}")
+            raise CheckpointError(f"{where}: field '{key}' is missing{' (EMA is on)' if key == 'ema' else ''}; "
+                                  "not a resume checkpoint of this samlib version?")
+    epoch, precision = ckpt["epoch"], ckpt.get("precision", "fp32")
+    rules = {   # field -> (test, what it must be), in this order: metrics needs a sound epoch, scaler a precision
+        "epoch": (lambda v: _is_int(v) and 0 <= v <= cfg.epochs, f"an integer in 0..{cfg.epochs}"),
+        "metrics": (lambda v: isinstance(v, list) and len(v) == epoch and all(numbers(r, _ROW_NUMBERS) for r in v),
+                    f"a list of {epoch} rows (one per epoch), each with the numbers {', '.join(_ROW_NUMBERS)}"),
+        "best": (lambda v: numbers(v, ("regular", "ema")) and all(isinstance(v.get(k), (int, type(None)))
+                                                                  for k in ("regular_epoch", "ema_epoch")),
+                 "the numbers regular and ema and their epochs"),
+        "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
+        "scaler": (lambda v: isinstance(v, dict) and (precision != "fp16" or numbers(v, _SCALER)),
+                   f"a GradScaler state ({', '.join(_SCALER)})"),
+    }
+    for field, (test, want) in rules.items():
+        value = ckpt.get(field, {"precision": "fp32", "scaler": {}}.get(field))
+        if not test(value):
+            raise CheckpointError(f"{where}: field '{field}' must be {want}, got {reprlib.repr(value)}")

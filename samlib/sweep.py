@@ -1,7 +1,5 @@
 """`python -m samlib sweep`: config x seed runs side by side, one `samlib train` process per device, each logging
 to <out>/logs/; finished runs are reused, so an interrupted sweep only trains what is missing."""
-from __future__ import annotations
-
 import os
 import signal
 import subprocess
@@ -24,8 +22,7 @@ def job_env(devices: list, environ=None) -> dict:
 
 
 def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=()) -> list:
-    """Run every config x seed -> [(config, seed, device, returncode, log)]; `devices` (default: every GPU, else
-    cpu) may name one twice."""
+    """Run every config x seed -> [(config, seed, device, returncode, log)], one job per `devices` entry at a time."""
     devices = devices or [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     devices = [str(resolve_device(d)) for d in devices]
     jobs = [(c, s) for c in configs for s in seeds]
@@ -57,8 +54,7 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
     except BaseException:       # pass SIGTERM on to the jobs (each keeps its last good checkpoint) and wait
         procs = [entry[3] for entry in running.values()]
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)       # a no-op for a job that has ended
         deadline = time.monotonic() + 60.0
         for proc in procs:
             try:

@@ -1,7 +1,5 @@
 """The training loop (paper Section 3.3), in the airbench manner: uint8 data on the device, per epoch one
 permutation and crop/flip/Cutout, per step MixUp/CutMix, clipped Lookahead-SGD, LR schedule and EMA."""
-from __future__ import annotations
-
 import reprlib
 
 import numpy as np
@@ -15,7 +13,7 @@ from .device import autocast, precision_for, runs_natively
 from .errors import CheckpointError, SamlibError
 from .infer import predict_logits
 from .model import build_model
-from .optim import build_ema, build_optimizer, build_scheduler
+from .optim import EMA, build_optimizer, build_scheduler
 from .progress import progress_bar
 from .selection import BestCheckpoints
 
@@ -91,30 +89,11 @@ class Trainer:
     def __init__(self, cfg: Config, splits: dict, device: torch.device):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)                       # weight init
-        self.model = build_model(se=cfg.se, se_placement=cfg.se_placement, widths=cfg.widths,
-                                 blocks=cfg.blocks, norm_std=cfg.norm_std).to(device)
+        self.model = build_model(cfg).to(device)
         if device.type == "cuda" and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = build_ema(self.model, cfg.ema_decay) if cfg.ema else None
-        self._place_data(splits)
-        self.net = dist.wrap(self.model, device)
-        if cfg.compile:   # optional: the first epoch then includes compilation
-            self.net = torch.compile(self.net)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov,
-                                         cfg.weight_decay, cfg.lookahead_k, cfg.lookahead_alpha)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
-                                         max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
-                                         pct_start=cfg.pct_start)
-        self._use_precision(precision_for(cfg.amp, device))
-        # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on the host.
-        self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
-        self.gen_host = torch.Generator().manual_seed(cfg.seed + 1)
-        self.epoch, self.metrics = 0, []
-        self.best = BestCheckpoints(cfg.selection, cfg.ema)
-
-    def _place_data(self, splits: dict) -> None:
-        """uint8 images on the device, the train transform's padded store, the evaluation sets."""
-        cfg, device = self.cfg, self.device
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema else None
+        # uint8 images on the device, the train transform's padded store, the evaluation sets.
         self.train_x, self.train_y = to_device(*splits["train"], device)
         self.transform = TrainTransform(self.train_x, cfg.crop_padding, cfg.flip, cfg.cutout)
         self.eval_sets = {name: to_device(*splits[name], device) for name in ("val", "test")}
@@ -132,11 +111,21 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise SamlibError(f"batch_size {cfg.batch_size} exceeds the {len(self.train_y)} training "
                               "images; lower batch_size or use more data")
-
-    def _use_precision(self, precision: str) -> None:
-        """"fp32", "bf16" or "fp16" for training and evaluation and, for fp16 only, the loss scaler."""
-        self.precision = precision
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.net = dist.wrap(self.model, device)
+        if cfg.compile:   # optional: the first epoch then includes compilation
+            self.net = torch.compile(self.net)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov,
+                                         cfg.weight_decay, cfg.lookahead_k, cfg.lookahead_alpha)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
+                                         max_lr=cfg.lr, warmup_epochs=cfg.warmup_epochs,
+                                         pct_start=cfg.pct_start)
+        self.precision = precision_for(cfg.amp, device)           # "fp32", "bf16" or "fp16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        # Per-sample draws on the device, per-batch scalars (MixUp's lambda, CutMix's box) on the host.
+        self.gen_aug = torch.Generator(device).manual_seed(cfg.seed)
+        self.gen_host = torch.Generator().manual_seed(cfg.seed + 1)
+        self.epoch, self.metrics = 0, []
+        self.best = BestCheckpoints(cfg.selection, cfg.ema)
 
     # -- checkpoint state
     def state_dict(self) -> dict:
@@ -149,33 +138,18 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Continue from `ckpt` (read on the CPU); samlib.run.load_resume_state checks it first."""
-        where = ckpt.get("_path", "this checkpoint")
-        self._keep_precision(ckpt.get("precision", self.precision), where)
-        self._load_rng(ckpt["rng"], where)
-        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "scaler": self.scaler if self.scaler.is_enabled() else None}   # fp16 only has scaler state
-        for field, part in parts.items():
-            if part is not None:
-                fits(where, field, part.load_state_dict, ckpt[field])
-        self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
-        self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
-
-    def _keep_precision(self, saved: str, where) -> None:
-        """A run keeps its precision (amp="auto" picked it on the first device) where it is native."""
-        if saved == self.precision:
-            return
-        if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
-            raise SamlibError(
-                f"{where} was trained in {saved}, but this device would continue in {self.precision} "
-                f"({saved} is not native here): a run must not switch precision half-way. Resume it on a "
-                f"device with native {saved}, or start it again (another --out folder).")
-        self._use_precision(saved)
-
-    def _load_rng(self, rng, where) -> None:
-        """The augmentation (device) and host generators' states; they stay CPU ByteTensors."""
-        for name, generator in (("aug", self.gen_aug), ("host", self.gen_host)):
-            state, own = rng.get(name) if isinstance(rng, dict) else None, generator.get_state().numel()
-            size = state.numel() if isinstance(state, torch.Tensor) else None
+        where, saved = ckpt.get("_path", "this checkpoint"), ckpt.get("precision", self.precision)
+        if saved != self.precision:   # amp="auto" picked it on the first device: keep it where it is native
+            if self.cfg.amp != "auto" or not runs_natively(saved, self.device):
+                raise SamlibError(
+                    f"{where} was trained in {saved}, but this device would continue in {self.precision} "
+                    f"({saved} is not native here): a run must not switch precision half-way. Resume it on a "
+                    f"device with native {saved}, or start it again (another --out folder).")
+            self.precision = saved
+            self.scaler = torch.amp.GradScaler("cuda", enabled=saved == "fp16")
+        for name, generator in (("aug", self.gen_aug), ("host", self.gen_host)):   # they stay CPU ByteTensors
+            state = ckpt["rng"].get(name) if isinstance(ckpt["rng"], dict) else None
+            size, own = state.numel() if isinstance(state, torch.Tensor) else None, generator.get_state().numel()
             if name == "aug" and size in RNG_SIZES and size != own:
                 raise SamlibError(
                     f"{where} holds the random stream of another kind of device than {self.device.type} "
@@ -187,6 +161,13 @@ class Trainer:
                 got = f"{size} bytes" if size is not None else reprlib.repr(state)
                 raise CheckpointError(f"{where}: field 'rng' entry {name!r} ({got}) is not a valid "
                                       "generator state") from None
+        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "scaler": self.scaler if self.scaler.is_enabled() else None}   # fp16 only has scaler state
+        for field, part in parts.items():
+            if part is not None:
+                fits(where, field, part.load_state_dict, ckpt[field])
+        self.epoch, self.metrics = ckpt["epoch"], ckpt["metrics"]
+        self.best = BestCheckpoints(self.cfg.selection, self.cfg.ema, state=ckpt["best"])
 
     # -- one epoch
     def epoch_batches(self, alpha: float):
@@ -252,16 +233,17 @@ class Trainer:
 
     def check_finite(self, row: dict, last_good) -> None:
         """Stop when fp16's scaler skipped every step of the epoch or, without one, a loss was NaN/inf."""
-        last_good = last_good or "none (first epoch)"
-        if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= self.steps_per_epoch:
-            raise NonFiniteLossError(
-                f"every step of epoch {row['epoch']} overflowed in fp16: the loss scaler skipped all "
-                f"{self.steps_per_epoch} steps (loss scale now {self.scaler.get_scale():g}); nothing of this "
-                f"epoch was saved. Last good checkpoint: {last_good}. Lower the learning rate (--set lr=...) "
-                "or train in fp32 (--set amp=off), then rerun to resume.")
-        if row["nonfinite_steps"] and not self.scaler.is_enabled():
-            raise NonFiniteLossError(
-                f"loss became non-finite at epoch {row['epoch']}, step {row['first_nonfinite_step']} "
-                f"({row['nonfinite_steps']} of {self.steps_per_epoch} steps); nothing of this epoch "
-                f"was saved. Last good checkpoint: {last_good}. "
-                "Lower the learning rate (--set lr=...) or check the data, then rerun to resume.")
+        epoch, steps = row["epoch"], self.steps_per_epoch
+        if self.scaler.is_enabled() and row.get("skipped_steps", 0) >= steps:
+            what = (f"every step of epoch {epoch} overflowed in fp16: the loss scaler skipped all {steps} steps "
+                    f"(loss scale now {self.scaler.get_scale():g})")
+            fix = "train in fp32 (--set amp=off)"
+        elif row["nonfinite_steps"] and not self.scaler.is_enabled():
+            what = (f"loss became non-finite at epoch {epoch}, step {row['first_nonfinite_step']} "
+                    f"({row['nonfinite_steps']} of {steps} steps)")
+            fix = "check the data"
+        else:
+            return
+        raise NonFiniteLossError(f"{what}; nothing of this epoch was saved. Last good checkpoint: "
+                                 f"{last_good or 'none (first epoch)'}. Lower the learning rate (--set lr=...) "
+                                 f"or {fix}, then rerun to resume.")

@@ -1,15 +1,17 @@
-"""What samlib.data's restricted unpickler admits (the few numpy globals CIFAR-10 pickles need, each
-narrowed to its harmless use), and checks of what those files hold: one DataError naming the entry.
-"""
+"""Reading the untrusted CIFAR-10 and Kaggle pickles: a restricted unpickler (only the numpy globals these files
+need, each narrowed to its harmless use) and checks of what they hold, each a DataError naming file and entry."""
+import io
+import pickle
 import reprlib
 
 import numpy as np
 
-from samlib.errors import DataError
+from samlib.errors import DataError, read_bytes
 
-# Resolved from live objects.  Protocol < 3 writes bytes as _codecs.encode(str, 'latin1') and b''
-# as __builtin__.bytes(); numpy arrays use _frombuffer under protocol 5.  numpy.ndarray is only
-# _reconstruct's class argument (never called: it would allocate any shape).
+REPLACE = "replace it with a complete copy (download or extract it again)"
+KAGGLE_FIX = "download cifar_test_nolabel.pkl from the Kaggle competition page again and pass its path"
+# Protocol < 3 writes bytes as _codecs.encode(str, 'latin1') and b'' as __builtin__.bytes(); numpy arrays
+# use _frombuffer under protocol 5.  numpy.ndarray is only _reconstruct's class argument (never called).
 _np_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
 _NDARRAY = object()   # what the name numpy.ndarray unpickles to
 
@@ -40,17 +42,49 @@ for _core in ("numpy.core", "numpy._core"):  # numpy 1.x / 2.x spellings
     ALLOWED[(f"{_core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
 del _core
 
-REPLACE = "replace it with a complete copy (download or extract it again)"
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the globals in ALLOWED."""
+    def __init__(self, file, source):
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED:
+            return ALLOWED[(module, name)]
+        raise DataError(f"refusing to unpickle {module}.{name} from {self.source}: CIFAR/Kaggle "
+                        "files contain only dicts, lists, strings, ints and numpy arrays; "
+                        "this file may be malicious: delete it and download the original again")
 
 
-def as_dict(obj, source, expected):
-    if not isinstance(obj, dict):
-        raise DataError(f"{source}: expected a pickled dict with {expected}, got {type(obj).__name__}; {REPLACE}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+def safe_pickle_load(path_or_fileobj):
+    """pickle.load(f, encoding="bytes") admitting only ALLOWED; any problem is a DataError naming the file."""
+    own = not hasattr(path_or_fileobj, "read")
+    source = str(path_or_fileobj) if own else getattr(path_or_fileobj, "name", "<stream>")
+    f = io.BytesIO(read_bytes(path_or_fileobj, DataError, REPLACE)) if own else path_or_fileobj
+    try:
+        return _RestrictedUnpickler(f, source).load()
+    except DataError:
+        raise
+    except Exception as e:  # EOFError, UnpicklingError, ValueError from numpy, MemoryError, ...
+        raise _bad(source, f"truncated or not a pickle ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def keys_of(d) -> str:
-    return reprlib.repr(sorted(str(k) if isinstance(k, str) else reprlib.repr(k) for k in d))
+def _bad(path, problem, fix=REPLACE) -> DataError:
+    return DataError(f"{path}: {problem}; {fix}")
+
+
+def _load_dict(path, required, what, fix=REPLACE) -> dict:
+    """The dict a data file holds (bytes keys as str), with its `required` entries."""
+    d = safe_pickle_load(path)
+    if not isinstance(d, dict):
+        raise _bad(path, f"expected a pickled dict ({what}), got {type(d).__name__}", fix)
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    missing = [f"b'{k}'" for k in required if k not in d]
+    if missing:
+        keys = reprlib.repr(sorted(str(k) if isinstance(k, str) else reprlib.repr(k) for k in d))
+        raise _bad(path, f"no {' or '.join(missing)} entry (keys: {keys}); expected {what}", fix)
+    return d
 
 
 def describe(v) -> str:
@@ -64,40 +98,33 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def text_value(v, where, source):
-    """A text value of a data file: str, or bytes in UTF-8; DataError otherwise."""
+def text_value(v, where, path):
+    """A text value of a data file: str, or bytes in UTF-8."""
     if isinstance(v, bytes):
         try:
             v = v.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{source}: {where} is not UTF-8 text (byte {e.start} of "
-                            f"{reprlib.repr(v)}); {REPLACE}") from None
+            raise _bad(path, f"{where} is not UTF-8 text (byte {e.start} of {reprlib.repr(v)})") from None
     if not isinstance(v, str):
-        raise DataError(f"{source}: {where} must be text, got {describe(v)}; {REPLACE}")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"{source}: {where} holds a character that is not valid Unicode text "
-                        f"(a lone surrogate) in {v!a}; {REPLACE}") from None
+        raise _bad(path, f"{where} must be text, got {describe(v)}")
+    if any("\ud800" <= c <= "\udfff" for c in v):     # what UTF-8 cannot encode
+        raise _bad(path, f"{where} holds a character that is not valid Unicode text (a lone surrogate) in {v!a}")
     return str(v)
 
 
-# ---- what the CIFAR-10 batches and the Kaggle file hold ------------------------------
-
 def images_of(v, path, fix=REPLACE):
-    """Pixel data: integer (N, 32, 32, 3) images or (N, 3072) channel-planar rows, 0..255 -> uint8 NHWC."""
+    """Pixel data: integer (N, 32, 32, 3) images or flat (N, 3072) channel-planar rows (2024 Kaggle file) -> uint8."""
     if not isinstance(v, np.ndarray):
-        raise DataError(f"{path}: data cannot be read as an array (it is {describe(v)}); expected a numpy "
-                        f"uint8 array; {fix}")
+        raise _bad(path, f"data cannot be read as an array (it is {describe(v)}); expected a uint8 array", fix)
     if v.dtype != np.uint8:
         if v.dtype.kind not in "iu" or (v.size and (v.min() < 0 or v.max() > 255)):
-            raise DataError(f"{path}: data is {v.dtype}; expected uint8 pixel values 0..255; {fix}")
+            raise _bad(path, f"data is {v.dtype}; expected uint8 pixel values 0..255", fix)
         v = v.astype(np.uint8)
     if v.ndim == 2 and v.shape[1] == 3072:
         v = v.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     if v.ndim != 4 or v.shape[1:] != (32, 32, 3):
-        raise DataError(f"{path}: data has shape {v.shape}; expected 32x32x3 images as (N, 32, 32, 3) or "
-                        f"flat (N, 3072) channel-planar rows; {fix}")
+        raise _bad(path, f"data has shape {v.shape}; expected 32x32x3 images as (N, 32, 32, 3) or flat "
+                   "(N, 3072) channel-planar rows", fix)
     return v
 
 
@@ -106,65 +133,74 @@ def labels_of(v, n, path):
     if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu":
         v = v.tolist()
     if not isinstance(v, (list, tuple)):
-        raise DataError(f"{path}: labels must be {n} integers, got {describe(v)}; {REPLACE}")
+        raise _bad(path, f"labels must be {n} integers, got {describe(v)}")
     if len(v) != n:
-        raise DataError(f"{path}: labels must be {n} integers (one per data row), got {len(v)}; {REPLACE}")
+        raise _bad(path, f"labels must be {n} integers (one per data row), got {len(v)}")
     for i, label in enumerate(v):
         if not is_int(label):
-            raise DataError(f"{path}: labels must be {n} integers; labels[{i}] is {describe(label)}; {REPLACE}")
+            raise _bad(path, f"labels must be {n} integers; labels[{i}] is {describe(label)}")
     if n and (min(v) < 0 or max(v) > 9):
-        raise DataError(f"{path}: labels must lie in 0..9, found {min(v)}..{max(v)}; {REPLACE}")
+        raise _bad(path, f"labels must lie in 0..9, found {min(v)}..{max(v)}")
     return np.array(v, dtype=np.int64).reshape(n)
 
 
-def class_names(meta, path):
+def read_batch(path):
+    """A CIFAR-10 python batch -> (uint8 (N, 32, 32, 3) images, int64 labels)."""
+    d = _load_dict(path, ("data", "labels"), "a CIFAR-10 python batch")
+    x = images_of(d["data"], path)
+    return x, labels_of(d["labels"], len(x), path)
+
+
+def read_class_names(path) -> tuple:
     """batches.meta's label_names: 10 non-empty texts (bytes in UTF-8, or str)."""
-    names = meta.get("label_names")
+    names = _load_dict(path, (), "CIFAR-10's batches.meta").get("label_names")
     if isinstance(names, np.ndarray) and names.ndim == 1 and names.dtype.kind in "SUO":
         names = names.tolist()
     if not isinstance(names, (list, tuple)) or len(names) != 10:
         got = f"{len(names)} of them" if isinstance(names, (list, tuple)) else describe(names)
-        raise DataError(f"{path}: expected 10 label_names (the class names), got {got}; {REPLACE}")
+        raise _bad(path, f"expected 10 label_names (the class names), got {got}")
     classes = tuple(text_value(n, f"label_names[{i}]", path) for i, n in enumerate(names))
     empty = [i for i, c in enumerate(classes) if not c.strip()]
     if empty:
-        raise DataError(f"{path}: label_names[{empty[0]}] is empty; {REPLACE}")
+        raise _bad(path, f"label_names[{empty[0]}] is empty")
     return classes
 
 
-KAGGLE_FIX = "download cifar_test_nolabel.pkl from the Kaggle competition page again and pass its path"
-
-
 def ids_of(v, n, path):
-    """The Kaggle file's ids: n unique integers (-> int64) or texts (-> str; bytes in UTF-8;
-    ints mixed with texts become texts).  One id per image, each a usable CSV field."""
-    if isinstance(v, np.ndarray):
-        if v.ndim != 1 or v.dtype.kind not in "iuSUO":
-            raise DataError(f"{path}: ids must be one integer or text per image, got {describe(v)}; {KAGGLE_FIX}")
-    elif not isinstance(v, (list, tuple)):
-        raise DataError(f"{path}: ids must be a list or 1-D array, got {describe(v)}; {KAGGLE_FIX}")
+    """The Kaggle file's ids: n unique integers (-> int64) or texts (-> str; bytes in UTF-8; ints mixed
+    with texts become texts), each a usable CSV field."""
+    if not isinstance(v, (list, tuple)) and not (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iuSUO"):
+        raise _bad(path, f"ids must be a list or 1-D array of one integer or text per image, got {describe(v)}",
+                   KAGGLE_FIX)
     if len(v) != n:
-        raise DataError(f"{path}: {len(v)} ids for {n} images; need one id per image; {KAGGLE_FIX}")
+        raise _bad(path, f"{len(v)} ids for {n} images; need one id per image", KAGGLE_FIX)
     items = v.tolist() if isinstance(v, np.ndarray) else list(v)
     if all(is_int(i) and -2**63 <= i < 2**63 for i in items):
         ids = np.array(items, dtype=np.int64).reshape(n)
     else:
         texts = []
         for i, item in enumerate(items):
-            if is_int(item):
-                texts.append(str(int(item)))
-                continue
-            if not isinstance(item, (str, bytes)):
-                raise DataError(f"{path}: ids[{i}] is {describe(item)}; each id must be an integer "
-                                f"or text; {KAGGLE_FIX}")
-            text = text_value(item, f"ids[{i}]", path)
+            if not is_int(item) and not isinstance(item, (str, bytes)):
+                raise _bad(path, f"ids[{i}] is {describe(item)}; each id must be an integer or text", KAGGLE_FIX)
+            text = str(int(item)) if is_int(item) else text_value(item, f"ids[{i}]", path)
             if not text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
-                raise DataError(f"{path}: ids[{i}] = {text!a} is empty or holds a control character "
-                                f"(line break, tab, NUL), which a submission CSV cannot carry; {KAGGLE_FIX}")
+                raise _bad(path, f"ids[{i}] = {text!a} is empty or holds a control character (line break, "
+                           "tab, NUL), which a submission CSV cannot carry", KAGGLE_FIX)
             texts.append(text)
         ids = np.array(texts, dtype=str).reshape(n)
     values, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dup = values[counts > 1]
-        raise DataError(f"{path}: ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}; {KAGGLE_FIX}")
+        raise _bad(path, f"ids must be unique; {len(dup)} repeated, e.g. {dup[0].item()!r}", KAGGLE_FIX)
     return ids
+
+
+def read_kaggle(path):
+    """The Kaggle cifar_test_nolabel.pkl -> (uint8 (N, 32, 32, 3) images, ids; 0..N-1 when it has none)."""
+    d = _load_dict(path, ("data",), "the Kaggle cifar_test_nolabel.pkl", KAGGLE_FIX)
+    x = images_of(d["data"], path, KAGGLE_FIX)
+    if len(x) == 0:
+        raise _bad(path, "data holds no images; expected N >= 1 images", KAGGLE_FIX)
+    if "ids" not in d:
+        print(f"note: {path} has no b'ids'; using ids 0..{len(x) - 1}")
+    return np.ascontiguousarray(x), ids_of(d["ids"], len(x), path) if "ids" in d else np.arange(len(x))

@@ -1,8 +1,6 @@
 """Test-time views (paper Section 3.4: original, flip, 1-2 px shifts, brightness +-5%) and those the
 authors' code used (SAMResNet.py ``tta_predict``; README, discrepancies).  A view maps pixel-space
 images (B, 3, H, W) in [0, 1] to the same shape; the model normalises."""
-from __future__ import annotations
-
 from functools import lru_cache, partial
 from typing import Callable, NamedTuple
 

@@ -50,3 +50,17 @@ def lr_curve(kind: str, epochs: int, steps_per_epoch: int, **kwargs) -> np.ndarr
 
 
 AS_RUN_TTA = as_run_tta(CIFAR_MEAN, STD_AS_RUN)
+
+
+def load_bench():
+    """benchmarks/bench.py (a script, not part of the package), loaded once by its path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["bench"] = module
+    return sys.modules["bench"]

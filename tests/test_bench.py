@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_method import augment_batch
+from helpers_method import augment_batch, load_bench
 from samlib.augment import cutout
-from samlib.cli import load_bench
 from samlib.device import precision_for
 
 bench = load_bench()                       # benchmarks/bench.py
@@ -145,13 +144,11 @@ def test_quick_benchmark_writes_ratios_raw_figures_and_environment(tmp_path, one
 
 @pytest.mark.parametrize("flags, plan", [((), "cpu"), (("--full",), "cpu_full"), (("--quick",), "quick")])
 def test_cli_default_plan_on_a_cpu_is_the_small_one_and_full_the_long_one(tmp_path, monkeypatch, flags, plan):
-    """`python -m samlib bench --out X` on a CPU runs the small plan, `--full` the long one
+    """`python benchmarks/bench.py --out X` on a CPU runs the small plan, `--full` the long one
     (the old CPU plan); the plan chosen, not its speed, is what is checked."""
-    from samlib import cli
-
     calls = []
     monkeypatch.setattr(bench, "run_benchmark", lambda out, **kw: calls.append(kw))
-    assert cli.main(["bench", "--out", str(tmp_path / "b.json"), "--device", "cpu", *flags]) == 0
+    assert bench.main(["--out", str(tmp_path / "b.json"), "--device", "cpu", *flags]) == 0
     (kw,) = calls
     assert bench.select_plan(torch.device("cpu"), quick=kw["quick"], full=kw["full"]) == plan
     small, full = bench.PLANS["cpu"], bench.PLANS["cpu_full"]
@@ -171,8 +168,16 @@ def test_gpu_plan_is_the_cuda_one_whatever_full_says():
 
 
 def test_quick_and_full_exclude_each_other(tmp_path, capsys):
-    from samlib import cli
-
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--out", str(tmp_path / "b.json"), "--quick", "--full"])
+        bench.main(["--out", str(tmp_path / "b.json"), "--quick", "--full"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_bad_out_path_is_one_error_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """(Moved from test_paths: the benchmark checks its paths with samlib.paths, as the CLI does.)"""
+    monkeypatch.setattr(bench, "run_benchmark", lambda out, **kw: pytest.fail("ran despite a bad --out"))
+    assert bench.main(["--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out ") and "is a folder; give a file name" in lines[0]
+    assert "Traceback" not in captured.out + captured.err

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from samlib import data as D
 from samlib.config import resolve
 from samlib.errors import ConfigError, DataError
+from samlib.unpickle import safe_pickle_load
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "cifar-10-batches-py"
 
@@ -132,11 +133,11 @@ def test_numpy1_global_and_str_keys_accepted(tmp_path):
     blob = pickle.dumps({"data": np.arange(6, dtype=np.uint8), "labels": [1]}, protocol=2)
     blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
     assert b"numpy.core.multiarray\n_reconstruct" in blob
-    got = D.safe_pickle_load(io.BytesIO(blob))
+    got = safe_pickle_load(io.BytesIO(blob))
     assert np.array_equal(got["data"], np.arange(6))
     for protocol in (2, 3, 4, 5):
         obj = {b"x": np.arange(4, dtype=np.int64).reshape(2, 2), b"s": np.int64(3)}
-        got = D.safe_pickle_load(io.BytesIO(pickle.dumps(obj, protocol=protocol)))
+        got = safe_pickle_load(io.BytesIO(pickle.dumps(obj, protocol=protocol)))
         assert np.array_equal(got[b"x"], [[0, 1], [2, 3]]) and got[b"s"] == 3
 
 

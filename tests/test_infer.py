@@ -11,9 +11,8 @@ from samlib.errors import DataError, SamlibError
 from samlib.infer import (PAPER_TTA, STRATEGIES, accuracy, ece, ensemble, evaluate_strategies,
                           get_strategy, model_norm, nll, predict_logits,
                           strategy_probs, tta_logits, tta_probs)
-from samlib.cli import load_bench
 from samlib.report.tables import reliability_table
-from helpers_method import AS_RUN_TTA
+from helpers_method import AS_RUN_TTA, load_bench
 from samlib.views import (as_run_hpad, as_run_tta, as_run_vshift, brightness, hflip, identity,
                           normalised_brightness, shift)
 

@@ -11,7 +11,7 @@ from torch import nn
 from samlib.config import resolve
 from samlib.errors import ConfigError
 from helpers_method import lr_curve
-from samlib.optim import Lookahead, build_ema, build_optimizer, build_scheduler, schedule_curves
+from samlib.optim import EMA, Lookahead, build_optimizer, build_scheduler, schedule_curves
 
 
 # ---------------------------------------------------------------- Lookahead
@@ -213,7 +213,7 @@ def test_schedule_validation():
 def test_ema_closed_form_for_params_and_bn_buffers():
     d = 0.9
     model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
-    ema = build_ema(model, decay=d)
+    ema = EMA(model, decay=d)
     values = [0.5, -1.0, 2.0, 3.5, 0.25]             # p_t, set by hand at steps t = 0..4
     e = None
     for t, v in enumerate(values):
@@ -228,7 +228,7 @@ def test_ema_closed_form_for_params_and_bn_buffers():
 
 def test_ema_integer_buffer_is_truncated_not_tracked():
     model = nn.BatchNorm1d(1)
-    ema = build_ema(model, decay=0.999)
+    ema = EMA(model, decay=0.999)
     for t in range(1, 11):
         model.num_batches_tracked.fill_(t)
         ema.update_parameters(model)
@@ -240,7 +240,7 @@ def test_ema_integer_buffer_is_truncated_not_tracked():
 def test_ema_decay_validation():
     for bad in (0.0, 1.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="decay"):
-            build_ema(nn.Linear(1, 1), bad)
+            EMA(nn.Linear(1, 1), bad)
 
 
 def test_ema_equals_torchs_averaged_model_bit_for_bit_and_loads_its_state():
@@ -249,7 +249,7 @@ def test_ema_equals_torchs_averaged_model_bit_for_bit_and_loads_its_state():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
-    ours = build_ema(model, decay=0.9)
+    ours = EMA(model, decay=0.9)
     reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(6):
@@ -261,7 +261,7 @@ def test_ema_equals_torchs_averaged_model_bit_for_bit_and_loads_its_state():
     assert ours.state_dict().keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
-    fresh = build_ema(model, decay=0.9)
+    fresh = EMA(model, decay=0.9)
     fresh.load_state_dict(reference.state_dict())                 # a checkpoint written before
     assert fresh.updates == 6
 
@@ -286,7 +286,7 @@ def test_ema_update_copies_nothing_from_host_to_device():
             return func(*args, **kwargs)
 
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    ema = build_ema(model, decay=0.9)
+    ema = EMA(model, decay=0.9)
     with Copies() as copies:
         for _ in range(3):
             ema.update_parameters(model)

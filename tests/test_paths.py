@@ -45,8 +45,7 @@ NO_DATA = "/nonexistent-samlib-data"      # were the data read first, its error 
     (["submit", "{bad}/folder", "--input", "{bad}/afile", "--output", "{bad}/afile/s.csv"], "its part .*afile is a file"),
     (["synthetic", "{bad}/afile"], "the folder .*afile must be a folder"),
     (["sweep", "--data-dir", NO_DATA, "--out", "{bad}/afile", "--plan"], "--out .*must be a folder"),
-    (["bench", "--out", "{bad}/folder"], "--out .*is a folder; give a file name"),
-])
+])   # benchmarks/bench.py's --out: tests/test_bench.py
 def test_a_bad_path_is_one_error_line_before_any_work(bad, capsys, argv, expected):
     import re
 

@@ -282,7 +282,7 @@ def test_gpu_check_dry_mode_on_a_simulated_h100(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     first = [line for line in out.splitlines() if "] " in line][:3]
     assert any("estimate" in line for line in first), first
-    for command in ("bench", "train", "evaluate"):
+    for command in ("benchmarks/bench.py", "train", "evaluate"):
         log = only_log(tmp_path, command)
         assert log["placed"] == [0], (command, log)
     assert only_log(tmp_path, "evaluate")["autocast"] == ["bfloat16"]

@@ -1,7 +1,5 @@
 """The notebooks' first cell, `setup()`: the OpenMP setting every kernel needs and, on Colab, samlib importable,
 Drive mounted when asked and the folders pointed there (SAMLIB_*_DIR), so a rerun resumes.  Imports no torch."""
-from __future__ import annotations
-
 import os
 import subprocess
 import sys
@@ -53,19 +51,6 @@ def installed() -> bool:
     return subprocess.run([sys.executable, "-c", "import samlib"], cwd=os.sep, capture_output=True).returncode == 0
 
 
-def ensure_importable(repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Path:
-    """Clone the repository if needed, `pip install -e` it, and put it on sys.path (no kernel restart)."""
-    root = repo_root(clone_dir=clone_dir)
-    if root is None:
-        root = Path(clone_dir)
-        subprocess.run(["git", "clone", "-q", repo_url, str(root)], check=True)
-    if not installed():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
-
-
 def mount_drive(mountpoint=DRIVE_MOUNT) -> None:
     from google.colab import drive
 
@@ -75,12 +60,19 @@ def mount_drive(mountpoint=DRIVE_MOUNT) -> None:
 def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
           repo_url: str = REPO_URL, clone_dir=CLONE_DIR) -> Folders:
     """Call first in every notebook: `quiet_threads()` and the folders (given, else the defaults); on Colab also
-    `ensure_importable()`, Drive when `drive`, and the folders exported as SAMLIB_*_DIR."""
+    samlib cloned, `pip install -e`d and on sys.path (no kernel restart), Drive when `drive`, SAMLIB_*_DIR set."""
     quiet_threads()
     given = {"data": data_dir, "runs": runs_dir, "results": results_dir}
     if not on_colab():
         return Folders(*(str(v) if v else os.environ.get(ENV[k], f"../{IN_CHECKOUT[k]}") for k, v in given.items()))
-    root = ensure_importable(repo_url, clone_dir)
+    root = repo_root(clone_dir=clone_dir)
+    if root is None:
+        root = Path(clone_dir)
+        subprocess.run(["git", "clone", "-q", repo_url, str(root)], check=True)
+    if not installed():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(root)], check=True)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     if drive:
         mount_drive()
     base = DRIVE_DIR if drive else root

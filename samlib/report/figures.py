@@ -1,7 +1,5 @@
 """The report's figures, as matplotlib Figures (not pyplot: a notebook shows each once, none pile up in
 memory); given `save`, each is written as a PNG, with `caption` (Params.caption) under its title."""
-from __future__ import annotations
-
 import io
 
 import numpy as np
@@ -14,9 +12,6 @@ from ..io import atomic_write_bytes
 from ..optim import schedule_curves
 from .runs import load_run
 from .tables import figure1_deltas, strategy_intervals
-
-CHANNELS = ("red", "green", "blue")
-MARKERS = ("o", "s", "^", "x", "D", "v", "+")
 
 
 def _figure(size, *grid, **kwargs) -> tuple:
@@ -85,14 +80,14 @@ def plot_pixel_histograms(images, title="Pixel values per channel", caption="", 
     if len(images) > max_images:
         images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
     fig, axes = _figure((12, 3.4), 1, 3, sharey=True)
-    for ch, ax in enumerate(axes):
-        ax.hist(images[..., ch].ravel() / 255.0, bins=64, range=(0, 1), color=CHANNELS[ch], alpha=0.6)
+    for ch, (ax, channel) in enumerate(zip(axes, ("red", "green", "blue"))):
+        ax.hist(images[..., ch].ravel() / 255.0, bins=64, range=(0, 1), color=channel, alpha=0.6)
         m = CIFAR_MEAN[ch]
         ax.axvline(m, color="k", lw=1, label=f"mean {m:.4f}")
         for std, style, name in ((STD_AS_RUN[ch], "--", "std as run"), (STD_TRUE[ch], ":", "true std")):
             ax.axvline(m - std, color="k", ls=style, lw=1, label=f"{name} {std:.4f}")
             ax.axvline(m + std, color="k", ls=style, lw=1)
-        ax.set_title(CHANNELS[ch], fontsize=9)
+        ax.set_title(channel, fontsize=9)
         ax.set_xlabel("pixel value")
     axes[0].set_ylabel("pixels")
     return _finish(fig, title, caption, save, axes, legend=7, grid=False)
@@ -109,7 +104,7 @@ def plot_training_curves(runs: dict, title="Training curves (first seed of each 
             continue
         # Configs that train identically (final = se_mixup + an EMA) draw the same regular curve:
         # markers of other shapes and sizes and thinner lines on top keep each visible.
-        style = dict(color=f"C{k}", marker=MARKERS[k % len(MARKERS)], markersize=8 - 1.5 * k, lw=2.2 - 0.4 * k,
+        style = dict(color=f"C{k}", marker="os^xDv+"[k % 7], markersize=8 - 1.5 * k, lw=2.2 - 0.4 * k,
                      alpha=0.85)
         ax_loss.plot(m["epoch"], m["train_loss"], label=name, **style)
         for ax, col in ((ax_val, "val_acc"), (ax_test, "test_acc")):

@@ -1,15 +1,17 @@
 """The report's front page, results/<profile>/html/index.html: the runs' scale, the headline numbers against the
 paper and each claim's reading first, then the details.  Rendered from templates/index.html.j2, autoescaped."""
-from __future__ import annotations
-
 import math
 import numbers
 from collections import namedtuple
 from pathlib import Path
 
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
 from ..io import atomic_write_text, read_json
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 PROVENANCE = ("profile", "data_source", "device", "commit", "commit_dirty", "torch", "seeds", "updated")
 SCALE_COLUMNS = ("config", "seeds", "trained_in", "training_images", "epochs", "widths", "train_seconds")
 HEADLINE_NAMES = {"configuration": "Table 1 row", "ci95_low": "95% interval low", "ci95_high": "95% interval high"}
@@ -38,12 +40,10 @@ def _real(value) -> bool:
 
 
 def format_number(value) -> str:
-    """Ints as 4,697,162, floats as 1,234.57, missing values (None, NaN) as ''; text as is."""
-    if value is None or isinstance(value, bool):
-        return "" if value is None else str(value)
+    """A number of a numeric column: ints as 4,697,162, floats as 1,234.57, NaN as ''."""
     if isinstance(value, numbers.Integral):
         return f"{value:,}"
-    return ("" if math.isnan(value) else f"{value:,.2f}") if _real(value) else str(value)
+    return "" if math.isnan(value) else f"{value:,.2f}"
 
 
 def _text(value) -> str:
@@ -62,9 +62,6 @@ def _duration(seconds: float) -> str:
 
 def frame_html(frame) -> str:
     """A DataFrame as an HTML table (cells escaped by pandas), numbers thousands-separated."""
-    from markupsafe import Markup
-    from pandas.api.types import is_bool_dtype, is_numeric_dtype
-
     formatters = {col: format_number for col in frame.columns
                   if is_numeric_dtype(frame[col]) and not is_bool_dtype(frame[col])}
     return Markup(frame.to_html(index=False, na_rep="", formatters=formatters, border=0, escape=True,
@@ -73,8 +70,6 @@ def frame_html(frame) -> str:
 
 def _table(results_dir: Path, name: str, title: str, columns=None):
     """A table of the page from results_dir/<name>.csv (only `columns`, if given); None without the CSV."""
-    import pandas as pd
-
     path = results_dir / f"{name}.csv"
     if not path.exists():
         return None
@@ -89,8 +84,6 @@ def _table(results_dir: Path, name: str, title: str, columns=None):
 
 def _scale(summary: dict):
     """The runs' scale as notebook 01 recorded it (summary["scale"]): table, runs, seeds, precisions, time."""
-    import pandas as pd
-
     rows = summary.get("scale")
     if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
         return None
@@ -104,18 +97,8 @@ def _scale(summary: dict):
             "total": _duration(sum(seconds)) if all(_real(s) for s in seconds) else "not recorded"}
 
 
-def _timings(summary: dict) -> dict:
-    """{"rows": [(notebook, seconds text)], "total": text or None} from summary["timings"]."""
-    timings = summary.get("timings") if isinstance(summary.get("timings"), dict) else {}
-    rows = [(str(name), f"{s:,.1f}" if _real(s) else str(s)) for name, s in sorted(timings.items())]
-    numeric = len(rows) > 1 and all(_real(s) for s in timings.values())
-    return {"rows": rows, "total": f"{sum(timings.values()):,.1f}" if numeric else None}
-
-
 def render_index(results_dir) -> str:
     """The index page of results_dir (results/<profile>) as HTML text."""
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
     results_dir = Path(results_dir)
     path = results_dir / "summary.json"
     summary = read_json(path) if path.exists() else {}
@@ -124,6 +107,8 @@ def render_index(results_dir) -> str:
     if scale and scale["seeds"]:
         summary["seeds"] = scale["seeds"]          # every run's seed, not only the Table 1 rows'
     text = {key: _text(summary.get(key)) for key in PROVENANCE}
+    timings = summary.get("timings") if isinstance(summary.get("timings"), dict) else {}
+    timed = len(timings) > 1 and all(_real(s) for s in timings.values())
     machine = f"trained in {scale['precisions']} | evaluated on {text['device']}" if scale else text["device"]
 
     def tables(specs):            # the template names the tables: (CSV name, heading[, columns])
@@ -132,11 +117,13 @@ def render_index(results_dir) -> str:
     def present(names):           # the files of results_dir that exist
         return [name for name in names if (results_dir / name).exists()]
 
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = Environment(loader=FileSystemLoader(Path(__file__).resolve().parent / "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template("index.html.j2").render(
         profile=text["profile"], scaled_down=summary.get("profile") != "paper", scale=scale,
-        provenance=list(text.items()), timings=_timings(summary), tables=tables, present=present,
+        provenance=list(text.items()), tables=tables, present=present,
+        timings=[(str(name), f"{s:,.1f}" if _real(s) else str(s)) for name, s in sorted(timings.items())],
+        total_time=f"{sum(timings.values()):,.1f}" if timed else None,
         caption=f"profile {text['profile']} | {text['data_source']} | {machine}",
         notebooks=[(p.name, p.stem) for p in sorted((results_dir / "html").glob("[0-9]*.html"))],
         figures=[f for f in INDEX_FIGURES if (results_dir / f"{f.name}.png").exists()])

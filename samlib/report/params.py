@@ -1,7 +1,5 @@
 """What every report notebook does first and last: check_params, load_data (prints the header),
 save_table (profile/data/device on every table) and finish (summary.json)."""
-from __future__ import annotations
-
 import html
 import json
 import os
@@ -11,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import data as D
+from .. import paths
 from ..config import PROFILES, SWITCHES
+from ..device import check_environment, resolve_device
 from ..errors import ConfigError, SamlibError
 from ..infer import STRATEGIES
 from ..io import atomic_write_text, read_json, write_json
@@ -39,38 +40,24 @@ def _shell():
         return None
 
 
-def _one_line_user_errors() -> None:
-    """In a notebook kernel, a samlib error shows as one `error:` line and an interrupt as one `interrupted:`
-    line, not a traceback; the cell still fails.  Other exceptions keep their traceback."""
-    shell = _shell()
-    if shell is None:
-        return
-
-    def show(shell, etype, value, tb, tb_offset=None):
-        stb = [INTERRUPTED if issubclass(etype, KeyboardInterrupt) else f"error: {value}"]
-        shell._showtraceback(etype, value, stb)    # as IPython shows any error (kernel: an error output)
-        return stb
-
-    shell.set_custom_exc((SamlibError, KeyboardInterrupt), show)
+def _show_one_line(shell, etype, value, tb, tb_offset=None):
+    """In a notebook kernel, a samlib error or an interrupt shows as one line, not a traceback; the cell still fails."""
+    stb = [INTERRUPTED if issubclass(etype, KeyboardInterrupt) else f"error: {value}"]
+    shell._showtraceback(etype, value, stb)    # as IPython shows any error (kernel: an error output)
+    return stb
 
 
-_one_line_user_errors()
+if _shell() is not None:
+    _shell().set_custom_exc((SamlibError, KeyboardInterrupt), _show_one_line)
 
 
-def _figures_with_alt_text() -> None:
-    """In a notebook kernel, show figures as PNG with {"alt": the title}, so the HTML pages get alt text."""
-    shell = _shell()
-    if shell is None:
-        return
+def _png_with_alt_text(fig) -> tuple:
+    """A figure as PNG with {"alt": its title}, so the notebooks' HTML pages get alt text."""
     from IPython.core.pylabtools import print_figure
-    from matplotlib.figure import Figure
 
-    def png(fig) -> tuple:
-        title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
-        alt = title.replace("\n", " - ") or "a figure of this report"
-        return print_figure(fig, "png", bbox_inches="tight"), {"alt": alt}
-
-    shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+    title = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ""
+    alt = title.replace("\n", " - ") or "a figure of this report"
+    return print_figure(fig, "png", bbox_inches="tight"), {"alt": alt}
 
 
 @dataclass
@@ -132,9 +119,7 @@ def _path(name, value, written: bool = False) -> Path:
     """A path parameter, resolved; a folder the notebook writes is checked for writing first."""
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         _fail(name, "a path (string)", value)
-    from ..paths import output_dir, resolved
-
-    return (output_dir if written else resolved)(value, f"parameter {name}")
+    return (paths.output_dir if written else paths.resolved)(value, f"parameter {name}")
 
 
 def _extra(name, value, profile: str, seeds: list):
@@ -162,10 +147,6 @@ def _extra(name, value, profile: str, seeds: list):
 def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extra) -> Params:
     """The parameters cell's values, checked (ConfigError names the first bad one) and resolved: profile "auto"
     is paper on CUDA, else quick; seeds None are DEFAULT_SEEDS; `extra`: EXTRAS."""
-    import torch
-
-    from ..device import check_environment, resolve_device
-
     check_environment()
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,9 +170,10 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
 
 def load_data(p: Params, download: bool = True):
     """Load CIFAR-10 from p.data_dir (downloading when absent), record its source, print the header."""
-    import torch
+    if _shell() is not None:          # after %matplotlib inline, which registers its own formatter
+        from matplotlib.figure import Figure
 
-    _figures_with_alt_text()          # after %matplotlib inline, which registers its own
+        _shell().display_formatter.formatters["image/png"].for_type(Figure, _png_with_alt_text)
     dataset = D.load_cifar10(p.data_dir, download=download)
     p.data_source = D.describe_source(dataset, p.data_dir)
     p.provenance = prov = provenance(torch.device(p.device), p.data_source)

@@ -1,7 +1,5 @@
 """The runs behind the report: train (or reuse) them, read them back, say at what scale and precision they
 trained, and evaluate a run's inference strategies once, cached in its run directory."""
-from __future__ import annotations
-
 import contextlib
 import csv
 import hashlib
@@ -58,10 +56,10 @@ def load_run(run_dir) -> dict:
     """Everything a (finished or not) run directory holds; a damaged file is a DataError / ConfigError naming it."""
     run_dir = Path(run_dir)
     fix = f"the run folder is damaged: move {run_dir} away (or delete it) and train the run again"
-    if not present(run_dir / "config.json"):
+    config = run_dir / "config.json"
+    if not present(config):
         raise SamlibError(f"{run_dir} is not a samlib run directory (no config.json); pass the "
                           "folder that `python -m samlib train` printed")
-    config = run_dir / "config.json"
     out = {"dir": run_dir, "config": from_dict(read_json(config, fix=fix), source=str(config))}
     final = dict(_FINAL, test_acc_ema="number") if out["config"].ema else _FINAL
     fields = {"final": (final, _FINAL_OPTIONAL), "provenance": ({}, {"train_seconds": "number"}),
@@ -91,19 +89,15 @@ def train_many(configs, profile, seeds, data_dir=None, dataset=None, out="runs",
     return runs
 
 
-def finished_run(config: str, profile: str, seed: int, out, needed_by: str) -> Path:
-    """The finished run directory of `config` at `profile` and `seed`; never trains (names the notebook that does)."""
-    run = RunDir.for_config(resolve(config, profile, seed=seed), out)
-    if not run.finished:
-        state = "is not finished" if (run / "config.json").exists() else "does not exist"
-        raise SamlibError(f"{needed_by} needs the finished {config!r} run ({profile} profile, seed {seed}); "
-                          f"{run.path} {state}: run notebook 01_table1_ablation (or make report) first")
-    return run.path
-
-
 def finished_runs(config: str, profile: str, seeds, out, needed_by: str) -> dict:
-    """{seed: finished run directory} of `config` at each of `seeds` (finished_run)."""
-    return {seed: finished_run(config, profile, seed, out, needed_by) for seed in seeds}
+    """{seed: finished run directory} of `config` at `profile`; never trains (names the notebook that does)."""
+    runs = {seed: RunDir.for_config(resolve(config, profile, seed=seed), out) for seed in seeds}
+    for seed, run in runs.items():
+        if not run.finished:
+            state = "is not finished" if (run / "config.json").exists() else "does not exist"
+            raise SamlibError(f"{needed_by} needs the finished {config!r} run ({profile} profile, seed {seed}); "
+                              f"{run.path} {state}: run notebook 01_table1_ablation (or make report) first")
+    return {seed: run.path for seed, run in runs.items()}
 
 
 def ablation_seeds(switches, seeds, final_seeds) -> dict:
@@ -144,29 +138,22 @@ def run_scale(runs: dict, dataset) -> pd.DataFrame:
 
 
 def _train_seconds(run: dict) -> float:
-    """A run's training time: provenance.json's, else the sum of metrics.csv's epoch seconds."""
+    """provenance.json's training time, else the sum of metrics.csv's epoch seconds."""
     recorded = (run["provenance"] or {}).get("train_seconds")
     return float(recorded if recorded is not None else run["metrics"].get("seconds", pd.Series(dtype=float)).sum())
 
 
-def _digest(path) -> str | None:
-    """sha256 of a file's bytes; None when there is none ("unreadable": its reader says why)."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "unreadable"
-
-
 def _run_state(run_dir: Path) -> dict:
-    """What an evaluation is computed from: the selected checkpoints' content, finished or not."""
-    return {"finished": present(run_dir / "final.json"),
-            **{name: _digest(run_dir / name) for name in ("best_regular.pt", "best_ema.pt")}}
-
-
-STRATEGY_COLUMNS = ("strategy", "temperature", "temperature_from", "selected", "test_images",
-                    "test_accuracy", "test_nll", "test_ece", "val_accuracy")
+    """What an evaluation is computed from: finished or not, the selected checkpoints' sha256 (None: absent)."""
+    state = {"finished": present(run_dir / "final.json")}
+    for name in ("best_regular.pt", "best_ema.pt"):
+        try:
+            state[name] = hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            state[name] = None
+        except OSError:               # its reader says why
+            state[name] = "unreadable"
+    return state
 
 
 def _cached_table(cached: Path, meta: Path, key: dict):
@@ -180,7 +167,9 @@ def _cached_table(cached: Path, meta: Path, key: dict):
         table = pd.read_csv(io.BytesIO(text))
     except (SamlibError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
-    return table if set(STRATEGY_COLUMNS) <= set(table.columns) and len(table) else None
+    columns = {"strategy", "temperature", "temperature_from", "selected", "test_images", "test_accuracy", "test_nll",
+               "test_ece", "val_accuracy"}
+    return table if columns <= set(table.columns) and len(table) else None
 
 
 def inference_precision(run: dict, device=None) -> str:
@@ -212,18 +201,16 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     key = {"version": CACHE_VERSION, "data": data_id, "strategies": list(STRATEGIES), "precision": precision,
            "run": _run_state(run_dir)}
     cached, meta = run_dir / "strategies.csv", run_dir / "strategies.json"
-    if reuse and cached.exists() and meta.exists():
-        table = _cached_table(cached, meta, key)
-        if table is not None:
-            return table
+    table = _cached_table(cached, meta, key) if reuse else None    # None: absent, damaged or another key's
+    if table is not None:
+        return table
     splits = D.split_data(cfg, dataset)
     regular, ema = load_run_models(run_dir, device)
     rows, probs, selected_on = evaluate_strategies(regular, ema, splits["val"], splits["test"], device=device,
                                                    batch_size=cfg.eval_batch_size, precision=precision)
     table = pd.DataFrame(rows)
     table.attrs["selected_on"] = selected_on
-    # Every strategy's test probabilities are kept for the later figures and the submission.
-    # The key file goes first and comes back last, with the sha256 of the table.
+    # The key goes first and comes back last, with the table's sha256; the probabilities serve figures and submission.
     with contextlib.suppress(OSError):      # e.g. a folder in its place: write_json below says so
         meta.unlink(missing_ok=True)
     save_checkpoint({"key": key, "probs": probs, "labels": torch.as_tensor(splits["test"][1])},
@@ -234,18 +221,17 @@ def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
     return table
 
 
-def saved_test_probs(run_dir, key: dict | None = None) -> tuple:
-    """({strategy: test probabilities}, labels) evaluate_run saved for `key` (default: the current one), or Nones."""
+def saved_test_probs(run_dir) -> tuple:
+    """({strategy: test probabilities}, labels) evaluate_run saved for the run as it is now, or Nones."""
     run_dir = Path(run_dir)
     path = run_dir / "strategy_probs.pt"
     if not path.exists():
         return None, None
     try:
-        if key is None:
-            key = read_json(run_dir / "strategies.json")
-            key.pop("table_sha256", None)
-            if key.get("run") != _run_state(run_dir):
-                return None, None
+        key = read_json(run_dir / "strategies.json")
+        key.pop("table_sha256", None)
+        if key.get("run") != _run_state(run_dir):
+            return None, None
         saved = load_checkpoint(path, fallback=False)
         probs, labels, fits = saved["probs"], saved["labels"].numpy(), saved.get("key") == key
     except (SamlibError, KeyError, TypeError, AttributeError):   # damaged: evaluate_run writes it again
@@ -268,8 +254,3 @@ def probs_on_test(run_dir, strategy: str, dataset, device=None) -> tuple:
     """(probabilities, labels) of one strategy of a run on the run's own test split (run_probs)."""
     test_x, test_y = D.split_data(load_run(run_dir)["config"], dataset)["test"]
     return run_probs(run_dir, strategy, test_x, test_y, device), test_y
-
-
-def evaluate_runs(run_dirs: dict, **kwargs) -> dict:
-    """{key: strategy table} of each run of {key: run_dir} (evaluate_run, cached)."""
-    return {key: evaluate_run(run_dir, **kwargs) for key, run_dir in run_dirs.items()}

@@ -1,7 +1,5 @@
 """Kaggle submission (paper Section 5): predict the unlabeled test file, write ID,Labels, validated and atomically.
 Kaggle accuracy on the hidden set is not CIFAR-10 test accuracy: never report one as the other."""
-from __future__ import annotations
-
 import csv
 import io
 import os
@@ -85,6 +83,7 @@ def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=No
     return write_submission(ids, probs.argmax(1).numpy(), output)
 
 
+
 def kaggle_preview(p, train_mean, train_std) -> None:
     """Notebook 00: the Kaggle file's size, ids, channel statistics (beside the training images') and first images."""
     if p.kaggle_file is None:
@@ -103,45 +102,34 @@ def kaggle_preview(p, train_mean, train_std) -> None:
                         caption=p.caption, save=p.results / "kaggle_samples.png"))
 
 
-def report_run(p, dataset) -> tuple:
-    """Notebook 03's (run folder, strategy): `final` at the first seed, and p.strategy ("best": notebook 02's)."""
-    from .runs import evaluate_run, finished_run
+def report_submission(p, dataset) -> dict:
+    """Notebook 03: `final` (first seed) predicts p.kaggle_file with p.strategy ("best": notebook 02's pick) into
+    submission.csv, else the profile's CIFAR-10 test images (ids 0..N-1, not a Kaggle submission, of known
+    accuracy).  Returns summary.json's `submission` section."""
+    from .runs import evaluate_run, finished_runs, load_run, run_probs
     from .tables import best_strategy
 
-    run_dir = finished_run("final", p.profile, p.seeds[0], p.runs, needed_by="notebook 03")
+    run_dir = finished_runs("final", p.profile, p.seeds[:1], p.runs, needed_by="notebook 03")[p.seeds[0]]
     strategy = p.strategy
     if strategy == "best":
         strategy = best_strategy(evaluate_run(run_dir, dataset=dataset, device=p.device))
     print(f"run {run_dir.name}, strategy {strategy}")
-    return run_dir, strategy
-
-
-def report_submission(p, dataset, run_dir, strategy) -> dict:
-    """Notebook 03: results/<profile>/submission.csv for p.kaggle_file, else for the CIFAR-10 test images (not a
-    Kaggle submission, but its accuracy is known); returns summary.json's `submission` section."""
-    from .runs import load_run, run_probs
-
     if p.kaggle_file:
         images, ids = load_unlabeled(p.kaggle_file)
-        labels = None
-        source = f"Kaggle-format file {os.path.basename(p.kaggle_file)}"
-        print(f"predicting the Kaggle file {p.kaggle_file}: {len(ids)} images")
+        labels, source = None, f"Kaggle-format file {os.path.basename(p.kaggle_file)}"
+        print(f"predicting the Kaggle file {p.kaggle_file}: {len(ids)} images (its Kaggle score comes from "
+              "uploading the file; it is not CIFAR-10 test accuracy)")
     else:
         images, labels = split_data(load_run(run_dir)["config"], dataset)["test"]
-        ids = np.arange(len(labels))
-        source = f"CIFAR-10 test images ({p.profile} profile)"
+        ids, source = np.arange(len(labels)), f"CIFAR-10 test images ({p.profile} profile)"
         print(f"kaggle_file not given: exporting predictions for the {len(ids)} CIFAR-10 test images of the "
               f"{p.profile} profile (ids 0..{len(ids) - 1}). This file is NOT a Kaggle submission.")
-    # CIFAR-10 test images: notebook 02's cached probabilities; the Kaggle file: predicted now
-    pred = run_probs(run_dir, strategy, images, labels, p.device).argmax(1).numpy()
-    path = p.results / "submission.csv"
-    check = write_submission(ids, pred, path)
-    print(f"wrote {path}: {check['rows']} rows, header ID,Labels, ids unique, labels in 0..9: valid")
+    pred = run_probs(run_dir, strategy, images, labels, p.device).argmax(1).numpy()   # 02's cache for the test set
+    check = write_submission(ids, pred, p.results / "submission.csv")
+    print(f"wrote {p.results / 'submission.csv'}: {check['rows']} rows, header ID,Labels, ids unique, labels in 0..9")
     accuracy = None if labels is None else float((pred == labels).mean())
-    if accuracy is None:
-        print("no labels: the Kaggle score comes from uploading the file; it is not CIFAR-10 test accuracy")
-    else:
+    if accuracy is not None:
         print(f"CIFAR-10 test accuracy of these predictions ({p.profile} profile, {strategy}): "
               f"{100 * accuracy:.2f}% - a CIFAR-10 number, not a Kaggle score")
-    return {"file": path.name, "source": source, "strategy": strategy, "run": run_dir.name, **check,
+    return {"file": "submission.csv", "source": source, "strategy": strategy, "run": run_dir.name, **check,
             "cifar10_test_accuracy": accuracy}

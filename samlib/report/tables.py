@@ -1,13 +1,10 @@
 """The report's tables (Table 1, the discrepancy switches, Figure 1's strategies and claims, reliability),
 each with the paper's value beside the reproduced one."""
-from __future__ import annotations
-
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from ..data import split_data
+from ..config import resolve
+from ..data import CIFAR_MEAN, STD_AS_RUN, STD_TRUE, channel_stats, split_data
 from ..device import resolve_device
 from ..errors import SamlibError
 from ..infer import calibration_bins, predict_logits
@@ -24,8 +21,7 @@ PAPER_TABLE1 = pd.DataFrame([
     ("final", "+ EMA (final)", 67.59, 92.99, "5.02M"),
 ], columns=["config", "paper_row", "paper_train_acc", "paper_test_acc", "paper_params"])
 
-# Figure 1's claims as stated in the text: TTA +0.31 points over standard inference,
-# the regular/EMA ensemble a further +0.16, final 92.99%.
+# Figure 1's claims as the text states them: gains in points, the final accuracy in %.
 PAPER_FIGURE1 = {"tta_gain": 0.31, "ensemble_gain": 0.16, "final": 92.99}
 
 
@@ -145,7 +141,7 @@ def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndar
     model = {"regular": regular, "ema": ema}[kind]
     if model is None:
         raise SamlibError(f"{run_dir} holds no EMA checkpoint: compare kind='regular'")
-    with progress_bar(total=len(test_y), unit="img", desc=f"test predictions of {Path(run_dir).name}") as bar:
+    with progress_bar(total=len(test_y), unit="img", desc=f"test predictions of {run['dir'].name}") as bar:
         logits = predict_logits(model, test_x, batch_size=run["config"].eval_batch_size, device=device,
                                 precision=inference_precision(run, device), bar=bar)[0]
     return logits.argmax(1).numpy() == np.asarray(test_y)
@@ -243,3 +239,20 @@ def confusion_matrix(labels, predictions, classes: int = 10) -> np.ndarray:
     """Counts (true class in rows, predicted class in columns)."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     return np.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
+
+
+def class_balance(dataset, profile: str) -> pd.DataFrame:
+    """Images per class (rows): all of CIFAR-10 and the profile's train / val / test splits (notebook 00)."""
+    labels = {"train (all)": dataset.train_labels, "test (all)": dataset.test_labels,
+              **{f"{k} ({profile})": v[1] for k, v in split_data(resolve("final", profile), dataset).items()}}
+    return pd.DataFrame({k: np.bincount(v, minlength=10) for k, v in labels.items()}, index=list(dataset.classes))
+
+
+def channel_table(images) -> pd.DataFrame:
+    """Per-channel mean and std of `images` beside the code's constants and the true std, and the input
+    std the code's constant gives (notebook 00, "Normalisation")."""
+    mean, std = channel_stats(images)
+    stats = pd.DataFrame({"channel": ["red", "green", "blue"], "mean (measured)": mean, "mean (code)": CIFAR_MEAN,
+                          "std (measured)": std, "std (code, as run)": STD_AS_RUN, "std (true, CIFAR-10)": STD_TRUE})
+    stats["input std with the code's constant"] = stats["std (measured)"] / stats["std (code, as run)"]
+    return stats
