@@ -128,10 +128,11 @@ def _git(repo, *args):
         return None
 
 
-def git_dirty(repo) -> bool | None:
-    """Whether `repo`'s tracked files differ from HEAD after git's clean filters; None when git cannot tell."""
+def git_dirty(repo, outputs=("results",)) -> bool | None:
+    """Whether `repo`'s tracked files, less the reports under `outputs` (a publish rewrites them),
+    differ from HEAD after git's clean filters; None when git cannot tell."""
     _git(repo, "update-index", "-q", "--refresh")
-    done = _git(repo, "diff", "--quiet", "HEAD", "--")
+    done = _git(repo, "diff", "--quiet", "HEAD", "--", ".", *(f":(exclude){path}" for path in outputs))
     return {0: False, 1: True}.get(done.returncode) if done is not None else None
 
 

@@ -87,6 +87,18 @@ def test_git_dirty_is_the_content_after_the_clean_filter(repo):
     assert git_dirty(repo) is False
 
 
+def test_git_dirty_leaves_out_the_committed_reports(repo):
+    """A publish rewrites results/ while it runs: that alone must not mark its report dirty."""
+    (repo / "results").mkdir()
+    (repo / "results" / "summary.json").write_text("{}\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "a report")
+    (repo / "results" / "summary.json").write_text('{"accuracy": 1}\n')
+    assert git_dirty(repo) is False
+    (repo / "notebook.txt").write_text("a = 3\n")      # code beside it still counts
+    assert git_dirty(repo) is True
+
+
 def test_git_dirty_is_unknown_where_git_cannot_tell(tmp_path, monkeypatch):
     assert git_dirty(tmp_path) is None                 # not a repository
     _git(tmp_path, "init", "-q")
