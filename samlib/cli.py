@@ -1,6 +1,5 @@
 """Command line: `python -m samlib {train,evaluate,submit,synthetic,sweep} ...`.
-A user's mistake is one `error: ...` line (exit 2), a bug keeps its traceback; Ctrl-C (130) and SIGTERM (143)
-keep the last good checkpoint, so the same command again resumes."""
+A user's mistake is one `error:` line (exit 2), a bug a traceback; Ctrl-C (130) or SIGTERM (143): rerun to resume."""
 import argparse
 import contextlib
 import errno
@@ -117,9 +116,8 @@ def cmd_synthetic(args) -> None:
             raise SamlibError(f"{flag} must be an integer in [{low}, {high}], got {value}")
     target = Path(args.dir) / FOLDER
     paths.output_dir(target, "the synthetic data's folder")
-    dataset = synthetic_cifar10(args.n_train, args.n_test, seed=args.seed)
     try:
-        folder = write_cifar10(args.dir, dataset)
+        folder = write_cifar10(args.dir, synthetic_cifar10(args.n_train, args.n_test, seed=args.seed))
     except OSError as e:
         raise SamlibError(f"cannot write the synthetic data to {target}: {error_message(e)}") from None
     print(folder)
@@ -209,8 +207,7 @@ def _signals_raise(program: bool):
 
 OS_HINTS = {
     errno.ENOENT: "check the path",
-    errno.EACCES: "check the permissions or choose another folder",
-    errno.EPERM: "check the permissions or choose another folder",
+    **dict.fromkeys((errno.EACCES, errno.EPERM), "check the permissions or choose another folder"),
     errno.EROFS: "the file system is read-only: choose a writable folder",
     errno.ENOSPC: "the disk is full: free some space or choose another folder",
     errno.EDQUOT: "the disk quota is used up: free some space or choose another folder",

@@ -1,5 +1,4 @@
-"""User-facing errors: a `SamlibError` is a mistake the user can fix (the command line prints it on one line
-and exits with status 2), and the one reader of a user's file that turns an OSError into such an error."""
+"""User-facing errors: a `SamlibError` is a mistake the user can fix (one `error:` line); read_bytes raises them."""
 from pathlib import Path
 
 

@@ -1,5 +1,4 @@
-"""Paths from the user, checked before any work starts: a symlink loop, a dangling link, a file where a folder
-belongs (or the reverse) or a read-only folder is one `error:` line naming the flag or parameter."""
+"""Paths from the user, checked before any work starts: a bad one is one `error:` line naming the flag or parameter."""
 import os
 from pathlib import Path
 

@@ -1,5 +1,4 @@
-"""The plan shown before any training: each config x seed run, its state on disk and its time on *this* device,
-estimated from a short probe of the real training step and evaluation."""
+"""The plan shown before any training: each config x seed run, its state on disk and its time on *this* device."""
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +56,7 @@ def plan_runs(configs, seeds, profile: str, out, **overrides) -> list[PlannedRun
 
 
 def epoch_seconds(cfg: Config, device=None, train_images: int | None = None) -> float:
-    """Seconds one epoch of `cfg` takes here: 5 timed train steps on synthetic images, scaled to the epoch, plus
-    its evaluation timed per image."""
+    """Seconds one epoch of `cfg` takes here: timed train steps on synthetic images scaled up, plus evaluation."""
     device = resolve_device(device)
     steps, warmup = 5, 2
     ds = D.synthetic_cifar10((steps + warmup) * cfg.batch_size, cfg.eval_batch_size, seed=0)

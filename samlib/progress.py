@@ -9,8 +9,7 @@ from tqdm.auto import tqdm
 
 @contextlib.contextmanager
 def progress_bar(iterable=None, disable: bool = False, **kwargs):
-    """tqdm(iterable, leave=False, **kwargs), removed on exit or interruption; drawn only in a notebook
-    kernel (Jupyter, Colab, papermill) or on a terminal, never into a log file or a pipe."""
+    """tqdm(iterable, leave=False, **kwargs), removed on exit or interruption; drawn in a notebook or terminal only."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
     on_screen = type(shell).__name__ == "ZMQInteractiveShell" or getattr(sys.stderr, "isatty", lambda: False)()

@@ -32,9 +32,7 @@ def sweep(configs, seeds, profile, data_dir, out="runs", devices=None, extra=())
     running, results = {}, []
     try:
         while jobs or running:
-            for slot in [i for i in range(len(devices)) if i not in running]:
-                if not jobs:
-                    break
+            for slot in [i for i in range(len(devices)) if i not in running][:len(jobs)]:     # a free slot per job
                 device = devices[slot]
                 config, seed = jobs.pop(0)
                 log = logs / f"{config}-s{seed}.log".replace("+", "_").replace("=", "_")

@@ -284,45 +284,94 @@ def test_final_seeds_default_per_profile_and_always_include_seeds(tmp_path):
 def test_figure1_across_seeds_by_hand():
     one = _strategy_table()
     two = one.assign(test_accuracy=np.where(one["strategy"].eq("tta"), 0.93, one["test_accuracy"]))
-    t = figure1_across_seeds({84: one, 85: two}).set_index("claim")
+    t = figure1_across_seeds({84: figure1_deltas(one), 85: figure1_deltas(two)}).set_index("claim")
     tta = t.loc["TTA gain: tta - standard"]
     assert tta["seed 84"] == pytest.approx(1.0) and tta["seed 85"] == pytest.approx(3.0)   # 91-90, 93-90
     assert tta["mean"] == pytest.approx(2.0) and tta["sd"] == pytest.approx(2 ** 0.5)      # sd of (1, 3)
-    assert tta["paper"] == 0.31
+    assert tta["paper"] == 0.31 and tta["reading"] == "cannot resolve (no interval)"      # no test probs given
     ens = t.loc["ensemble gain: ensemble+tta - tta"]                                       # 92-91, 92-93
     assert (ens["seed 84"], ens["seed 85"], ens["mean"]) == pytest.approx((1.0, -1.0, 0.0))
-    assert np.isnan(figure1_across_seeds({84: one}).set_index("claim").loc["TTA gain: tta - standard", "sd"])
+    assert np.isnan(figure1_across_seeds({84: figure1_deltas(one)}).set_index("claim").loc[
+        "TTA gain: tta - standard", "sd"])
+
+
+def test_figure1_across_seeds_reads_each_seed_then_all():
+    """Seed 84 right on every image under TTA and wrong without: its gain is supported; seed 85 no gain:
+    contradicted.  Across the seeds the readings disagree, and the table says so."""
+    labels = np.zeros(400, dtype=int)
+    good, bad = torch.eye(10)[[0] * 400], torch.eye(10)[[1] * 400]
+    t = _strategy_table().assign(test_images=400)
+    seed84 = {s: (good if s != "standard" else bad) for s in STRATEGIES}
+    seed85 = {s: good for s in STRATEGIES}
+    deltas = {84: figure1_deltas(t, PAPER_FIGURE1, seed84, labels), 85: figure1_deltas(t, PAPER_FIGURE1, seed85, labels)}
+    by_seed = figure1_across_seeds(deltas).set_index("claim").loc["TTA gain: tta - standard"]
+    assert by_seed["seed 84 95% interval"] == "100.00 - 100.00" and by_seed["seed 85 95% interval"] == "0.00 - 0.00"
+    assert deltas[84].set_index("claim").loc["TTA gain: tta - standard", "reading"] == "supported"
+    assert by_seed["reading"] == "cannot resolve (seeds disagree)"
+    alone = figure1_across_seeds({84: deltas[84]}).set_index("claim").loc["TTA gain: tta - standard"]
+    assert alone["reading"] == "supported"
+
+
+@pytest.mark.parametrize("readings, reading", [
+    (["supported", "supported"], "supported"), (["contradicted"], "contradicted"),
+    (["supported", "cannot resolve"], "cannot resolve (seeds disagree)"), (["", ""], "")])
+def test_one_reading_across_seeds(readings, reading):
+    from samlib.report.tables import read_across_seeds
+
+    assert read_across_seeds(readings) == reading
+
+
+def test_table1_claims_pair_each_row_with_the_one_above_at_the_same_seed(monkeypatch):
+    """Table 1's gains from per-image correctness: SE over baseline, MixUp over SE, EMA (final) over MixUp,
+    each at the seeds both rows have; the paper's gains are its Table 1 differences."""
+    from samlib.report import tables
+
+    n = 1000
+    right = lambda k: np.arange(n) < k                                 # the first k images right
+    correct = {("baseline", 84): right(800), ("se", 84): right(900),  # +10 points: supported
+               ("se_mixup", 84): right(880),                          # -2 points: contradicted
+               ("final", 84): right(881), ("final", 85): right(500)}  # +0.1 at seed 84; 85 has no pair
+    kinds = {}
+    monkeypatch.setattr(tables, "load_run", lambda d: {"config": resolve(d[0], "smoke", seed=d[1])})
+    monkeypatch.setattr(tables, "correct_on_test",
+                        lambda d, dataset, kind, device=None: kinds.setdefault(d, kind) and correct[d])
+    runs = {c: [k for k in correct if k[0] == c] for c in ("baseline", "se", "se_mixup", "final")}
+    t = tables.table1_claims(runs, dataset="data").set_index("claim")
+    assert list(t.index) == ["+ SE blocks gain: se - baseline", "+ MixUp (a=0.3) gain: se_mixup - se",
+                             "+ EMA (final) gain: final - se_mixup"]
+    assert t["paper"].tolist() == pytest.approx([0.62, 0.69, 0.25])      # 92.05-91.43, 92.74-92.05, 92.99-92.74
+    assert t["seed 84"].tolist() == pytest.approx([10.0, -2.0, 0.1])
+    assert "seed 85" not in t.columns                                     # final's seed 85 has nothing to pair with
+    assert t["reading"].tolist()[:2] == ["supported", "contradicted"]
+    lo, hi = (float(x) for x in t.loc["+ EMA (final) gain: final - se_mixup", "seed 84 95% interval"].split(" - "))
+    assert 0 <= lo <= 0.1 <= hi and t.loc["+ EMA (final) gain: final - se_mixup", "reading"] == "cannot resolve"
+    assert kinds[("baseline", 84)] == "regular" and kinds[("final", 84)] == "ema"   # the checkpoint Table 1 reports
+    assert len(kinds) == 4                                                # each run evaluated once
 
 
 def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeypatch):
     from samlib.report import tables
 
-    acc = {("final", 84): 0.80, ("final", 85): 0.84, ("sw", 84): 0.81, ("sw", 85): 0.87, ("one", 85): 0.83}
-    monkeypatch.setattr(tables, "load_run", lambda d: {"config": resolve("final", "smoke", seed=d[1]),
-                                                       "final": {"test_acc_ema": acc[d]}})
-    t = tables.discrepancy_table([("final", 84), ("final", 85)],
-                                 {"sw": [("sw", 84), ("sw", 85)], "one": [("one", 85)]}).set_index("switch")
-    assert t.loc["final (code as run)", "test_acc"] == pytest.approx(82.0)
-    assert t.loc["sw", "delta_vs_final"] == pytest.approx(2.0)       # (+1, +3) paired by seed
-    assert t.loc["sw", "delta_sd"] == pytest.approx(2 ** 0.5)
-    assert t.loc["one", "delta_vs_final"] == pytest.approx(-1.0)     # 83 - 84 (seed 85), not 83 - 82
-    assert t.loc["one", "seeds"] == "85" and np.isnan(t.loc["one", "delta_sd"])
-    assert "delta_lo" not in t.columns                               # no data given: no test-image interval
-
-    # With the data: the interval of the mean per-image difference over the paired seeds.
     n = 200
     right = lambda k: np.arange(n) < k                                # the first k images right
     correct = {("final", 84): right(160), ("sw", 84): right(164),     # +4 images: +2 points
                ("final", 85): right(170), ("sw", 85): right(170),     # the same images: 0
-               ("one", 85): right(170)}
+               ("one", 85): right(166), ("lone", 86): right(100)}     # -2 points; 86: final has no seed 86
     asked = []
+    monkeypatch.setattr(tables, "load_run", lambda d: {"config": resolve("final", "smoke", seed=d[1])})
     monkeypatch.setattr(tables, "correct_on_test", lambda d, dataset, kind, device=None: asked.append(d) or correct[d])
     t = tables.discrepancy_table([("final", 84), ("final", 85)], {"sw": [("sw", 84), ("sw", 85)],
-                                 "one": [("one", 85)]}, dataset="data").set_index("switch")
-    assert sorted(asked) == sorted(correct)                          # final's seeds evaluated once, not per switch
-    lo, hi = t.loc["sw", ["delta_lo", "delta_hi"]]
-    assert 0 <= lo < 1.0 < hi                                         # mean +1 point, never below 0
-    assert tuple(t.loc["one", ["delta_lo", "delta_hi"]]) == (0, 0)    # identical predictions
+                                 "one": [("one", 85)], "lone": [("lone", 86)]}, dataset="data").set_index("switch")
+    assert list(t.index) == ["sw", "one"]                             # nothing to pair "lone" with
+    assert sorted(asked) == sorted(set(correct) - {("lone", 86)})     # final's seeds evaluated once, not per switch
+    assert t.loc["sw", "test_acc"] == pytest.approx(83.5)             # (164 + 170) / 400
+    assert (t.loc["sw", "seed 84"], t.loc["sw", "seed 85"]) == pytest.approx((2.0, 0.0))
+    assert t.loc["sw", "mean"] == pytest.approx(1.0) and t.loc["sw", "sd"] == pytest.approx(2 ** 0.5)
+    lo, hi = (float(x) for x in t.loc["sw", "seed 84 95% interval"].split(" - "))
+    assert 0 <= lo < 2.0 < hi                                         # +2 points, never below 0
+    assert t.loc["sw", "seed 85 95% interval"] == "0.00 - 0.00"       # identical predictions
+    assert t.loc["one", "seed 85"] == pytest.approx(-2.0) and np.isnan(t.loc["one", "seed 84"])
+    assert np.isnan(t.loc["one", "sd"]) and "reading" not in t.columns   # a switch is not a paper claim
 
 
 @pytest.mark.parametrize("trained, native, amp, expected", [

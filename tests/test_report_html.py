@@ -153,17 +153,24 @@ def test_the_page_starts_with_the_scale_and_the_headline(results):
                         {"config": "final", "seeds": [84, 85], "trained_in": "bf16, fp32", "training_images": 45000,
                          "epochs": 20, "widths": [16, 32, 64], "train_seconds": 5400.0}]
     (results / "summary.json").write_text(json.dumps(summary, sort_keys=True))
-    (results / "figure1_deltas.csv").write_text("claim,paper,reproduced,ci95_low,ci95_high,note,reading\n"
-                                                "TTA gain: tta - standard,0.31,0.63,0.35,0.9,,supported\n")
+    (results / "figure1_by_seed.csv").write_text(
+        "claim,paper,seed 84,seed 84 95% interval,seed 85,seed 85 95% interval,mean,sd,reading\n"
+        "TTA gain: tta - standard,0.31,0.63,0.35 - 0.90,0.52,0.25 - 0.79,0.575,0.0778,supported\n")
+    (results / "table1_claims.csv").write_text("claim,paper,seed 84,seed 84 95% interval,mean,sd,reading\n"
+                                               "+ SE blocks gain: se - baseline,0.62,0.2,-0.4 - 0.8,0.2,,cannot resolve\n")
     page = write_index(results).read_text(encoding="utf-8")
     parsed = Page(page)
     h2 = [text for tag, text in parsed.headings if tag == "h2"]
     assert h2.index("Scale") < h2.index("Provenance") and h2[1].startswith("Headline")
     text = " ".join("".join(parsed.text).split())
-    assert "3 training runs, trained in bf16, fp32; 2 h 30 min of training in all." in text
+    assert "3 training runs, trained in bf16, fp32; 2 h 30 min of training, summed over the runs." in text
     scale = parsed.table_after("config")
     assert scale[0] == ["config", "seeds", "trained in", "training images", "epochs", "widths", "train seconds"]
     assert scale[2] == ["final", "84, 85", "bf16, fp32", "45,000", "20", "16, 32, 64", "5,400.00"]
-    assert parsed.table_after("claim")[1] == ["TTA gain: tta - standard", "0.31", "0.63", "0.35", "0.90", "supported"]
+    assert parsed.table_after("claim")[1] == ["+ SE blocks gain: se - baseline", "0.62", "0.20", "-0.4 - 0.8",
+                                               "0.20", "", "cannot resolve"]     # Table 1's gains first
+    figure1 = [table for table in parsed.tables if table[0][:3] == ["claim", "paper", "seed 84"]][1]
+    assert figure1[1] == ["TTA gain: tta - standard", "0.31", "0.63", "0.35 - 0.90", "0.52", "0.25 - 0.79",
+                          "0.57", "0.08", "supported"]
     assert parsed.table_after("Table 1 row")[1] == ["Baseline ResNet", "45.16"]     # the columns table1.csv has
     assert ["seeds", "84, 85"] in parsed.table_after("profile")                 # every run's seed

@@ -40,10 +40,8 @@ def repo_root(start=None, clone_dir=CLONE_DIR) -> Path | None:
     """The clone this samlib was imported from, else one at or above `start` (the cwd), else `clone_dir`, or None."""
     here = Path(__file__).resolve().parents[2]
     cwd = Path(start or os.getcwd()).resolve()
-    for d in (here, cwd, *cwd.parents, Path(clone_dir)):
-        if (d / "pyproject.toml").is_file() and (d / "samlib" / "__init__.py").is_file():
-            return d
-    return None
+    return next((d for d in (here, cwd, *cwd.parents, Path(clone_dir))
+                 if (d / "pyproject.toml").is_file() and (d / "samlib" / "__init__.py").is_file()), None)
 
 
 def installed() -> bool:
@@ -75,9 +73,7 @@ def setup(drive: bool = False, data_dir=None, runs_dir=None, results_dir=None,
         sys.path.insert(0, str(root))
     if drive:
         mount_drive()
-    base = DRIVE_DIR if drive else root
-    folders = {k: Path(v) if v else base / (k if drive else IN_CHECKOUT[k]) for k, v in given.items()}
-    for k, path in folders.items():       # samlib creates them when it first writes there
-        os.environ[ENV[k]] = str(path)
+    folders = {k: Path(v) if v else (DRIVE_DIR / k if drive else root / IN_CHECKOUT[k]) for k, v in given.items()}
+    os.environ.update({ENV[k]: str(path) for k, path in folders.items()})   # samlib creates them on first write
     print(f"Colab: samlib from {root}; " + ", ".join(f"{k} in {p}" for k, p in folders.items()))
     return Folders(*(str(p) for p in folders.values()))

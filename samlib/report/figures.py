@@ -50,8 +50,7 @@ def sample_grid(images, labels=None, classes=CLASSES, per_class=8, names=None, t
     fig, axes = _figure((per_class * 0.9 + 1.2, len(rows) * 0.95 + 0.8), len(rows), per_class, squeeze=False)
     for r, (row, name) in enumerate(zip(rows, row_names)):
         for c, ax in enumerate(axes[r]):
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if c >= len(row):
                 ax.axis("off")
                 continue
@@ -95,8 +94,7 @@ def plot_pixel_histograms(images, title="Pixel values per channel", caption="", 
 
 def plot_training_curves(runs: dict, title="Training curves (first seed of each config)", caption="",
                          save=None) -> Figure:
-    """Loss, validation and test accuracy (EMA dashed) and LR per epoch, first seed of each config of `runs`
-    ({config: [run_dir, ...]}); the per-epoch test curve may use a test subset (test_eval_size)."""
+    """Loss, accuracy (EMA dashed) and LR per epoch of each config's first run; the test curve may use a subset."""
     fig, ((ax_loss, ax_val), (ax_test, ax_lr)) = _figure((12, 7), 2, 2, sharex=True)
     for k, (name, dirs) in enumerate(runs.items()):
         m = load_run(dirs[0])["metrics"]

@@ -1,6 +1,5 @@
 """The report's front page, results/<profile>/html/index.html: the runs' scale, the headline numbers against the
 paper and each claim's reading first, then the details.  Rendered from templates/index.html.j2, autoescaped."""
-import math
 import numbers
 from collections import namedtuple
 from pathlib import Path
@@ -43,7 +42,7 @@ def format_number(value) -> str:
     """A number of a numeric column: ints as 4,697,162, floats as 1,234.57, NaN as ''."""
     if isinstance(value, numbers.Integral):
         return f"{value:,}"
-    return "" if math.isnan(value) else f"{value:,.2f}"
+    return "" if pd.isna(value) else f"{value:,.2f}"
 
 
 def _text(value) -> str:
@@ -131,5 +130,4 @@ def render_index(results_dir) -> str:
 
 def write_index(results_dir) -> Path:
     """Write results_dir/html/index.html (atomically) and return its path."""
-    results_dir = Path(results_dir)
-    return atomic_write_text(results_dir / "html" / "index.html", render_index(results_dir))
+    return atomic_write_text(Path(results_dir) / "html" / "index.html", render_index(results_dir))

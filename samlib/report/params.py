@@ -80,9 +80,8 @@ class Params:
     def caption(self) -> str:
         """The line every figure and table carries: profile, data source, precision, device."""
         device = self.provenance.get("device", self.device)
-        if self.trained_in:
-            return f"profile {self.profile} | {self.data_source} | trained in {self.trained_in} | evaluated on {device}"
-        return f"profile {self.profile} | {self.data_source} | {device}"
+        machine = f"trained in {self.trained_in} | evaluated on {device}" if self.trained_in else device
+        return f"profile {self.profile} | {self.data_source} | {machine}"
 
     @property
     def scale_note(self) -> str:
@@ -148,17 +147,12 @@ def check_params(profile, data_dir, seeds, results_dir, runs_dir, device, **extr
     """The parameters cell's values, checked (ConfigError names the first bad one) and resolved: profile "auto"
     is paper on CUDA, else quick; seeds None are DEFAULT_SEEDS; `extra`: EXTRAS."""
     check_environment()
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = resolve_device(device)
+        dev = resolve_device(None if device == "auto" else device)     # None: cuda when available
     except SamlibError:
         _fail("device", '"auto", "cpu" or "cuda[:n]" naming a GPU of this machine', device)
-    if profile == "auto":
-        resolved = "paper" if dev.type == "cuda" else "quick"
-    elif isinstance(profile, str) and profile in PROFILES:
-        resolved = profile
-    else:
+    resolved = ("paper" if dev.type == "cuda" else "quick") if profile == "auto" else profile
+    if not (isinstance(resolved, str) and resolved in PROFILES):
         _fail("profile", f'"auto" or one of {list(PROFILES)}', profile)
     seeds = _seed_list("seeds", DEFAULT_SEEDS[resolved] if seeds is None else seeds)
     checked = {name: _extra(name, value, resolved, seeds) for name, value in extra.items()}
@@ -179,7 +173,7 @@ def load_data(p: Params, download: bool = True):
     p.provenance = prov = provenance(torch.device(p.device), p.data_source)
     requested = f"  (requested {p.requested_profile!r})" if p.requested_profile != p.profile else ""
     knobs = ", ".join(f"{k}={v}" for k, v in PROFILES[p.profile].items())
-    commit = (prov.get("git_commit") or "unknown (not a git checkout)")[:12]
+    commit = (prov.get("git_commit") or "")[:12] or "unknown (not a git checkout)"
     lines = [f"profile    : {p.profile}{requested}",
              f"             {knobs or 'the paper: full width, 200 epochs, 45,000 training images'}",
              f"data       : {p.data_source} at {p.data_dir}  "
@@ -204,12 +198,10 @@ def markdown_table(frame) -> str:
 
 
 # The report shows column names a reader understands; the CSV files keep the short ones.
-READABLE = {"test_acc": "test %", "test_acc_sd": "test % sd (>= 2 seeds)",
-            "delta_vs_final": "test - final (points)", "delta_sd": "sd of the difference (>= 2 seeds)",
-            "delta_lo": "95% interval low (test images)", "delta_hi": "95% interval high (test images)",
-            "temperature": "T", "temperature_from": "T from", "selected": "selected (best on validation)",
-            "test_images": "test images", "test_accuracy": "test accuracy", "test_nll": "test NLL",
-            "test_ece": "test ECE", "val_accuracy": "validation accuracy"}
+READABLE = {"test_acc": "test %", "test_acc_sd": "test % sd (>= 2 seeds)", "temperature": "T",
+            "temperature_from": "T from", "selected": "selected (best on validation)", "test_images": "test images",
+            "test_accuracy": "test accuracy", "test_nll": "test NLL", "test_ece": "test ECE",
+            "val_accuracy": "validation accuracy"}
 
 
 def save_table(frame, p: Params, name: str, title: str, notes: str = ""):
@@ -240,8 +232,7 @@ def _jsonable(obj):
 
 
 def update_summary(p: Params, notebook: str | None = None, **sections) -> dict:
-    """Merge sections into results/<profile>/summary.json ('timings' per notebook).  Each notebook records its
-    commit; the top-level commit is given only while all agree, never presenting two commits as one."""
+    """Merge sections into results/<profile>/summary.json; the top-level commit only while all notebooks' agree."""
     path = p.results / "summary.json"
     summary = read_json(path) if path.exists() else {}
     timings = dict(summary.get("timings", {}), **sections.pop("timings", {}))

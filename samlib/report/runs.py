@@ -33,8 +33,7 @@ _METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_acc_ema", "test_
 def _read_metrics(path, fix) -> pd.DataFrame:
     """metrics.csv as a DataFrame: parseable, with the columns the figures draw, all numeric."""
     try:
-        text = read_bytes(path, DataError, fix).decode("utf-8")
-        frame = pd.read_csv(io.StringIO(text))
+        frame = pd.read_csv(io.StringIO(read_bytes(path, DataError, fix).decode("utf-8")))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); {fix}") from None
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
@@ -102,9 +101,8 @@ def finished_runs(config: str, profile: str, seeds, out, needed_by: str) -> dict
 
 def ablation_seeds(switches, seeds, final_seeds) -> dict:
     """{config: seeds} of notebook 01: Table 1's configs and `final+switch` at `seeds`, `final` at `final_seeds`."""
-    plan = {**{name: seeds for name in TABLE1}, **{f"final+{s}={SWITCHES[s]}": seeds for s in switches}}
-    plan["final"] = final_seeds
-    return plan
+    return {**dict.fromkeys(TABLE1, seeds), **{f"final+{s}={SWITCHES[s]}": seeds for s in switches},
+            "final": final_seeds}
 
 
 def split_runs(runs: dict, switches) -> tuple:
@@ -160,9 +158,8 @@ def _cached_table(cached: Path, meta: Path, key: dict):
     """The cached table when intact and made for `key`, else None.  The key file holds the table's sha256, so a
     table of another evaluation (one killed before its key, or a concurrent one) is never served."""
     try:
-        recorded = read_json(meta)
         text = read_bytes(cached, DataError, JSON_FIX)
-        if recorded != dict(key, table_sha256=hashlib.sha256(text).hexdigest()):
+        if read_json(meta) != dict(key, table_sha256=hashlib.sha256(text).hexdigest()):
             return None
         table = pd.read_csv(io.BytesIO(text))
     except (SamlibError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
@@ -183,8 +180,7 @@ def inference_precision(run: dict, device=None) -> str:
 
 def evaluate_run(run_dir, data_dir=None, dataset=None, device=None, reuse=True,
                  allow_other_data: bool = False) -> pd.DataFrame:
-    """Figure 1's strategy table for one run (samlib.infer.evaluate_strategies), on the run's own data unless
-    `allow_other_data`; cached in the run directory, keyed by data, strategies, precision and the run's state."""
+    """Figure 1's strategy table for one run, on the run's own data unless `allow_other_data`; cached in the run."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg = run["config"]

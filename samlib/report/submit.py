@@ -2,7 +2,6 @@
 Kaggle accuracy on the hidden set is not CIFAR-10 test accuracy: never report one as the other."""
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,7 @@ def _check(frame: pd.DataFrame, path, ids, num_classes) -> dict:
         expected = pd.Series(np.asarray(ids)).astype(str)
         if len(frame) != len(expected) or set(frame["ID"]) != set(expected):
             raise DataError(f"{path}: {len(frame)} rows do not match the {len(expected)} ids of the input file")
-    counts = np.bincount(labels.astype(int), minlength=num_classes)
-    return {"rows": len(frame), "class_counts": counts.tolist()}
+    return {"rows": len(frame), "class_counts": np.bincount(labels.astype(int), minlength=num_classes).tolist()}
 
 
 def write_submission(ids, labels, path, num_classes=10) -> dict:
@@ -46,9 +44,7 @@ def write_submission(ids, labels, path, num_classes=10) -> dict:
     if len(ids) != len(labels):
         raise DataError(f"{len(ids)} ids but {len(labels)} predictions")
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ID", "Labels"])
-    writer.writerows(zip(ids.tolist(), labels.astype(int).tolist()))
+    csv.writer(buf, lineterminator="\n").writerows([("ID", "Labels"), *zip(ids.tolist(), labels.astype(int).tolist())])
     summary = _check(_read(io.StringIO(buf.getvalue()), path), path, ids, num_classes)
     atomic_write_text(path, buf.getvalue())
     return summary
@@ -61,7 +57,7 @@ def validate_submission(path, ids=None, num_classes=10) -> dict:
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+        return a.resolve() == b.resolve() or (b.exists() and a.samefile(b))
     except (OSError, RuntimeError):      # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
@@ -83,7 +79,6 @@ def predict_file(run_dir, input_path, output, strategy="ensemble+tta", device=No
     return write_submission(ids, probs.argmax(1).numpy(), output)
 
 
-
 def kaggle_preview(p, train_mean, train_std) -> None:
     """Notebook 00: the Kaggle file's size, ids, channel statistics (beside the training images') and first images."""
     if p.kaggle_file is None:
@@ -103,9 +98,8 @@ def kaggle_preview(p, train_mean, train_std) -> None:
 
 
 def report_submission(p, dataset) -> dict:
-    """Notebook 03: `final` (first seed) predicts p.kaggle_file with p.strategy ("best": notebook 02's pick) into
-    submission.csv, else the profile's CIFAR-10 test images (ids 0..N-1, not a Kaggle submission, of known
-    accuracy).  Returns summary.json's `submission` section."""
+    """Notebook 03: `final` (first seed) predicts p.kaggle_file, else the CIFAR-10 test images (ids 0..N-1: not a
+    submission, of known accuracy), with p.strategy ("best": 02's pick) into submission.csv; summary.json's part."""
     from .runs import evaluate_run, finished_runs, load_run, run_probs
     from .tables import best_strategy
 
@@ -116,7 +110,7 @@ def report_submission(p, dataset) -> dict:
     print(f"run {run_dir.name}, strategy {strategy}")
     if p.kaggle_file:
         images, ids = load_unlabeled(p.kaggle_file)
-        labels, source = None, f"Kaggle-format file {os.path.basename(p.kaggle_file)}"
+        labels, source = None, f"Kaggle-format file {Path(p.kaggle_file).name}"
         print(f"predicting the Kaggle file {p.kaggle_file}: {len(ids)} images (its Kaggle score comes from "
               "uploading the file; it is not CIFAR-10 test accuracy)")
     else:

@@ -1,5 +1,7 @@
 """The report's tables (Table 1, the discrepancy switches, Figure 1's strategies and claims, reliability),
 each with the paper's value beside the reproduced one."""
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -103,33 +105,13 @@ def table1_view(t1: pd.DataFrame) -> pd.DataFrame:
         "params (this profile)": t1["params_profile"]})
 
 
-def discrepancy_table(reference: list, variants: dict, dataset=None, device=None) -> pd.DataFrame:
-    """Effect of each paper/code switch: EMA test accuracy (%) of `final+switch` minus `final`'s, paired by
-    seed (mean, sd); with the `dataset`, also a 95% paired-bootstrap interval over the test images."""
-    def by_seed(dirs):   # {seed: (run dir, EMA test accuracy in %)}, each run read once
-        runs = {d: load_run(d) for d in dirs}
-        return {r["config"].seed: (d, 100 * r["final"]["test_acc_ema"]) for d, r in runs.items()}
-
-    ref = by_seed(reference)
-    ref_correct = {}      # final's per-image correctness, computed once for all the switches
-    m, sd = _mean_sd([a for _, a in ref.values()])
-    rows = [{"switch": "final (code as run)", "seeds": ", ".join(map(str, ref)), "test_acc": m,
-             "test_acc_sd": sd, "delta_vs_final": 0.0, "delta_sd": float("nan")}]
-    for name, dirs in variants.items():
-        runs = by_seed(dirs)
-        paired = [s for s in runs if s in ref]
-        m, sd = _mean_sd([runs[s][1] for s in paired])
-        dm, dsd = _mean_sd([runs[s][1] - ref[s][1] for s in paired])
-        row = {"switch": name, "seeds": ", ".join(map(str, paired)), "test_acc": m, "test_acc_sd": sd,
-               "delta_vs_final": dm, "delta_sd": dsd}
-        if dataset is not None and paired:
-            for s in [s for s in paired if s not in ref_correct]:
-                ref_correct[s] = correct_on_test(ref[s][0], dataset, "ema", device)
-            variant = np.mean([correct_on_test(runs[s][0], dataset, "ema", device) for s in paired], axis=0)
-            final = np.mean([ref_correct[s] for s in paired], axis=0)
-            _, row["delta_lo"], row["delta_hi"] = paired_bootstrap(variant, final)
-        rows.append(row)
-    return pd.DataFrame(rows)
+def discrepancy_table(reference: list, variants: dict, dataset, device=None) -> pd.DataFrame:
+    """Effect of each paper/code switch: `final+switch`'s test accuracy and its difference to `final`'s at each
+    seed both have, on the same test images (paired-bootstrap 95% interval), with the mean and sd."""
+    right = _correctness(dataset, device)
+    return pd.DataFrame([{"switch": name, "test_acc": 100 * np.mean([right(d).mean() for d in dirs]),
+                          **claim_row(paired)}
+                         for name, dirs in variants.items() if (paired := _paired(dirs, reference, right))])
 
 
 def correct_on_test(run_dir, dataset, kind: str = "ema", device=None) -> np.ndarray:
@@ -208,15 +190,61 @@ def figure1_deltas(table: pd.DataFrame, paper: dict = PAPER_FIGURE1, probs: dict
     return pd.DataFrame(rows, columns=["claim", "paper", "reproduced", "ci95_low", "ci95_high", "note", "reading"])
 
 
-def figure1_across_seeds(tables: dict, paper: dict = PAPER_FIGURE1) -> pd.DataFrame:
-    """Figure 1's reproduced numbers per seed of `final` ({seed: strategy table}), their mean and sd."""
-    per_seed = {s: figure1_deltas(t, paper).set_index("claim") for s, t in tables.items()}
-    out = pd.DataFrame({f"seed {s}": v["reproduced"] for s, v in per_seed.items()})
-    values = out.to_numpy(dtype=float)
-    out["mean"] = values.mean(axis=1)
-    out["sd"] = values.std(axis=1, ddof=1) if values.shape[1] > 1 else float("nan")
-    out.insert(0, "paper", next(iter(per_seed.values()))["paper"])
-    return out.reset_index()
+def read_across_seeds(readings) -> str:
+    """One reading of a claim from its reading at each seed: theirs when every seed agrees."""
+    found = set(readings)
+    return found.pop() if len(found) == 1 else "cannot resolve (seeds disagree)"
+
+
+def claim_row(per_seed: dict, readings: dict | None = None) -> dict:
+    """A row of a by-seed table: each seed's value and 95% interval ({seed: (value, low, high)}), the mean and
+    sd over the seeds, and (given the seeds' `readings`, {seed: reading}) one reading."""
+    row = {}
+    for seed, (value, lo, hi) in per_seed.items():
+        row[f"seed {seed}"] = value
+        row[f"seed {seed} 95% interval"] = f"{lo:.2f} - {hi:.2f}" if lo == lo and hi == hi else ""
+    row["mean"], row["sd"] = _mean_sd([value for value, _, _ in per_seed.values()])
+    if readings is not None:
+        row["reading"] = read_across_seeds(readings.values())
+    return row
+
+
+def _correctness(dataset, device):
+    """run dir -> which test images the checkpoint Table 1 reports (EMA where the config has EMA) gets right,
+    each run evaluated once."""
+    @functools.cache
+    def right(run_dir):
+        return correct_on_test(run_dir, dataset, "ema" if load_run(run_dir)["config"].ema else "regular", device)
+    return right
+
+
+def _paired(upper: list, lower: list, right) -> dict:
+    """{seed: (difference, low, high)} in points of `upper`'s runs over `lower`'s at each seed both have."""
+    by_seed = [{load_run(d)["config"].seed: d for d in dirs} for dirs in (upper, lower)]
+    return {s: paired_bootstrap(right(d), right(by_seed[1][s])) for s, d in by_seed[0].items() if s in by_seed[1]}
+
+
+def figure1_across_seeds(deltas: dict) -> pd.DataFrame:
+    """Figure 1's claims per seed of `final` ({seed: figure1_deltas}), their mean, sd and one reading."""
+    per = {s: d.set_index("claim") for s, d in deltas.items()}
+    first = next(iter(per.values()))
+    return pd.DataFrame([{"claim": c, "paper": first.loc[c, "paper"], **claim_row(
+        {s: tuple(d.loc[c, ["reproduced", "ci95_low", "ci95_high"]]) for s, d in per.items()},
+        {s: d.loc[c, "reading"] for s, d in per.items()})} for c in first.index])
+
+
+def table1_claims(runs: dict, dataset, device=None) -> pd.DataFrame:
+    """Table 1's gains, each row over the one above (paper Table 1: SE, MixUp, EMA), paired by seed: at each
+    seed the difference on the same test images with its paired-bootstrap 95% interval, then one reading."""
+    paper, right, rows = PAPER_TABLE1.set_index("config"), _correctness(dataset, device), []
+    for lower, upper in zip(paper.index, paper.index[1:]):
+        per_seed = _paired(runs[upper], runs[lower], right) if lower in runs and upper in runs else {}
+        stated = round(paper.loc[upper, "paper_test_acc"] - paper.loc[lower, "paper_test_acc"], 2)
+        readings = {s: claim_reading(stated, lo, hi) for s, (_, lo, hi) in per_seed.items()}
+        if per_seed:
+            rows.append({"claim": f"{paper.loc[upper, 'paper_row']} gain: {upper} - {lower}", "paper": stated,
+                         **claim_row(per_seed, readings)})
+    return pd.DataFrame(rows)
 
 
 def temperature_table(table: pd.DataFrame) -> pd.DataFrame:
