@@ -96,3 +96,33 @@ def test_the_docs_cite_code_by_names_that_exist():
 
 def test_the_citation_check_finds_citations():
     assert len(list(cited_names())) >= 10
+
+
+# The README's headline reads each claim; the committed cpu report computes the same readings
+# (notebook 01: table1_claims, notebook 02: figure1_by_seed).  README row label -> (table, claim).
+HEADLINE_CLAIMS = {
+    "+ SE blocks: gain over the baseline": ("table1_claims", "+ SE blocks gain: se - baseline"),
+    "+ MixUp α = 0.3: gain over + SE": ("table1_claims", "+ MixUp (a=0.3) gain: se_mixup - se"),
+    "+ EMA (final): gain over + MixUp": ("table1_claims", "+ EMA (final) gain: final - se_mixup"),
+    "TTA − standard": ("figure1_by_seed", "TTA gain: tta - standard"),
+    "ensemble 0.4/0.6 + TTA − TTA": ("figure1_by_seed", "ensemble gain: ensemble+tta - tta"),
+    "EMA + TTA beats TTA": ("figure1_by_seed", "EMA beats regular under TTA: ema+tta - tta"),
+    "final accuracy, ensemble + TTA, %": ("figure1_by_seed", "final accuracy: ensemble+tta (%)"),
+}
+
+
+def test_the_readme_reads_each_claim_as_the_committed_report_does():
+    import pandas as pd
+
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 4:
+            rows[cells[0]] = cells[3]
+    wrong = []
+    for label, (table, claim) in HEADLINE_CLAIMS.items():
+        frame = pd.read_csv(ROOT / "results" / "cpu" / f"{table}.csv").set_index("claim")
+        reading = frame.loc[claim, "reading"]
+        if label not in rows or not rows[label].startswith(f"**{reading}**"):
+            wrong.append(f"{label!r}: README {rows.get(label)!r}, {table}.csv {reading!r}")
+    assert not wrong, "README headline readings differ from results/cpu: " + "; ".join(wrong)
