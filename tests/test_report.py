@@ -347,6 +347,8 @@ def test_table1_claims_pair_each_row_with_the_one_above_at_the_same_seed(monkeyp
     assert 0 <= lo <= 0.1 <= hi and t.loc["+ EMA (final) gain: final - se_mixup", "reading"] == "cannot resolve"
     assert kinds[("baseline", 84)] == "regular" and kinds[("final", 84)] == "ema"   # the checkpoint Table 1 reports
     assert len(kinds) == 4                                                # each run evaluated once
+    without_se = tables.table1_claims({c: d for c, d in runs.items() if c != "se"}, dataset="data")
+    assert without_se["claim"].tolist() == ["+ EMA (final) gain: final - se_mixup"]   # no row above to pair with
 
 
 def test_discrepancy_table_pairs_each_switch_with_final_at_the_same_seed(monkeypatch):

@@ -239,11 +239,12 @@ def table1_claims(runs: dict, dataset, device=None) -> pd.DataFrame:
     paper, right, rows = PAPER_TABLE1.set_index("config"), _correctness(dataset, device), []
     for lower, upper in zip(paper.index, paper.index[1:]):
         per_seed = _paired(runs[upper], runs[lower], right) if lower in runs and upper in runs else {}
+        if not per_seed:          # a row not trained here, or no seed in common
+            continue
         stated = round(paper.loc[upper, "paper_test_acc"] - paper.loc[lower, "paper_test_acc"], 2)
         readings = {s: claim_reading(stated, lo, hi) for s, (_, lo, hi) in per_seed.items()}
-        if per_seed:
-            rows.append({"claim": f"{paper.loc[upper, 'paper_row']} gain: {upper} - {lower}", "paper": stated,
-                         **claim_row(per_seed, readings)})
+        rows.append({"claim": f"{paper.loc[upper, 'paper_row']} gain: {upper} - {lower}", "paper": stated,
+                     **claim_row(per_seed, readings)})
     return pd.DataFrame(rows)
 
 
